@@ -1,0 +1,264 @@
+"""Command line: parse and validate into a config or arguments, call one library function, print results.
+
+Results go to stdout (`--json`: one JSON object), progress to stderr. Bad input ends with one line on stderr
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from model_collapse.errors import UserError
+
+PROG = "model-collapse"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Study and prevent model collapse in self-consuming diffusion loops.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run or resume a self-consuming loop study")
+    r.add_argument("config", nargs="?", default=None, help="a .toml config file or a preset name (default: demo)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable); arms.<index or name>.<key>=VALUE changes one arm")
+    r.add_argument("--out", default=None, help="run directory (default: runs/<preset or config name>)")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    r.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    r.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    s = sub.add_parser("select", help="select N images from a pool (greedy, threshold or random)")
+    s.add_argument("pool")
+    s.add_argument("--n", type=int, required=True)
+    s.add_argument("--method", default="greedy")
+    s.add_argument("--space", default="pixel")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tau0", type=float, default=None, help="threshold: first radius (default: from the pool)")
+    s.add_argument("--decay", type=float, default=0.95, help="threshold: radius factor per pass")
+    s.add_argument("--per-class", action="store_true", help="select within classes, keeping their shares")
+    s.add_argument("--out", required=True, help="output .npz (images, labels, indices, method, seed, ...)")
+    s.add_argument("--feature-dir", default=None)
+    s.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("entropy", help="Kozachenko-Leonenko kNN entropy of an image set")
+    e.add_argument("data")
+    e.add_argument("--k", type=int, default=1)
+    e.add_argument("--space", default="pixel")
+    e.add_argument("--feature-dir", default=None)
+    e.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("score", help="generalization score and memorization of generated images")
+    c.add_argument("generated")
+    c.add_argument("--train", required=True)
+    c.add_argument("--space", default="pixel")
+    c.add_argument("--feature-dir", default=None)
+    c.add_argument("--json", action="store_true")
+
+    f = sub.add_parser("fid", help="Frechet distance (FID in the inception space), KID, precision/recall")
+    f.add_argument("generated")
+    f.add_argument("--ref", required=True)
+    f.add_argument("--space", default="pixel")
+    f.add_argument("--feature-dir", default=None)
+    f.add_argument("--json", action="store_true")
+
+    rp = sub.add_parser("report", help="an HTML report of one or more run directories")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", default=None, help="output .html (default: RUN_DIR/report.html)")
+
+    pr = sub.add_parser("probe", help="memorization transition of single models: training-set size x steps")
+    pr.add_argument("data", nargs="?", default="digits")
+    pr.add_argument("--sizes", default=None, help="comma-separated training-set sizes")
+    pr.add_argument("--steps", default=None, help="comma-separated training steps to evaluate at")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument("--out", default="runs/probe")
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _emit(obj: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps(obj))
+    else:
+        print(text)
+
+
+def _load(spec: str):
+    from model_collapse.data import load_images
+
+    return load_images(spec)
+
+
+def _ctx(args):
+    from model_collapse.features import SpaceContext
+
+    return SpaceContext(feature_dir=args.feature_dir)
+
+
+def cmd_run(args) -> int:
+    from model_collapse.config import config_to_dict, resolve_config
+
+    cfg = resolve_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+        return 0
+    from model_collapse.loop import run_loop
+    from model_collapse.summary import format_summary
+
+    name = Path(args.config).stem if args.config else "demo"
+    out = args.out or os.path.join("runs", name)
+    summary = run_loop(cfg, out, show=not args.quiet)
+    _emit(summary, args.json, format_summary(summary))
+    return 0
+
+
+def cmd_select(args) -> int:
+    from model_collapse.features import check_space, extract
+    from model_collapse.rundir import atomic_save_npz
+    from model_collapse.selection import check_method, select
+
+    check_method(args.method)
+    check_space(args.space)
+    if not args.out.endswith(".npz"):
+        raise UserError(f"--out {args.out}: the selection is written as .npz; give a name ending in .npz")
+    if args.n <= 0:
+        raise UserError(f"--n must be > 0, got {args.n}")
+    if not 0 < args.decay < 1:
+        raise UserError(f"--decay must lie in (0, 1), got {args.decay}")
+    if args.tau0 is not None and not args.tau0 > 0:
+        raise UserError(f"--tau0 must be > 0, got {args.tau0}")
+    pool = _load(args.pool)
+    if len(pool) < args.n:
+        raise UserError(f"{args.pool}: the pool has {len(pool)} images, fewer than --n {args.n}")
+    if args.per_class and pool.labels is None:
+        raise UserError(f"{args.pool}: --per-class needs labels in the pool (.npz with 'labels' or class folders)")
+    feats = extract(args.space, pool.images, _ctx(args))
+    sel = select(feats, args.n, args.method, args.seed, labels=pool.labels, per_class=args.per_class,
+                 tau0=args.tau0, decay=args.decay)
+    extra = {k: v for k, v in sel.params.items() if isinstance(v, (int, float, np_types()))}
+    order = sel.params.get("order")
+    atomic_save_npz(Path(args.out), images=pool.images[sel.indices],
+                    labels=pool.labels[sel.indices] if pool.labels is not None else None,
+                    indices=sel.indices, method=sel.method, seed=sel.seed, space=args.space,
+                    order=order, **extra)
+    result = {"out": args.out, "n": int(len(sel.indices)), "method": sel.method, "seed": sel.seed,
+              "space": args.space, **{k: (float(v) if isinstance(v, float) else v) for k, v in extra.items()}}
+    _emit(result, args.json, "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def np_types():
+    import numpy as np
+
+    return np.generic
+
+
+def cmd_entropy(args) -> int:
+    from model_collapse.features import check_space, extract
+    from model_collapse.metrics import kl_entropy
+
+    check_space(args.space)
+    if args.k < 1:
+        raise UserError(f"--k must be >= 1, got {args.k}")
+    data = _load(args.data)
+    feats = extract(args.space, data.images, _ctx(args))
+    try:
+        res = kl_entropy(feats, args.k)
+    except ValueError as e:
+        raise UserError(f"{args.data}: {e}") from None
+    out = {**res.as_dict(), "n_images": len(data), "space": args.space}
+    _emit(out, args.json, "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from model_collapse.features import check_space, extract
+    from model_collapse.metrics import generalization_score
+
+    check_space(args.space)
+    gen, train = _load(args.generated), _load(args.train)
+    if gen.shape != train.shape:
+        raise UserError(f"generated images are {gen.shape} (H, W, C) but training images are {train.shape}")
+    ctx = _ctx(args)
+    try:
+        res = generalization_score(extract(args.space, gen.images, ctx), extract(args.space, train.images, ctx))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out = {**res.as_dict(), "space": args.space}
+    _emit(out, args.json, "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+def cmd_fid(args) -> int:
+    from model_collapse.features import check_space, extract
+    from model_collapse.metrics import frechet_distance_features, kernel_inception_distance, precision_recall
+
+    check_space(args.space)
+    gen, ref = _load(args.generated), _load(args.ref)
+    if gen.shape != ref.shape:
+        raise UserError(f"generated images are {gen.shape} (H, W, C) but reference images are {ref.shape}")
+    if len(gen) < 2 or len(ref) < 2:
+        raise UserError("the Frechet distance needs at least 2 images in each set")
+    ctx = _ctx(args)
+    fg, fr = extract(args.space, gen.images, ctx), extract(args.space, ref.images, ctx)
+    out = {"space": args.space, "fd": frechet_distance_features(fg, fr), "n_generated": len(gen), "n_ref": len(ref)}
+    if len(gen) > 5 and len(ref) > 5:
+        kid, kid_std = kernel_inception_distance(fg, fr, subsets=20, subset_size=min(1000, len(gen), len(ref)))
+        out.update({"kid": kid, "kid_std": kid_std, **precision_recall(fr, fg)})
+    _emit(out, args.json, "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from model_collapse.report import write_report
+
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not (d / "config.json").exists():
+            raise UserError(f"{d}: not a run directory (no config.json)")
+    out = Path(args.out) if args.out else dirs[0] / "report.html"
+    path = write_report(dirs, out, show=True)
+    print(str(path))
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from model_collapse.probe import format_probe, resolve_probe, run_probe
+
+    pcfg = resolve_probe(args.data, args.sizes, args.steps, args.overrides)
+    res = run_probe(pcfg, args.out, show=not args.quiet)
+    _emit(res, args.json, format_probe(res))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "select": cmd_select, "entropy": cmd_entropy, "score": cmd_score, "fid": cmd_fid,
+            "report": cmd_report, "probe": cmd_probe}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(argv)
+        if args.command is None:  # `model-collapse` alone: show help
+            _parser().print_help()
+            return 0
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        msg = " ".join(str(e).split())
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

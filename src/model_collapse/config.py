@@ -1,0 +1,313 @@
+"""Run configuration: frozen dataclasses, named presets in TOML files, `--set key=value` overrides.
+
+One field per independent choice. `None` means "off" or "derived" as each field's comment says. Unknown keys,
+presets, paradigms and selectors fail when the config is read, with the list of valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from model_collapse.errors import UserError
+
+PARADIGMS = ("replace", "accumulate", "fresh")
+SELECTOR_NAMES = ("random", "greedy", "threshold")
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm of a study: how each iteration's training set is built from the previous model's samples."""
+
+    paradigm: str = "replace"  # replace | accumulate | fresh
+    selector: str = "random"  # random (the vanilla loop) | greedy | threshold
+    pool_factor: float = 1.0  # k: generate ceil(k * N) candidates, select N (the paper uses 2 and 5)
+    fresh_fraction: float = 0.0  # lambda, share of each training set drawn fresh from the real data (fresh only)
+    space: str = "pixel"  # feature space the selector measures distances in
+    per_class: bool = False  # select within each class, keeping the pool's class shares (needs labels)
+    guidance: float | None = None  # classifier-free guidance scale for this arm; None = the run's `guidance`
+    name: str = ""  # label in metrics and figures; derived from the fields above when empty
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        base = f"{self.paradigm}-{self.selector}"
+        if self.pool_factor != 1:
+            base += f"-k{self.pool_factor:g}"
+        if self.paradigm == "fresh":
+            base += f"-lam{self.fresh_fraction:g}"
+        if self.space != "pixel" and self.selector != "random":
+            base += f"-{self.space}"
+        if self.guidance is not None:
+            base += f"-w{self.guidance:g}"
+        return base
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data
+    data: str = "digits"  # built-in name (digits, cifar10), .npy / .npz file, or image folder
+    data_root: str | None = None  # local folder for built-in sets that are not shipped (cifar10)
+    data_download: bool = False  # allow downloading a built-in set into data_root where a network exists
+    image_size: int | None = None  # resize to this square side when loading; None = keep
+    n_train: int = 128  # N, the training-set size of every iteration
+    iterations: int = 5  # iterations 0 .. iterations-1; iteration 0 trains on real data
+    seed: int = 0
+    # model (preset, then optional overrides; None = the preset's value)
+    model: str = "tiny"
+    channels: tuple[int, ...] | None = None
+    layers_per_block: int | None = None
+    norm_groups: int | None = None
+    attention_levels: tuple[int, ...] | None = None
+    conditional: bool = False  # class-conditional UNet (needs labels)
+    label_dropout: float = 0.1  # share of labels dropped to the null class while training (conditional only)
+    guidance: float = 0.0  # classifier-free guidance scale w: eps = eps_c + w (eps_c - eps_u); 0 = none
+    # training
+    train_steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # cosine | constant (both after linear warm-up)
+    warmup_steps: int = 50
+    weight_decay: float = 1e-6
+    adam_beta1: float = 0.95
+    adam_beta2: float = 0.999
+    ema_decay: float | None = None  # None = no EMA
+    grad_clip: float | None = 1.0  # None = no clipping
+    finetune: bool = False  # start each iteration from the previous model instead of a fresh one
+    checkpoint_every: int = 250  # training steps between resumable checkpoints
+    # sampling
+    sampler: str = "ddim"  # ddpm | ddim | dpm | euler | euler-ancestral | unipc
+    sample_steps: int = 50
+    sample_batch: int = 256  # does not change the samples (per-sample seeds)
+    # selection
+    tau0: float | None = None  # threshold selector's first radius; None = 2 x the pool's median NN distance
+    decay: float = 0.95  # threshold selector's radius factor per pass
+    # metrics
+    n_eval: int | None = None  # generated samples measured per iteration; None = n_train
+    spaces: tuple[str, ...] = ("pixel",)  # feature spaces to measure in (pixel is always measured)
+    entropy_k: int = 1
+    mem_ratio: float = 1.0 / 3.0  # nearest/second-nearest ratio below which a sample counts as memorized
+    copy_ratio: float = 1.0 / 3.0  # copy: nearest distance below this share of the training set's median spacing
+    # verdicts (see README: contraction or copying)
+    copy_level: float = 0.10  # `copying` when mem_fraction or copy_fraction exceeds this
+    contract_ratio_level: float = 0.8  # `contracting` needs gen_score_ratio >= this x its iteration-0 value
+    # feature networks
+    feature_dir: str | None = None  # folder holding local weights for dinov2-* / inception spaces
+    domain_steps: int = 600  # training steps of the domain feature network
+    # execution (does not change results)
+    workers: int | None = None  # processes running arms side by side; None = one per arm up to the core count
+    device: str | None = None  # torch device; None = cuda when available, else cpu
+    report: bool = True  # write the HTML report when the run ends
+    arms: tuple[ArmConfig, ...] = (
+        ArmConfig("replace", "random"),
+        ArmConfig("replace", "greedy", pool_factor=2.0),
+    )
+
+
+EXECUTION_KEYS = ("workers", "device", "report", "sample_batch")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+_FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
+_ARM_TYPES = {f.name: f.type for f in fields(ArmConfig)}
+
+
+def _coerce(key: str, value: Any, typ: str, where: str) -> Any:
+    optional = "None" in typ
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise UserError(f"{where}{key}: a value is required")
+    base = typ.replace(" | None", "").strip()
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if base == "str":
+            return str(value)
+        if base.startswith("tuple[int"):
+            if isinstance(value, str):
+                value = [int(v) for v in value.strip("()[]").split(",") if v.strip()]
+            return tuple(int(v) for v in value)
+        if base.startswith("tuple[str"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}{key}: {value!r} is not a valid {base}") from None
+    raise UserError(f"{where}{key}: cannot set a value of type {base}")
+
+
+def _arm_from_dict(d: dict, where: str) -> ArmConfig:
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: each arm must be a table of keys, got {d!r}")
+    unknown = sorted(set(d) - set(_ARM_TYPES))
+    if unknown:
+        raise UserError(f"{where}: unknown arm key(s) {', '.join(unknown)}; valid: {', '.join(_ARM_TYPES)}")
+    return ArmConfig(**{k: _coerce(k, v, _ARM_TYPES[k], f"{where}.") for k, v in d.items()})
+
+
+def config_from_dict(d: dict, where: str = "") -> RunConfig:
+    unknown = sorted(set(d) - set(_FIELD_TYPES))
+    if unknown:
+        raise UserError(f"{where}unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(_FIELD_TYPES)}")
+    kw = {}
+    for k, v in d.items():
+        if k == "arms":
+            if not isinstance(v, (list, tuple)) or not v:
+                raise UserError(f"{where}arms: expected a non-empty list of arm tables")
+            kw[k] = tuple(_arm_from_dict(a, f"{where}arms[{i}]") for i, a in enumerate(v))
+        else:
+            kw[k] = _coerce(k, v, _FIELD_TYPES[k], where)
+    return RunConfig(**kw)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["arms"] = [dataclasses.asdict(a) for a in cfg.arms]
+    return json.loads(json.dumps(d))  # tuples -> lists, as stored on disk
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("model_collapse").joinpath("presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def _read_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: invalid TOML ({e})") from None
+
+
+def load_preset_dict(name: str) -> dict:
+    if name not in preset_names():
+        raise UserError(f"unknown preset {name!r}; presets: {', '.join(preset_names())} (or a .toml file)")
+    text = resources.files("model_collapse").joinpath("presets", f"{name}.toml").read_text()
+    return _read_toml(text, f"preset {name}")
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: a TOML value when it parses as one (numbers, booleans, lists, inline tables), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply `key=value` overrides; `arms.<index or name>.<key>=value` changes one arm."""
+    d = json.loads(json.dumps(d))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key, value = key.strip(), _parse_value(text.strip())
+        if key.startswith("arms."):
+            parts = key.split(".")
+            if len(parts) != 3:
+                raise UserError(f"--set {key}: use arms.<index or name>.<key>=value")
+            arms = d.setdefault("arms", config_to_dict(RunConfig())["arms"])
+            sel = parts[1]
+            if sel.isdigit() and int(sel) < len(arms):
+                arm = arms[int(sel)]
+            else:
+                labels = [_arm_from_dict(a, "arms").label() for a in arms]
+                if sel not in labels:
+                    raise UserError(f"--set {key}: no arm {sel!r}; arms: {', '.join(labels)} (or an index)")
+                arm = arms[labels.index(sel)]
+            arm[parts[2]] = value
+        else:
+            if key not in _FIELD_TYPES:
+                raise UserError(f"--set {key}: unknown config key; valid keys: {', '.join(_FIELD_TYPES)}")
+            d[key] = value
+    return d
+
+
+def resolve_config(source: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """A preset name or TOML file (None = the demo preset), plus overrides, validated."""
+    source = source or "demo"
+    if source.endswith(".toml") or Path(source).is_file():
+        p = Path(source)
+        if not p.is_file():
+            raise UserError(f"{source}: no such config file")
+        try:
+            d = _read_toml(p.read_text(), source)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{source}: cannot read ({e})") from None
+        where = f"{source}: "
+    else:
+        d = load_preset_dict(source)
+        where = f"preset {source}: "
+    d = apply_overrides(d, overrides or [])
+    cfg = config_from_dict(d, where)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no data; data-dependent checks (n_train vs data size, model shape) come when loading."""
+    from model_collapse.diffusion import MODEL_PRESETS, SAMPLERS
+    from model_collapse.features import check_space
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UserError(msg)
+
+    need(cfg.n_train > 0, f"n_train must be > 0, got {cfg.n_train}")
+    need(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
+    need(cfg.model in MODEL_PRESETS, f"unknown model {cfg.model!r}; models: {', '.join(MODEL_PRESETS)}")
+    need(cfg.train_steps > 0, f"train_steps must be > 0, got {cfg.train_steps}")
+    need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+    need(cfg.warmup_steps >= 0, "warmup_steps must be >= 0")
+    need(cfg.checkpoint_every > 0, "checkpoint_every must be > 0")
+    need(cfg.sampler in SAMPLERS, f"unknown sampler {cfg.sampler!r}; samplers: {', '.join(SAMPLERS)}")
+    need(cfg.sample_steps > 0, "sample_steps must be > 0")
+    need(cfg.sample_batch > 0, "sample_batch must be > 0")
+    need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay must lie in (0, 1) or be none")
+    need(0 < cfg.decay < 1, f"decay must lie in (0, 1), got {cfg.decay}")
+    need(cfg.tau0 is None or cfg.tau0 > 0, f"tau0 must be > 0, got {cfg.tau0}")
+    need(cfg.n_eval is None or cfg.n_eval > 1, "n_eval must be > 1")
+    need(cfg.entropy_k >= 1, "entropy_k must be >= 1")
+    need(0 <= cfg.label_dropout < 1, "label_dropout must lie in [0, 1)")
+    need(cfg.workers is None or cfg.workers >= 1, "workers must be >= 1")
+    need(len(cfg.arms) >= 1, "at least one arm is needed")
+    for s in cfg.spaces:
+        check_space(s)
+    labels = [a.label() for a in cfg.arms]
+    need(len(set(labels)) == len(labels), f"arm names must be unique, got {labels}")
+    for a in cfg.arms:
+        where = f"arm {a.label()}"
+        need(a.paradigm in PARADIGMS, f"{where}: unknown paradigm {a.paradigm!r}; paradigms: {', '.join(PARADIGMS)}")
+        need(a.selector in SELECTOR_NAMES,
+             f"{where}: unknown selector {a.selector!r}; selectors: {', '.join(SELECTOR_NAMES)}")
+        need(a.pool_factor >= 1, f"{where}: pool_factor must be >= 1, got {a.pool_factor:g}")
+        need(0 <= a.fresh_fraction <= 1, f"{where}: fresh_fraction must lie in [0, 1]")
+        need(a.paradigm == "fresh" or a.fresh_fraction == 0,
+             f"{where}: fresh_fraction applies to the fresh paradigm only")
+        check_space(a.space)
+        need(a.guidance is None or cfg.conditional, f"{where}: guidance needs conditional = true")
+    need(cfg.guidance == 0 or cfg.conditional, "guidance needs conditional = true")

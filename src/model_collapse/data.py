@@ -1,0 +1,284 @@
+"""Image sets: built-in data sets, .npy / .npz arrays, image folders.
+
+Inside the package images are uint8 arrays in NHWC layout (N, H, W, C) with C = 1 or 3, and labels (when
+present) an int64 vector. Every loader validates what it reads and raises `UserError` with a one-line message
+naming the problem; nothing is unpickled (`np.load(..., allow_pickle=False)`; CIFAR-10 from its binary
+distribution, which is plain bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from model_collapse.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray | None = None  # int64 (N,)
+    name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def as_uint8_images(array: np.ndarray, what: str) -> np.ndarray:
+    """Validate an image array and return it as uint8 NHWC.
+
+    Accepts uint8 (N, H, W) or (N, H, W, C) with C in {1, 3}, and floating arrays with values in [0, 1]
+    (rounded to uint8). Anything else is a `UserError` naming the problem.
+    """
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"{what}: expected an array, got {type(array).__name__}")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise UserError(f"{what}: expected images of shape (N, H, W) or (N, H, W, C), got shape {array.shape}")
+    n, h, w, c = array.shape
+    if n == 0:
+        raise UserError(f"{what}: contains no images")
+    if c not in (1, 3):
+        raise UserError(f"{what}: expected 1 or 3 channels in the last axis, got {c} (shape {array.shape})")
+    if h < 1 or w < 1:
+        raise UserError(f"{what}: empty image size {h}x{w}")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).any(axis=(1, 2, 3)).sum())
+            raise UserError(f"{what}: {bad} image(s) contain NaN or inf")
+        lo, hi = float(array.min()), float(array.max())
+        if lo < 0.0 or hi > 1.0:
+            raise UserError(f"{what}: float images must lie in [0, 1], found values in [{lo:g}, {hi:g}]")
+        return np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+    raise UserError(f"{what}: unsupported dtype {array.dtype}; expected uint8 images or floats in [0, 1]")
+
+
+def as_labels(labels: np.ndarray | None, n: int, what: str) -> np.ndarray | None:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise UserError(f"{what}: labels must have shape ({n},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{what}: labels must be integers, got dtype {labels.dtype}")
+    if n and labels.min() < 0:
+        raise UserError(f"{what}: labels must be >= 0")
+    return labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _load_npy(path: Path) -> ImageSet:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read as a .npy array ({_short(e)})") from None
+    return ImageSet(as_uint8_images(array, str(path)), None, path.stem)
+
+
+def _load_npz(path: Path) -> ImageSet:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise UserError(f"{path}: no 'images' array inside (found: {', '.join(z.files) or 'nothing'})")
+            images = z["images"]
+            labels = z["labels"] if "labels" in z.files else None
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{path}: cannot read as a .npz archive ({_short(e)})") from None
+    images = as_uint8_images(images, str(path))
+    return ImageSet(images, as_labels(labels, len(images), str(path)), path.stem)
+
+
+def _read_image_file(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("L", "I;16", "I", "F", "1", "P", "LA"):
+                im = im.convert("RGB") if im.mode in ("P",) else im.convert("L")
+            elif im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: cannot read image ({_short(e)})") from None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _load_folder(folder: Path) -> ImageSet:
+    """A folder of images, or a folder of class subfolders (labels = subfolder's rank in sorted order)."""
+    files = _image_files(folder)
+    labels: list[int] | None = None
+    if not files:
+        classes = sorted(p for p in folder.iterdir() if p.is_dir() and _image_files(p))
+        if not classes:
+            raise UserError(f"{folder}: folder contains no images ({', '.join(IMAGE_SUFFIXES)})")
+        labels = []
+        for i, sub in enumerate(classes):
+            sub_files = _image_files(sub)
+            files += sub_files
+            labels += [i] * len(sub_files)
+    arrays = [_read_image_file(p) for p in files]
+    grey = all(a.ndim == 2 for a in arrays)
+    arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
+    if not grey:
+        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+    sizes = sorted({a.shape[:2] for a in arrays})
+    if len(sizes) > 1:
+        first = next(p for p, a in zip(files, arrays) if a.shape[:2] != arrays[0].shape[:2])
+        raise UserError(
+            f"{folder}: mixed image sizes {', '.join(f'{h}x{w}' for h, w in sizes[:4])} "
+            f"(e.g. {files[0].name} is {arrays[0].shape[0]}x{arrays[0].shape[1]}, "
+            f"{first.name} differs); resize them to one size first"
+        )
+    images = np.stack(arrays).astype(np.uint8)
+    lab = np.asarray(labels, dtype=np.int64) if labels is not None else None
+    return ImageSet(images, lab, folder.name)
+
+
+# ---------------------------------------------------------------------------------------------- built-in sets
+
+
+def _digits(root: str | None) -> ImageSet:
+    """scikit-learn's 1,797 8x8 handwritten digits (values 0..16, shipped with the package), scaled to uint8."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return ImageSet(images, d.target.astype(np.int64), "digits")
+
+
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+CIFAR10_TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
+CIFAR10_TEST_FILES = ["test_batch.bin"]
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+
+
+def read_cifar10_binary(files: list[Path]) -> ImageSet:
+    """CIFAR-10's binary distribution: per record one label byte, then 3,072 pixel bytes, channel-major."""
+    chunks = []
+    for f in files:
+        raw = np.fromfile(f, dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR10_RECORD:
+            raise UserError(f"{f}: not a CIFAR-10 binary batch ({raw.size} bytes is not a multiple of 3073)")
+        chunks.append(raw.reshape(-1, CIFAR10_RECORD))
+    records = np.concatenate(chunks)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise UserError(f"{files[0]}: label byte {labels.max()} out of range 0..9; not CIFAR-10 binary data")
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return ImageSet(np.ascontiguousarray(images), labels, "cifar10")
+
+
+def _cifar10_files(root: str | None, names: list[str], download: bool) -> list[Path]:
+    if root is None:
+        raise UserError("cifar10 needs a local folder: set data_root (--set data_root=PATH)")
+    base = Path(root)
+    folder = base / "cifar-10-batches-bin" if (base / "cifar-10-batches-bin").is_dir() else base
+    files = [folder / n for n in names]
+    if all(f.is_file() for f in files):
+        return files
+    if download:
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(CIFAR10_URL, str(base))
+        except Exception as e:  # network errors come in many types
+            raise UserError(
+                f"cifar10: not found under {folder} and the download failed ({_short(e)}); "
+                f"place cifar-10-batches-bin there"
+            ) from None
+        return _cifar10_files(root, names, download=False)
+    missing = next(f for f in files if not f.is_file())
+    raise UserError(
+        f"cifar10: {missing} not found; put CIFAR-10's binary version (cifar-10-batches-bin) under {base}, "
+        f"or set data_download=true where a network exists"
+    )
+
+
+def _cifar10(root: str | None, download: bool = False) -> ImageSet:
+    return read_cifar10_binary(_cifar10_files(root, CIFAR10_TRAIN_FILES, download))
+
+
+def _cifar10_test(root: str | None, download: bool = False) -> ImageSet:
+    s = read_cifar10_binary(_cifar10_files(root, CIFAR10_TEST_FILES, download))
+    return ImageSet(s.images, s.labels, "cifar10-test")
+
+
+DATASETS: dict[str, Callable[..., ImageSet]] = {
+    "digits": _digits,
+    "cifar10": _cifar10,
+    "cifar10-test": _cifar10_test,
+}
+
+
+def load_images(spec: str, root: str | None = None, download: bool = False, image_size: int | None = None) -> ImageSet:
+    """Load a built-in data set by name, or a .npy / .npz file, or an image folder, as a validated ImageSet.
+
+    `image_size` resizes every image to a square side (Lanczos) after loading; None keeps the size.
+    """
+    if spec in DATASETS:
+        fn = DATASETS[spec]
+        s = fn(root, download) if spec.startswith("cifar10") else fn(root)
+    else:
+        path = Path(os.path.expanduser(spec))
+        if not path.exists():
+            names = ", ".join(DATASETS)
+            raise UserError(f"{spec}: no such file or folder, and not a built-in data set ({names})")
+        if path.is_dir():
+            s = _load_folder(path)
+        elif path.suffix.lower() == ".npy":
+            s = _load_npy(path)
+        elif path.suffix.lower() == ".npz":
+            s = _load_npz(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            s = ImageSet(as_uint8_images(_read_image_file(path)[None], str(path)), None, path.stem)
+        else:
+            raise UserError(f"{spec}: unsupported file type {path.suffix!r}; use .npy, .npz or an image folder")
+    if image_size is not None and s.images.shape[1:3] != (image_size, image_size):
+        s = ImageSet(resize_images(s.images, image_size), s.labels, s.name)
+    return s
+
+
+def resize_images(images: np.ndarray, side: int) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for im in images:
+        pil = Image.fromarray(im[..., 0] if im.shape[2] == 1 else im)
+        arr = np.asarray(pil.resize((side, side), Image.LANCZOS), dtype=np.uint8)
+        out.append(arr[..., None] if arr.ndim == 2 else arr)
+    return np.stack(out)
+
+
+def pixel_vectors(images: np.ndarray) -> np.ndarray:
+    """Pixel space: flattened images scaled to [0, 1], float32 (N, H*W*C)."""
+    return images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:160]

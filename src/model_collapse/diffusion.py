@@ -1,0 +1,367 @@
+"""DDPM on diffusers: UNet presets, training, and per-sample-seeded sampling.
+
+Images are uint8 NHWC outside this module and float NCHW in [-1, 1] inside. Training draws every batch, noise
+and timestep from a generator seeded by (root seed, coordinates, step), and checkpoints model, optimiser and
+EMA state in safetensors, so a resumed training run continues bit for bit. Sampling draws each sample's initial
+noise and every stochastic step's noise from that sample's own generator, so sample i is the same for any batch
+size or number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model_collapse.errors import UserError
+from model_collapse.rng import torch_generator
+
+# ---------------------------------------------------------------------------------------------- model presets
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    channels: tuple[int, ...]
+    layers_per_block: int
+    norm_groups: int
+    attention_levels: tuple[int, ...] = ()  # 1-based levels with self-attention
+
+
+def paper_unet(c: int, norm_groups: int = 32) -> UNetSpec:
+    """The paper's UNet: channels (c, c, 2c, 2c, 4c, 4c), attention at level 5, 2 layers per block."""
+    return UNetSpec((c, c, 2 * c, 2 * c, 4 * c, 4 * c), 2, norm_groups, (5,))
+
+
+MODEL_PRESETS: dict[str, UNetSpec] = {
+    # CPU demo on 8x8 digits: 0.27M parameters, about 20 training steps/s at batch 64 on one core
+    "tiny": UNetSpec((16, 32, 32), 1, 8),
+    "small": UNetSpec((32, 64, 64), 1, 8),
+    "unet32": paper_unet(32),
+    # 48 is not a multiple of 32 norm groups; 16 divides 48, 96 and 192
+    "unet48": paper_unet(48, norm_groups=16),
+    "unet64": paper_unet(64),
+    "unet128": paper_unet(128),
+}
+
+
+def check_model_shape(spec: UNetSpec, image_side: int, where: str = "model") -> None:
+    """The UNet halves the image side at every level but the last, and GroupNorm needs groups | channels."""
+    levels = len(spec.channels)
+    factor = 2 ** (levels - 1)
+    if image_side % factor:
+        raise UserError(
+            f"{where}: image side {image_side} is not divisible by 2^(levels-1) = {factor} for {levels} levels; "
+            f"use fewer levels (channels) or resize the images (image_size) to a multiple of {factor}"
+        )
+    bad = [c for c in spec.channels if c % spec.norm_groups]
+    if bad:
+        raise UserError(
+            f"{where}: norm_groups = {spec.norm_groups} does not divide channel count(s) {bad}; "
+            f"set norm_groups to a common divisor of {list(spec.channels)}"
+        )
+    if any(lv < 1 or lv > levels for lv in spec.attention_levels):
+        raise UserError(f"{where}: attention levels {spec.attention_levels} outside 1..{levels}")
+
+
+def build_unet(spec: UNetSpec, image_side: int, channels: int, num_classes: int | None = None):
+    """A diffusers UNet2DModel; with num_classes, a class embedding with one extra 'null' class for guidance."""
+    from diffusers import UNet2DModel
+
+    check_model_shape(spec, image_side)
+    levels = len(spec.channels)
+    down = tuple("AttnDownBlock2D" if lv + 1 in spec.attention_levels else "DownBlock2D" for lv in range(levels))
+    up = tuple("AttnUpBlock2D" if levels - i in spec.attention_levels else "UpBlock2D" for i in range(levels))
+    return UNet2DModel(
+        sample_size=image_side,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=spec.channels,
+        layers_per_block=spec.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=spec.norm_groups,
+        attention_head_dim=8,
+        num_class_embeds=None if num_classes is None else num_classes + 1,
+    )
+
+
+def make_train_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
+    """The paper's forward process: 1000 steps, linear betas (1e-4 .. 0.02), epsilon prediction."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         prediction_type="epsilon", clip_sample=True)
+
+
+def _sampler_classes():
+    import diffusers
+
+    return {
+        "ddpm": diffusers.DDPMScheduler,
+        "ddim": diffusers.DDIMScheduler,
+        "dpm": diffusers.DPMSolverMultistepScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+        "euler-ancestral": diffusers.EulerAncestralDiscreteScheduler,
+        "unipc": diffusers.UniPCMultistepScheduler,
+    }
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm", "euler", "euler-ancestral", "unipc")
+
+
+def make_sampler(name: str, train_scheduler):
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return _sampler_classes()[name].from_config(train_scheduler.config)
+
+
+# ---------------------------------------------------------------------------------------------- image scaling
+
+
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC (clipped, rounded)."""
+    x = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    train_steps: int
+    batch_size: int
+    lr: float
+    lr_schedule: str  # "cosine" (with warm-up) or "constant" (with warm-up)
+    warmup_steps: int
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    ema_decay: float | None  # None = off
+    label_dropout: float  # share of labels replaced by the null class (classifier-free guidance)
+    checkpoint_every: int
+    grad_clip: float | None = 1.0  # None = off
+
+
+def lr_factor(step: int, s: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to zero (diffusers' get_cosine_schedule_with_warmup) or constant."""
+    if step < s.warmup_steps:
+        return (step + 1) / max(1, s.warmup_steps)
+    if s.lr_schedule == "constant":
+        return 1.0
+    progress = (step - s.warmup_steps) / max(1, s.train_steps - s.warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _optimizer(unet, s: TrainSettings):
+    return torch.optim.AdamW(unet.parameters(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2),
+                             weight_decay=s.weight_decay)
+
+
+def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, step: int) -> None:
+    """Model, optimiser and EMA state as one safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        st = opt.state.get(p)
+        if st:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                tensors[f"opt.{i}.{key}"] = torch.as_tensor(st[key]).detach().clone().contiguous()
+    if ema_params is not None:
+        for i, p in enumerate(ema_params):
+            tensors[f"ema.{i}"] = p.detach().contiguous()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None) -> int:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        step = int(f.metadata()["step"])
+    unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = opt.param_groups[0]["params"]
+    for i, p in enumerate(params):
+        if f"opt.{i}.exp_avg" in tensors:
+            opt.state[p] = {key: tensors[f"opt.{i}.{key}"].clone() for key in ("exp_avg", "exp_avg_sq", "step")}
+    if ema_params is not None:
+        for i, p in enumerate(ema_params):
+            p.copy_(tensors[f"ema.{i}"])
+    return step
+
+
+def save_weights(path: Path, unet) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path, unet) -> None:
+    from safetensors.torch import load_file
+
+    unet.load_state_dict(load_file(str(path)))
+
+
+def train(
+    unet,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    s: TrainSettings,
+    seed: int,
+    coords: Sequence[object],
+    *,
+    checkpoint: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    null_class: int | None = None,
+):
+    """Train `unet` in place for s.train_steps with the epsilon-prediction DDPM loss; returns the final weights
+    to sample from (the EMA weights when EMA is on).
+
+    Batches are drawn with replacement, and noise and timesteps drawn, from a generator seeded by
+    (seed, *coords, "train", step). With `checkpoint`, training resumes from it and saves it every
+    s.checkpoint_every steps.
+    """
+    sched = make_train_scheduler()
+    data = to_model_space(images)
+    lab = torch.as_tensor(labels) if labels is not None else None
+    n = len(data)
+    opt = _optimizer(unet, s)
+    ema = [p.detach().clone() for p in unet.parameters()] if s.ema_decay is not None else None
+    step = 0
+    if checkpoint is not None and checkpoint.exists():
+        step = load_checkpoint(checkpoint, unet, opt, ema)
+    alphas = sched.alphas_cumprod
+    unet.train()
+    while step < s.train_steps:
+        g = torch_generator(seed, *coords, "train", step)
+        idx = torch.randint(0, n, (s.batch_size,), generator=g)
+        x0 = data[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (s.batch_size,), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cls = None
+        if lab is not None:
+            cls = lab[idx].clone()
+            drop = torch.rand(s.batch_size, generator=g) < s.label_dropout
+            cls[drop] = null_class
+        for group in opt.param_groups:
+            group["lr"] = s.lr * lr_factor(step, s)
+        pred = unet(xt, t, class_labels=cls).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), s.grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema, unet.parameters()):
+                    e.lerp_(p.detach(), 1.0 - s.ema_decay)
+        step += 1
+        if progress is not None:
+            progress(step)
+        if checkpoint is not None and (step % s.checkpoint_every == 0) and step < s.train_steps:
+            save_checkpoint(checkpoint, unet, opt, ema, step)
+            if on_checkpoint is not None:
+                on_checkpoint(step)
+    unet.eval()
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema, unet.parameters()):
+                p.copy_(e)
+    return unet
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample(
+    unet,
+    scheduler,
+    noise: torch.Tensor,
+    *,
+    num_steps: int,
+    generators: list[torch.Generator] | None = None,
+    class_labels: torch.Tensor | None = None,
+    guidance: float = 0.0,
+    null_class: int | None = None,
+) -> torch.Tensor:
+    """Reverse diffusion from `noise` (B, C, H, W) with any diffusers scheduler; returns x0 in [-1, 1].
+
+    Stochastic steps (DDPM, ancestral samplers) draw sample b's noise from generators[b]. Classifier-free
+    guidance with scale w: eps = eps_cond + w * (eps_cond - eps_uncond), so w = 0 is the plain conditional model.
+    """
+    scheduler.set_timesteps(num_steps)
+    x = noise * scheduler.init_noise_sigma
+    guided = class_labels is not None and guidance != 0.0
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)
+        if guided:
+            null = torch.full_like(class_labels, null_class)
+            eps_c, eps_u = unet(torch.cat([inp, inp]), t, class_labels=torch.cat([class_labels, null])).sample.chunk(2)
+            eps = eps_c + guidance * (eps_c - eps_u)
+        else:
+            eps = unet(inp, t, class_labels=class_labels).sample
+        kw = {"generator": generators} if generators is not None and _takes_generator(scheduler) else {}
+        x = scheduler.step(eps, t, x, **kw).prev_sample
+    return x.clamp(-1, 1)
+
+
+def _takes_generator(scheduler) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def generate(
+    unet,
+    sampler: str,
+    num_steps: int,
+    indices: Sequence[int],
+    seed: int,
+    coords: Sequence[object],
+    shape: tuple[int, int, int],
+    *,
+    batch_size: int = 256,
+    class_labels: np.ndarray | None = None,
+    guidance: float = 0.0,
+    null_class: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Samples with the given indices as uint8 NHWC; sample i depends only on (seed, *coords, "sample", i)."""
+    train_sched = make_train_scheduler()
+    h, w, c = shape
+    out = []
+    unet.eval()
+    for a in range(0, len(indices), batch_size):
+        batch = list(indices[a : a + batch_size])
+        gens = [torch_generator(seed, *coords, "sample", int(i)) for i in batch]
+        noise = torch.cat([torch.randn((1, c, h, w), generator=g) for g in gens])
+        labels = None if class_labels is None else torch.as_tensor(class_labels[a : a + batch_size])
+        x = sample(unet, make_sampler(sampler, train_sched), noise, num_steps=num_steps, generators=gens,
+                   class_labels=labels, guidance=guidance, null_class=null_class)
+        out.append(to_uint8(x))
+        if progress is not None:
+            progress(len(batch))
+    return np.concatenate(out) if out else np.zeros((0, h, w, c), np.uint8)

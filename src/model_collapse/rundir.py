@@ -1,0 +1,174 @@
+"""The run directory: the source of truth of a run.
+
+config.json is written before any work; every artifact is written to a temporary name and renamed into place;
+metrics.jsonl is append-only, one line per (arm, iteration); an exclusive lock refuses a second process.
+Nothing read back from here is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from model_collapse.config import EXECUTION_KEYS, RunConfig, config_to_dict
+from model_collapse.errors import UserError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _clean(obj):
+    """JSON-safe: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_npz(path: Path, **arrays) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
+    os.replace(tmp, path)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a trailing partial line (a crash mid-append) is ignored."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+class RunDir:
+    """An opened, locked run directory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -- layout
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def iter_dir(self, arm: str | None, iteration: int) -> Path:
+        """Iteration 0 is shared by all arms; later iterations live under arms/<arm>/."""
+        if iteration == 0:
+            return self.path / "iter_000"
+        return self.path / "arms" / arm / f"iter_{iteration:03d}"
+
+    # -- opening
+    @classmethod
+    def open(cls, path: Path, cfg: RunConfig) -> "RunDir":
+        """Create or reopen RUN_DIR for this config; refuse a different config or a second process."""
+        rd = cls(path)
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: exists and is not a directory")
+        existing = path / "config.json"
+        if existing.exists():
+            try:
+                stored = read_json(existing)
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"{existing}: unreadable ({e}); not a run directory of this tool?") from None
+            diff = config_difference(stored, config_to_dict(cfg))
+            if diff:
+                raise UserError(
+                    f"{path} holds a run with a different config ({diff}); use another --out, or repeat the "
+                    f"command that started it"
+                )
+        elif path.exists() and any(p.name != ".lock" for p in path.iterdir()):
+            raise UserError(f"{path}: exists, is not empty, and holds no run (no config.json); choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        rd._lock()
+        if not existing.exists():
+            atomic_write_json(existing, config_to_dict(cfg))
+        return rd
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{self.path} is in use by another model-collapse process; wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- metrics
+    def append_metrics(self, rows: list[dict]) -> None:
+        """Append rows; first drop a partial trailing line left by a crash."""
+        p = self.metrics_path
+        if p.exists():
+            raw = p.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                atomic_write_bytes(p, raw[: raw.rfind(b"\n") + 1])
+        with open(p, "a") as f:
+            for r in rows:
+                f.write(json.dumps(_clean(r)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def config_difference(stored: dict, given: dict) -> str:
+    """'' when two configs describe the same experiment; else the first differing keys."""
+    keys = sorted((set(stored) | set(given)) - set(EXECUTION_KEYS))
+    diffs = [k for k in keys if stored.get(k) != given.get(k)]
+    return ", ".join(f"{k}: {stored.get(k)!r} there, {given.get(k)!r} now" for k in diffs[:3])
