@@ -302,8 +302,22 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
 # ---------------------------------------------------------------------------------------------- arms
 
 
-def _arm_worker(cfg_dict: dict, out: str, arm_index: int, threads: int, show: bool) -> None:
+def _watch_parent(parent_pid: int) -> None:
+    """End this worker when the parent (which holds the run directory's lock) is gone."""
+    import threading
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _arm_worker(cfg_dict: dict, out: str, arm_index: int, threads: int, show: bool, parent_pid: int) -> None:
     """One arm's iterations 1.. in its own process (the parent holds the run directory's lock)."""
+    _watch_parent(parent_pid)
     torch.set_num_threads(threads)
     cfg = config_from_dict(cfg_dict)
     study = prepare(cfg, out)
@@ -372,7 +386,7 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
             threads = max(1, (os.cpu_count() or 1) // workers)
             ctx = mp.get_context("spawn")
             with cf.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-                futs = [ex.submit(_arm_worker, config_to_dict(cfg), str(out), i, threads, show)
+                futs = [ex.submit(_arm_worker, config_to_dict(cfg), str(out), i, threads, show, os.getpid())
                         for i in range(len(cfg.arms))]
                 while True:
                     finished, _ = cf.wait(futs, timeout=1.0, return_when=cf.FIRST_EXCEPTION)

@@ -32,10 +32,15 @@ class EntropyResult:
                 "duplicates": self.duplicates, "mean_nn": self.mean_nn}
 
 
+def distinct_index(x: np.ndarray) -> np.ndarray:
+    """Indices of the first appearance of every distinct row of x, in order."""
+    _, first = np.unique(np.ascontiguousarray(x), axis=0, return_index=True)
+    return np.sort(first)
+
+
 def distinct_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
     """The distinct rows of x in order of first appearance, and how many rows were exact copies."""
-    _, first = np.unique(np.ascontiguousarray(x), axis=0, return_index=True)
-    keep = np.sort(first)
+    keep = distinct_index(x)
     return x[keep], len(x) - len(keep)
 
 

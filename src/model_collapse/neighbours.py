@@ -12,8 +12,8 @@ best candidates of every query, then makes the answer exact:
   approximate distance minus the bound. Queries that fail the test (near-duplicates, many ties) are redone with
   more candidates, and finally by an exact float64 scan.
 
-Both sets are centred on the reference mean first: distances do not change, norms (and so the error bound)
-shrink. Memory is bounded by the tile size: no n x n matrix is ever built. For a set against itself
+The approximate pass centres both sets on the reference mean: distances do not change, norms (and so the error
+bound) shrink. Exact distances always come from the inputs as given, so equal distances stay exactly equal. Memory is bounded by the tile size: no n x n matrix is ever built. For a set against itself
 (`refs=None`) only the upper triangle of tiles is computed, each tile updating both its rows and its columns.
 """
 
@@ -49,16 +49,22 @@ def _gamma(n: int, dtype: torch.dtype) -> float:
     return 2.0 * nu / (1.0 - nu)  # a factor 2 of slack over the textbook bound
 
 
-def _as_tensor(x, device, dtype) -> torch.Tensor:
+def _as_tensor(x, device) -> torch.Tensor:
+    """The input as a float tensor without a copy where it already is one (float32 or float64)."""
     t = torch.as_tensor(x)
     if t.ndim != 2:
         raise ValueError(f"expected a 2-D array of vectors, got shape {tuple(t.shape)}")
-    return t.to(device=device, dtype=dtype)
+    if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
+        t = t.to(torch.float32)  # integers up to 2^24 and half floats are exact in float32
+    return t.to(device)
 
 
-def exact_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared distances between rows x[i] and y[i] (paired), float64 from differences."""
-    return ((x.double() - y.double()) ** 2).sum(-1)
+def _centred_tile(x: torch.Tensor, a: int, tile: int, centre: torch.Tensor, dtype) -> torch.Tensor:
+    return (x[a : a + tile].double() - centre).to(dtype)
+
+
+def _centred_sqnorms(x: torch.Tensor, centre: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    return torch.cat([((x[a : a + chunk].double() - centre) ** 2).sum(1) for a in range(0, x.shape[0], chunk)])
 
 
 def _merge(best_v, best_i, v, i, m):
@@ -69,52 +75,48 @@ def _merge(best_v, best_i, v, i, m):
     return top_v, torch.gather(idx, 1, pos)
 
 
-def _approx_candidates(xq, yr, xn, yn, m, tile, symmetric: bool):
-    """Top-m (approximate, unsorted) squared distances and indices of every row of xq among rows of yr.
+def _approx_candidates(X, Y, rows, xn, yn, centre, m, tile, dtype, symmetric: bool):
+    """Top-m (approximate, unsorted) squared distances and indices of rows `rows` of X among the rows of Y.
 
-    symmetric: xq is yr itself; only tiles on and above the diagonal are computed, and a row never
-    counts itself.
+    Tiles are centred and cast on the fly. symmetric (X is Y and rows is every row): only tiles on and above
+    the diagonal are computed, each updating its rows and its columns. Otherwise, when X is Y, a row never counts
+    itself.
     """
-    nq, nr = xq.shape[0], yr.shape[0]
-    dev = xq.device
-    best_v = torch.full((nq, m), math.inf, device=dev, dtype=xq.dtype)
+    nq, nr = rows.numel(), Y.shape[0]
+    dev = X.device
+    best_v = torch.full((nq, m), math.inf, device=dev, dtype=dtype)
     best_i = torch.full((nq, m), -1, device=dev, dtype=torch.int64)
-    if symmetric:
-        for a in range(0, nq, tile):
-            qa = xq[a : a + tile]
-            for b in range(a, nr, tile):
-                rb = yr[b : b + tile]
-                d = torch.addmm(xn[a : a + tile, None] + yn[None, b : b + tile], qa, rb.T, alpha=-2.0)
-                cols = torch.arange(b, b + rb.shape[0], device=dev)[None]
-                if a == b:
-                    d.fill_diagonal_(math.inf)
-                v, i = _merge(best_v[a : a + tile], best_i[a : a + tile], d, cols, m)
-                best_v[a : a + tile], best_i[a : a + tile] = v, i
-                if b != a:
-                    rows = torch.arange(a, a + qa.shape[0], device=dev)[None]
-                    v, i = _merge(best_v[b : b + tile], best_i[b : b + tile], d.T, rows, m)
-                    best_v[b : b + tile], best_i[b : b + tile] = v, i
-        return best_v, best_i
+    xq_all = X if symmetric or rows.numel() == X.shape[0] else X[rows]
+    xn_q, yn_t = xn[rows].to(dtype), yn.to(dtype)
+    same = X is Y
     for a in range(0, nq, tile):
-        qa = xq[a : a + tile]
-        for b in range(0, nr, tile):
-            rb = yr[b : b + tile]
-            d = torch.addmm(xn[a : a + tile, None] + yn[None, b : b + tile], qa, rb.T, alpha=-2.0)
+        qa = _centred_tile(xq_all, a, tile, centre, dtype)
+        qrows = rows[a : a + tile]
+        for b in range(a if symmetric else 0, nr, tile):
+            rb = qa if (symmetric and b == a) else _centred_tile(Y, b, tile, centre, dtype)
+            d = torch.addmm(xn_q[a : a + tile, None] + yn_t[None, b : b + rb.shape[0]], qa, rb.T, alpha=-2.0)
             cols = torch.arange(b, b + rb.shape[0], device=dev)[None]
+            if same:
+                hit = (qrows >= b) & (qrows < b + rb.shape[0])
+                if hit.any():
+                    r = torch.nonzero(hit).squeeze(1)
+                    d[r, qrows[r] - b] = math.inf
             v, i = _merge(best_v[a : a + tile], best_i[a : a + tile], d, cols, m)
             best_v[a : a + tile], best_i[a : a + tile] = v, i
+            if symmetric and b != a:
+                v, i = _merge(best_v[b : b + tile], best_i[b : b + tile], d.T, qrows[None], m)
+                best_v[b : b + tile], best_i[b : b + tile] = v, i
     return best_v, best_i
 
 
-def _exact_rows(xq, yr, idx, chunk_elems=1 << 24):
-    """Exact float64 squared distances of each query to its candidate references idx (n, m)."""
+def _exact_rows(X, Y, rows, idx, chunk_elems=1 << 23):
+    """Exact float64 squared distances, from differences, of query rows to their candidate references idx (n, m)."""
     n, m = idx.shape
-    out = torch.empty((n, m), dtype=torch.float64, device=xq.device)
-    step = max(1, chunk_elems // max(1, m * xq.shape[1]))
+    out = torch.empty((n, m), dtype=torch.float64, device=X.device)
+    step = max(1, chunk_elems // max(1, m * X.shape[1]))
     for a in range(0, n, step):
         ii = idx[a : a + step]
-        safe = ii.clamp_min(0)
-        d = ((yr[safe].double() - xq[a : a + step, None].double()) ** 2).sum(-1)
+        d = ((Y[ii.clamp_min(0)].double() - X[rows[a : a + step], None].double()) ** 2).sum(-1)
         out[a : a + step] = torch.where(ii >= 0, d, torch.full_like(d, math.inf))
     return out
 
@@ -127,19 +129,17 @@ def _sort_exact(dist, idx):
     return torch.gather(dist, 1, o), torch.gather(idx, 1, o)
 
 
-def _full_exact(xq_rows, yr, k, self_rows, chunk=4096):
+def _full_exact(X, Y, rows, k, same: bool, chunk=4096):
     """Exact float64 scan of some queries against every reference: the last resort, O(n_ref * d) per query."""
-    n = xq_rows.shape[0]
-    dist = torch.empty((n, k), dtype=torch.float64, device=yr.device)
-    idx = torch.empty((n, k), dtype=torch.int64, device=yr.device)
+    n = rows.numel()
+    dist = torch.empty((n, k), dtype=torch.float64, device=Y.device)
+    idx = torch.empty((n, k), dtype=torch.int64, device=Y.device)
     for j in range(n):
-        q = xq_rows[j].double()
-        parts = [((yr[b : b + chunk].double() - q) ** 2).sum(-1) for b in range(0, yr.shape[0], chunk)]
-        d = torch.cat(parts)
-        if self_rows is not None:
-            d[self_rows[j]] = math.inf
-        # lexicographic (distance, index): a stable sort on distance keeps index order among ties
-        o = torch.argsort(d, stable=True)[:k]
+        q = X[rows[j]].double()
+        d = torch.cat([((Y[b : b + chunk].double() - q) ** 2).sum(-1) for b in range(0, Y.shape[0], chunk)])
+        if same:
+            d[rows[j]] = math.inf
+        o = torch.argsort(d, stable=True)[:k]  # a stable sort keeps index order among equal distances
         dist[j], idx[j] = d[o], o
     return dist, idx
 
@@ -157,82 +157,53 @@ def knn(
     """Exact k nearest neighbours of every query row among the reference rows (Euclidean).
 
     With refs=None, the neighbours of each row among the *other* rows of the same set. Returns distances
-    (float64, ascending) and reference indices; among equal distances the lower index comes first.
+    (float64, ascending) and reference indices; among equal distances the lower index comes first. Memory beyond
+    the inputs: a few tiles and O(n k) candidates.
     """
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     dev = torch.device(device) if device is not None else default_device()
     dtype = torch.float32 if precision == "float32" else torch.float64
     symmetric = refs is None
-    x64 = _as_tensor(queries, dev, torch.float64)
-    y64 = x64 if symmetric else _as_tensor(refs, dev, torch.float64)
-    if not symmetric and x64.shape[1] != y64.shape[1]:
-        raise ValueError(f"queries have dimension {x64.shape[1]}, references {y64.shape[1]}")
-    n, d = x64.shape
-    n_ref = y64.shape[0] - (1 if symmetric else 0)
+    X = _as_tensor(queries, dev)
+    Y = X if symmetric else _as_tensor(refs, dev)
+    if not symmetric and X.shape[1] != Y.shape[1]:
+        raise ValueError(f"queries have dimension {X.shape[1]}, references {Y.shape[1]}")
+    n, d = X.shape
+    n_ref = Y.shape[0] - (1 if symmetric else 0)
     if k < 1 or k > n_ref:
         raise ValueError(f"k = {k} needs at least {k} reference points, have {n_ref}")
     if n == 0:
         return KnnResult(np.zeros((0, k)), np.zeros((0, k), dtype=np.int64))
-    centre = y64.mean(0, keepdim=True)
-    xc64 = x64 - centre
-    yc64 = xc64 if symmetric else y64 - centre
-    xq, yr = xc64.to(dtype), yc64.to(dtype)
-    xn, yn = (xc64**2).sum(1), (yc64**2).sum(1)
-    gamma = _gamma(d + 4, dtype)
-    ymax = float(yn.max().sqrt())
-    err = gamma * (xn.sqrt() + ymax) ** 2  # bound on |approx - exact| for every pair of this query
+    centre = Y.double().mean(0, keepdim=True) if Y.shape[0] * d <= 1 << 26 else \
+        sum(Y[a : a + 8192].double().sum(0, keepdim=True) for a in range(0, Y.shape[0], 8192)) / Y.shape[0]
+    xn = _centred_sqnorms(X, centre)
+    yn = xn if symmetric else _centred_sqnorms(Y, centre)
+    # bound on |approx - exact| of every pair of a query: rounding of the product, the norms and the centring
+    err = _gamma(d + 4, dtype) * (xn.sqrt() + float(yn.max().sqrt())) ** 2
 
     out_d = torch.empty((n, k), dtype=torch.float64, device=dev)
     out_i = torch.empty((n, k), dtype=torch.int64, device=dev)
-    xq_n, yr_n = xn.to(dtype), yn.to(dtype)
     todo = torch.arange(n, device=dev)
     m = min(k + extra, n_ref)
-    rechecked = 0
+    rechecked = None
     while todo.numel():
-        if symmetric and todo.numel() == n:
-            av, ai = _approx_candidates(xq, yr, xq_n, yr_n, m, tile, symmetric=True)
-        elif symmetric:
-            av, ai = _approx_candidates_rows(xq[todo], yr, xq_n[todo], yr_n, m, tile, todo)
-        else:
-            av, ai = _approx_candidates(xq[todo], yr, xq_n[todo], yr_n, m, tile, symmetric=False)
-        ex, ei = _sort_exact(_exact_rows(xc64[todo], yc64, ai), ai)
+        av, ai = _approx_candidates(X, Y, todo, xn, yn, centre, m, tile, dtype,
+                                    symmetric=symmetric and todo.numel() == n)
+        ex, ei = _sort_exact(_exact_rows(X, Y, todo, ai), ai)
         if m >= n_ref:  # every reference is a candidate: nothing left to certify
             ok = torch.ones(todo.numel(), dtype=torch.bool, device=dev)
         else:
             ok = ex[:, k - 1] < av.double().max(dim=1).values - err[todo]
         out_d[todo[ok]], out_i[todo[ok]] = ex[ok, :k], ei[ok, :k]
-        if rechecked == 0:
+        if rechecked is None:
             rechecked = int((~ok).sum())
         todo = todo[~ok]
         if todo.numel() and m >= 256:
-            fd, fi = _full_exact(xc64[todo], yc64, k, todo if symmetric else None)
-            out_d[todo], out_i[todo] = fd, fi
+            out_d[todo], out_i[todo] = _full_exact(X, Y, todo, k, same=symmetric)
             break
         m = min(m * 4, n_ref)
-    return KnnResult(out_d.clamp_min(0).sqrt().cpu().numpy(), out_i.cpu().numpy(), rechecked)
-
-
-def _approx_candidates_rows(sub, yr, subn, yn, m, tile, rows):
-    """Top-m candidates of some rows of a set among the whole set, excluding each row itself."""
-    nq = sub.shape[0]
-    dev = sub.device
-    best_v = torch.full((nq, m), math.inf, device=dev, dtype=sub.dtype)
-    best_i = torch.full((nq, m), -1, device=dev, dtype=torch.int64)
-    for a in range(0, nq, tile):
-        qa = sub[a : a + tile]
-        ra = rows[a : a + tile]
-        for b in range(0, yr.shape[0], tile):
-            rb = yr[b : b + tile]
-            d = torch.addmm(subn[a : a + tile, None] + yn[None, b : b + tile], qa, rb.T, alpha=-2.0)
-            hit = (ra >= b) & (ra < b + rb.shape[0])
-            if hit.any():
-                r = torch.nonzero(hit).squeeze(1)
-                d[r, ra[r] - b] = math.inf
-            cols = torch.arange(b, b + rb.shape[0], device=dev)[None]
-            v, i = _merge(best_v[a : a + tile], best_i[a : a + tile], d, cols, m)
-            best_v[a : a + tile], best_i[a : a + tile] = v, i
-    return best_v, best_i
+    return KnnResult(out_d.clamp_min(0).sqrt().cpu().numpy(), out_i.cpu().numpy(), rechecked or 0)
 
 
 def pairwise_sq_dists_exact(x: np.ndarray, y: np.ndarray) -> np.ndarray:

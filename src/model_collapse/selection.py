@@ -66,15 +66,19 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
     get exact distances; the arg-max (lowest index among ties) is taken over exact values, as in the definition.
     """
     m = len(x)
-    X = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    # exact distances from the inputs as given (float32 inputs are exact in float64); centring only for bounds
+    X = torch.as_tensor(np.ascontiguousarray(x))
+    if not X.is_floating_point():
+        X = X.double()
     if not torch.isfinite(X).all():
         raise UserError("selection input contains NaN or inf")
-    X = X - X.mean(0, keepdim=True)
     q = int(min(projection_dim, X.shape[1], m))
-    sample = X[torch.as_tensor(numpy_rng(seed, "greedy-pca").permutation(m)[:4096])].double()
+    Xc = X.double() - X.double().mean(0, keepdim=True)
+    sample = Xc[torch.as_tensor(numpy_rng(seed, "greedy-pca").permutation(m)[:4096])]
     _, _, vh = torch.linalg.svd(sample - sample.mean(0), full_matrices=False)
     P = vh[:q].T.contiguous()  # (d, q), orthonormal columns
-    Z = X.double() @ P  # (m, q)
+    Z = Xc @ P  # (m, q); |Z_a - Z_b| <= |X_a - X_b|
+    del Xc
     slack = 1e-9
 
     start = greedy_start(m, seed)
@@ -167,10 +171,10 @@ def select_threshold(
     m, d = x.shape
     if not 0.0 < decay < 1.0:
         raise UserError(f"decay must lie in (0, 1), got {decay}")
-    X64 = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)
-    X64 = X64 - X64.mean(0, keepdim=True)
-    X = X64.float()
-    sq = (X64**2).sum(1)
+    X64 = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)  # exact distances from these
+    Xc = X64 - X64.mean(0, keepdim=True)  # centred, for the approximate pass only
+    X = Xc.float()
+    sq = (Xc**2).sum(1)
     norms = sq.sqrt()
     gamma = _gamma32(d)
     n_distinct = len(np.unique(np.ascontiguousarray(x), axis=0))

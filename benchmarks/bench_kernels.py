@@ -1,0 +1,198 @@
+"""Speed of the exact kNN kernel and the selectors against straightforward baselines, in the same process.
+
+Run: .venv/bin/python benchmarks/bench_kernels.py [--quick] [--only NAME ...]
+Prints one line per benchmark with both timings and their ratio; results go into benchmarks/RESULTS.md by hand.
+Baselines that would take minutes are timed on a prefix of their (constant-cost) steps and extrapolated; the
+line says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from model_collapse.metrics import generalization_score, kl_entropy  # noqa: E402
+from model_collapse.neighbours import knn  # noqa: E402
+from model_collapse.rng import numpy_rng  # noqa: E402
+from model_collapse.selection import greedy_start, select_greedy, select_threshold  # noqa: E402
+
+
+def clustered(m, d, intrinsic=12, clusters=64, seed=0):
+    """Clustered data of low intrinsic dimension, like image features: a mixture in a random 12-dim subspace."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, intrinsic)))[0]
+    centres = rng.normal(size=(clusters, intrinsic)) * 4
+    z = centres[rng.integers(0, clusters, m)] + rng.normal(size=(m, intrinsic))
+    return (z @ basis.T + rng.normal(size=(m, d)) * 0.05).astype(np.float32)
+
+
+def matmul_rate(n=2048, reps=5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def greedy_baseline(x, n, seed, steps):
+    """Each step: one matrix-vector product of the pool with the newest centre (precomputed squared norms),
+    running minimum, arg-max. Returns the selection prefix and seconds per step."""
+    X = torch.as_tensor(x)
+    sq = (X.double() ** 2).sum(1).float()
+    c = greedy_start(len(x), seed)
+    mind = torch.full((len(x),), float("inf"))
+    chosen = [c]
+    t = time.perf_counter()
+    for _ in range(steps - 1):
+        d = sq + sq[c] - 2 * (X @ X[c])
+        mind = torch.minimum(mind, d)
+        mind[chosen[-1]] = -1
+        c = int(torch.argmax(mind))
+        chosen.append(c)
+    return chosen, (time.perf_counter() - t) / (steps - 1)
+
+
+def threshold_baseline(x, n, seed, tau0, decay, time_limit=None):
+    """The sequential definition: one point at a time against the accepted set (numpy, vectorised per point)."""
+    X = np.asarray(x, np.float64)
+    order = numpy_rng(seed, "threshold-order").permutation(len(X))
+    acc, is_acc, tau = [], np.zeros(len(X), bool), tau0
+    buf = np.empty((n, X.shape[1]))
+    t0 = time.perf_counter()
+    visited = 0
+    while len(acc) < n:
+        for p in order:
+            if is_acc[p]:
+                continue
+            visited += 1
+            k = len(acc)
+            if k == 0 or (((buf[:k] - X[p]) ** 2).sum(1) > tau * tau).all():
+                buf[k] = X[p]
+                acc.append(int(p))
+                is_acc[p] = True
+                if len(acc) == n:
+                    break
+            if time_limit and time.perf_counter() - t0 > time_limit:
+                return None, time.perf_counter() - t0, visited
+        else:
+            tau *= decay
+    return acc, time.perf_counter() - t0, visited
+
+
+def bench_greedy(quick):
+    m, d, n = (16384, 384, 4096) if quick else (65536, 384, 16384)
+    x = clustered(m, d)
+    base_steps = 300
+    prefix, per_step = greedy_baseline(x, n, 0, base_steps)
+    t = time.perf_counter()
+    sel = select_greedy(x, n, 0)
+    fast = time.perf_counter() - t
+    same = list(sel.indices[:base_steps]) == prefix
+    base = per_step * n
+    print(f"greedy M={m} d={d} N={n}: baseline {base:.1f} s (extrapolated from {base_steps} steps at "
+          f"{per_step * 1e3:.2f} ms/step), fast {fast:.1f} s, ratio {base / fast:.1f}x, same first {base_steps}: "
+          f"{same}, distances computed {sel.params['distances_computed'] / (m * n):.4f} of M*N", flush=True)
+
+
+def bench_threshold(quick):
+    m, d, n = (4096, 384, 1024) if quick else (16384, 384, 4096)
+    x = clustered(m, d, seed=1)
+    t = time.perf_counter()
+    sel = select_threshold(x, n, 0)
+    fast = time.perf_counter() - t
+    tau0 = sel.params["tau0"]
+    acc, base, visited = threshold_baseline(x, n, 0, tau0, 0.95, time_limit=None if quick else 600)
+    same = acc is not None and list(sel.indices) == acc
+    note = "" if acc is not None else f" (stopped after {visited} visits; lower bound)"
+    print(f"threshold M={m} d={d} N={n}: baseline {base:.1f} s{note}, fast {fast:.2f} s, ratio {base / fast:.0f}x, "
+          f"identical: {same}, passes {sel.params['passes']}", flush=True)
+
+
+def _sk_nn(ref, q, k):
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(ref)
+    return nn.kneighbors(q)[0]
+
+
+def bench_entropy(quick):
+    n, d = (4096, 3072) if quick else (16384, 3072)
+    x = np.random.default_rng(2).random((n, d), dtype=np.float32)
+    t = time.perf_counter()
+    sk = _sk_nn(x, x, 2)[:, 1]
+    t_sk = time.perf_counter() - t
+    for prec in ("float32", "float64"):
+        t = time.perf_counter()
+        r = knn(x, None, 1, precision=prec)
+        t_us = time.perf_counter() - t
+        rel = float(np.max(np.abs(r.distances[:, 0] - sk) / sk))
+        flops = n * n * d  # half the matrix, 2 flops per multiply-add
+        print(f"entropy kNN n={n} d={d} {prec}: sklearn {t_sk:.1f} s, ours {t_us:.1f} s, ratio {t_sk / t_us:.1f}x, "
+              f"max rel diff {rel:.1e}, {flops / t_us / 1e9:.0f} GFLOP/s", flush=True)
+
+
+def bench_score(quick):
+    n, d = (4096, 3072) if quick else (16384, 3072)
+    rng = np.random.default_rng(3)
+    gen, train = rng.random((n, d), dtype=np.float32), rng.random((n, d), dtype=np.float32)
+    t = time.perf_counter()
+    sk = _sk_nn(train, gen, 1)[:, 0]
+    t_sk = time.perf_counter() - t
+    t = time.perf_counter()
+    r = knn(gen, train, 2)
+    t_us = time.perf_counter() - t
+    rel = float(np.max(np.abs(r.distances[:, 0] - sk) / sk))
+    print(f"gen score kNN {n}x{n} d={d}: sklearn {t_sk:.1f} s, ours {t_us:.1f} s, ratio {t_sk / t_us:.1f}x, "
+          f"max rel diff {rel:.1e}, {2 * n * n * d / t_us / 1e9:.0f} GFLOP/s", flush=True)
+
+
+def bench_memory(quick):
+    """Peak resident memory of generalization-score kNN against n reference rows, beyond the data itself."""
+    n = 20000 if quick else 100000
+    code = f"""
+import resource, numpy as np, sys
+sys.path.insert(0, {os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src')!r})
+from model_collapse.neighbours import knn
+x = np.random.default_rng(0).random(({n}, 3072), dtype=np.float32)
+q = x[:2048].copy()
+import torch; torch.zeros(1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+knn(q, x, 2)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(base, peak)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    base, peak = int(out[0]) / 2**20, int(out[1]) / 2**20
+    data = n * 3072 * 4 / 2**30
+    print(f"memory kNN 2048 queries vs n={n} d=3072 float32: data {data:.2f} GiB, peak RSS grew {peak - base:.2f} GiB "
+          f"above the loaded data (limit: 1 GiB)", flush=True)
+
+
+BENCHES = {"greedy": bench_greedy, "threshold": bench_threshold, "entropy": bench_entropy, "score": bench_score,
+           "memory": bench_memory}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (minutes -> seconds)")
+    ap.add_argument("--only", nargs="*", default=list(BENCHES))
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 matmul "
+          f"{matmul_rate():.0f} GFLOP/s", flush=True)
+    for name in args.only:
+        BENCHES[name](args.quick)
+    print(f"float32 matmul after: {matmul_rate():.0f} GFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Command-line behaviour: results on stdout, one-line errors with exit status 2, nothing half-written."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_collapse.cli import main
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_user_error(rc, err, pattern):
+    assert rc == 2
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("model-collapse: error:"), err
+    assert "Traceback" not in err
+    assert pattern.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture
+def bad_data(tmp_path):
+    (tmp_path / "empty").mkdir()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(mixed / "a.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(mixed / "b.png")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(corrupt / "a.png")
+    (corrupt / "b.png").write_bytes(b"\x89PNG broken")
+    np.save(tmp_path / "rank.npy", np.zeros((10, 8), np.uint8))
+    np.save(tmp_path / "dtype.npy", np.zeros((10, 8, 8), np.int32))
+    nan = np.zeros((10, 8, 8), np.float32)
+    nan[2, 3, 4] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    return {
+        "missing": (str(tmp_path / "missing.npy"), "no such file"),
+        "corrupt": (str(corrupt), "cannot read image"),
+        "empty": (str(tmp_path / "empty"), "no images"),
+        "mixed": (str(mixed), "mixed image sizes"),
+        "rank": (str(tmp_path / "rank.npy"), "shape"),
+        "dtype": (str(tmp_path / "dtype.npy"), "dtype"),
+        "nan": (str(tmp_path / "nan.npy"), "nan"),
+    }
+
+
+def test_run_bad_data_leaves_no_run_dir(capsys, tmp_path, bad_data):
+    for name, (path, pattern) in bad_data.items():
+        out = tmp_path / f"run-{name}"
+        rc, stdout, err = run_cli(capsys, "run", "smoke", "--set", f"data={json.dumps(path)}", "--out", str(out))
+        assert_user_error(rc, err, pattern)
+        assert not out.exists(), name
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["n_train=0"], "n_train must be > 0"),
+    (["n_train=-3"], "n_train must be > 0"),
+    (["n_train=5000"], "larger than the data"),
+    (["arms.0.pool_factor=0.5"], "pool_factor must be >= 1"),
+    (["arms.0.paradigm=\"recycle\""], "unknown paradigm"),
+    (["arms.1.selector=\"best\""], "unknown selector"),
+    (["no_such_key=1"], "unknown config key"),
+    (["n_train=\"many\""], "not a valid int"),
+    (["model=\"unet32\""], "not divisible"),
+    (["norm_groups=5"], "does not divide"),
+    (["spaces=[\"nowhere\"]"], "unknown space"),
+    (["sampler=\"magic\""], "unknown sampler"),
+])
+def test_run_bad_config(capsys, tmp_path, overrides, pattern):
+    out = tmp_path / "run"
+    argv = ["run", "smoke", "--out", str(out)]
+    for o in overrides:
+        argv += ["--set", o]
+    rc, _, err = run_cli(capsys, *argv)
+    assert_user_error(rc, err, pattern)
+    assert not out.exists()
+
+
+def test_run_unknown_preset_and_missing_config(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "run", "nonesuch", "--out", str(tmp_path / "r"))
+    assert_user_error(rc, err, "unknown preset")
+    rc, _, err = run_cli(capsys, "run", str(tmp_path / "x.toml"), "--out", str(tmp_path / "r"))
+    assert_user_error(rc, err, "no such config file")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("n_train = [\n")
+    rc, _, err = run_cli(capsys, "run", str(bad), "--out", str(tmp_path / "r"))
+    assert_user_error(rc, err, "invalid TOML")
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_prints_resolved_config(capsys, tmp_path):
+    rc, out, _ = run_cli(capsys, "run", "smoke", "--set", "n_train=20", "--set", "arms.1.pool_factor=3",
+                         "--dry-run", "--out", str(tmp_path / "r"))
+    assert rc == 0
+    cfg = json.loads(out)
+    assert cfg["n_train"] == 20 and cfg["arms"][1]["pool_factor"] == 3.0
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_file_with_arms(capsys, tmp_path):
+    f = tmp_path / "study.toml"
+    f.write_text('n_train = 16\niterations = 3\n[[arms]]\nparadigm = "accumulate"\nselector = "threshold"\n'
+                 'pool_factor = 2\n[[arms]]\nparadigm = "fresh"\nfresh_fraction = 0.25\n')
+    rc, out, _ = run_cli(capsys, "run", str(f), "--dry-run")
+    cfg = json.loads(out)
+    assert [a["paradigm"] for a in cfg["arms"]] == ["accumulate", "fresh"]
+    assert cfg["arms"][1]["fresh_fraction"] == 0.25
+
+
+@pytest.fixture
+def pool_npz(tmp_path, rng):
+    images = rng.integers(0, 256, size=(60, 8, 8), dtype=np.uint8)
+    labels = np.repeat(np.arange(3), 20)
+    p = tmp_path / "pool.npz"
+    np.savez(p, images=images, labels=labels)
+    return p, images, labels
+
+
+def test_select_writes_images_indices_and_parameters(capsys, tmp_path, pool_npz):
+    p, images, labels = pool_npz
+    for method in ("greedy", "threshold", "random"):
+        out = tmp_path / f"sel-{method}.npz"
+        rc, stdout, err = run_cli(capsys, "select", str(p), "--n", "12", "--method", method, "--seed", "4",
+                                  "--out", str(out), "--json")
+        assert rc == 0, err
+        res = json.loads(stdout)
+        assert res["n"] == 12 and res["method"] == method
+        with np.load(out, allow_pickle=False) as z:
+            idx = z["indices"]
+            np.testing.assert_array_equal(z["images"], images[idx][..., None])
+            np.testing.assert_array_equal(z["labels"], labels[idx])
+            assert str(z["method"]) == method and int(z["seed"]) == 4
+            if method == "threshold":
+                assert float(z["tau0"]) > 0 and float(z["decay"]) == 0.95 and len(z["order"]) == 60
+
+
+def test_select_per_class(capsys, tmp_path, pool_npz):
+    p, images, labels = pool_npz
+    out = tmp_path / "pc.npz"
+    rc, _, err = run_cli(capsys, "select", str(p), "--n", "9", "--per-class", "--out", str(out))
+    assert rc == 0, err
+    with np.load(out) as z:
+        assert np.bincount(z["labels"]).tolist() == [3, 3, 3]
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--n", "100"], "fewer than"),
+    (["--n", "0"], "must be > 0"),
+    (["--n", "5", "--method", "best"], "unknown selection method"),
+    (["--n", "5", "--space", "nowhere"], "unknown space"),
+    (["--n", "5", "--method", "threshold", "--decay", "1.2"], "decay"),
+    (["--n", "5", "--method", "threshold", "--tau0", "0"], "tau0"),
+])
+def test_select_bad_input(capsys, tmp_path, pool_npz, extra, pattern):
+    p, _, _ = pool_npz
+    out = tmp_path / "o.npz"
+    rc, _, err = run_cli(capsys, "select", str(p), *extra, "--out", str(out))
+    assert_user_error(rc, err, pattern)
+    assert not out.exists()
+
+
+def test_entropy_and_score_commands(capsys, tmp_path, rng):
+    train = rng.integers(0, 256, size=(50, 6, 6), dtype=np.uint8)
+    gen = np.concatenate([train[:10], rng.integers(0, 256, size=(10, 6, 6), dtype=np.uint8)])
+    np.save(tmp_path / "train.npy", np.concatenate([train, train[:5]]))
+    np.save(tmp_path / "gen.npy", gen)
+    rc, out, _ = run_cli(capsys, "entropy", str(tmp_path / "train.npy"), "--json")
+    res = json.loads(out)
+    assert rc == 0 and res["duplicates"] == 5 and res["n"] == 50 and res["dim"] == 36 and res["k"] == 1
+    rc, out, _ = run_cli(capsys, "score", str(tmp_path / "gen.npy"), "--train", str(tmp_path / "train.npy"), "--json")
+    res = json.loads(out)
+    assert rc == 0 and res["mem_fraction"] == pytest.approx(0.5) and res["gen_score"] > 0
+    np.save(tmp_path / "other.npy", rng.integers(0, 256, size=(10, 5, 5), dtype=np.uint8))
+    rc, _, err = run_cli(capsys, "score", str(tmp_path / "other.npy"), "--train", str(tmp_path / "train.npy"))
+    assert_user_error(rc, err, "generated images are")
+    rc, _, err = run_cli(capsys, "entropy", str(tmp_path / "missing"))
+    assert_user_error(rc, err, "no such file")
+    rc, _, err = run_cli(capsys, "entropy", str(tmp_path / "train.npy"), "--space", "nowhere")
+    assert_user_error(rc, err, "unknown space")
+
+
+def test_real_process_exit_status_and_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "model_collapse", "entropy", str(tmp_path / "none.npy")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr

@@ -1,0 +1,138 @@
+"""The loop end to end on tiny data: resume equals uninterrupted, locks, config checks, sample invariance."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from model_collapse import diffusion as D
+from model_collapse.config import resolve_config
+from model_collapse.errors import UserError
+from model_collapse.loop import run_loop
+from model_collapse.rundir import RunDir, read_metrics
+
+REQUIRED_KEYS = {"arm", "iteration", "n_train", "train_entropy_pixel", "train_duplicates", "gen_score_pixel",
+                 "gen_score_ratio_pixel", "mem_fraction_pixel", "variance_pixel", "fd_pixel", "verdict"}
+
+TINY = ["n_train=24", "iterations=3", "train_steps=24", "checkpoint_every=8", "batch_size=8", "sample_steps=4",
+        "workers=1", "report=false"]
+
+
+class Crash(Exception):
+    pass
+
+
+def tiny_cfg(*extra):
+    return resolve_config("smoke", TINY + list(extra))
+
+
+def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
+    cfg = tiny_cfg()
+    run_loop(cfg, tmp_path / "whole", show=False)
+
+    def crash(arm, t, step):
+        if t == 1 and step == 16 and arm.startswith("replace-greedy"):
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash)
+    d = tmp_path / "resumed" / "arms" / "replace-greedy-k2" / "iter_001"
+    assert (d / "train_state.safetensors").exists() and not (d / "model.safetensors").exists()
+    run_loop(cfg, tmp_path / "resumed", show=False)
+    assert not (d / "train_state.safetensors").exists()
+    a = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert len(a) == len(cfg.arms) * cfg.iterations
+    assert a == b
+    for t in (1, 2):
+        da = tmp_path / "whole" / "arms" / "replace-greedy-k2" / f"iter_{t:03d}"
+        db = tmp_path / "resumed" / "arms" / "replace-greedy-k2" / f"iter_{t:03d}"
+        assert (da / "model.safetensors").read_bytes() == (db / "model.safetensors").read_bytes()
+        for f in ("samples.npz", "train.npz"):
+            with np.load(da / f) as za, np.load(db / f) as zb:
+                for k in za.files:
+                    np.testing.assert_array_equal(za[k], zb[k])
+
+
+def test_metrics_rows_and_paradigms(tmp_path):
+    cfg = tiny_cfg("arms=[{paradigm=\"accumulate\", selector=\"threshold\", pool_factor=2}, "
+                   "{paradigm=\"fresh\", selector=\"greedy\", fresh_fraction=0.25}]")
+    run_loop(cfg, tmp_path / "r", show=False)
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [(r["arm"], r["iteration"]) for r in rows] == [
+        (a.label(), t) for t in range(3) for a in cfg.arms]
+    for r in rows:
+        assert REQUIRED_KEYS <= set(r)
+        assert r["n_train"] == 24
+    acc = [r for r in rows if r["arm"].startswith("accumulate")]
+    fresh = [r for r in rows if r["arm"].startswith("fresh")]
+    assert fresh[1]["train_real_fraction"] == pytest.approx(6 / 24)
+    assert 0 <= acc[2]["train_real_fraction"] <= 1
+    with np.load(tmp_path / "r" / "arms" / acc[2]["arm"] / "iter_002" / "train.npz") as z:
+        assert set(np.unique(z["source_iteration"])) <= {-1, 0, 1}
+    with np.load(tmp_path / "r" / "arms" / acc[2]["arm"] / "iter_002" / "selection.npz") as z:
+        assert str(z["method"]) == "threshold" and len(z["indices"]) == 24 and float(z["tau0"]) > 0
+
+
+def test_second_process_is_refused_while_first_runs(tmp_path):
+    cfg = tiny_cfg()
+    rd = RunDir.open(tmp_path / "r", cfg)
+    try:
+        p = subprocess.run([sys.executable, "-m", "model_collapse", "run", "smoke", "--out", str(tmp_path / "r"),
+                            *sum([["--set", s] for s in TINY], [])], capture_output=True, text=True)
+        assert p.returncode == 2 and "in use by another" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        rd.close()
+
+
+def test_existing_run_dir_with_other_config_is_refused(tmp_path):
+    RunDir.open(tmp_path / "r", tiny_cfg()).close()
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    with pytest.raises(UserError, match="different config"):
+        run_loop(tiny_cfg("seed=1"), tmp_path / "r", show=False)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
+    # execution-only keys do not make a different experiment
+    RunDir.open(tmp_path / "r", tiny_cfg("workers=2")).close()
+
+
+def test_samples_do_not_depend_on_batch_size():
+    unet = D.build_unet(D.MODEL_PRESETS["tiny"], 8, 1)
+    for sampler in ("ddim", "ddpm"):
+        a = D.generate(unet, sampler, 6, range(10), 3, ("arm", 1), (8, 8, 1), batch_size=10)
+        b = D.generate(unet, sampler, 6, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 3, ("arm", 1), (8, 8, 1), batch_size=3)
+        c = D.generate(unet, sampler, 6, [7, 8, 9], 3, ("arm", 1), (8, 8, 1), batch_size=2)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a[7:], c)
+
+
+def test_model_shape_checks_name_the_fix():
+    with pytest.raises(UserError, match="not divisible by 2\\^\\(levels-1\\) = 32"):
+        D.check_model_shape(D.MODEL_PRESETS["unet32"], 28)
+    with pytest.raises(UserError, match="norm_groups = 32 does not divide"):
+        D.check_model_shape(D.UNetSpec((48, 96), 1, 32), 8)
+    D.check_model_shape(D.MODEL_PRESETS["unet48"], 32)
+
+
+def test_paper_unet_builds_with_attention_at_level_5():
+    u = D.build_unet(D.MODEL_PRESETS["unet32"], 32, 3)
+    assert list(u.config.block_out_channels) == [32, 32, 64, 64, 128, 128]
+    assert u.config.down_block_types[4] == "AttnDownBlock2D" and u.config.up_block_types[1] == "AttnUpBlock2D"
+    assert u.config.layers_per_block == 2
+
+
+def test_smoke_preset_end_to_end_cli(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "model_collapse", "run", "smoke", "--out", str(tmp_path / "s"),
+                        "--json", "--set", "report=false"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads(p.stdout)
+    assert set(summary["arms"]) == {"replace-random", "replace-greedy-k2"} and summary["complete"]
+    rows = read_metrics(tmp_path / "s" / "metrics.jsonl")
+    assert len(rows) == 4 and all(REQUIRED_KEYS <= set(r) for r in rows)
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["n_train"] == 32
+    # rerunning a finished run is a no-op that prints the same summary
+    q = subprocess.run([sys.executable, "-m", "model_collapse", "run", "smoke", "--out", str(tmp_path / "s"),
+                        "--json", "--set", "report=false"], capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0 and json.loads(q.stdout)["arms"] == summary["arms"]

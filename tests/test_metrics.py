@@ -1,0 +1,128 @@
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+from conftest import brute_knn
+from scipy.special import digamma, gammaln
+from sklearn.neighbors import NearestNeighbors
+
+from model_collapse.metrics import (
+    distinct_rows,
+    frechet_distance,
+    frechet_distance_features,
+    gaussian_stats,
+    generalization_score,
+    kl_entropy,
+    precision_recall,
+    total_variance,
+)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_entropy_of_gaussian_matches_closed_form(d):
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(d, d))
+    cov = a @ a.T + d * np.eye(d)
+    x = rng.multivariate_normal(np.zeros(d), cov, size=20000)
+    exact = 0.5 * d * (1 + math.log(2 * math.pi)) + 0.5 * np.linalg.slogdet(cov)[1]
+    est = kl_entropy(x, k=1)
+    assert est.duplicates == 0 and est.n == 20000 and est.dim == d
+    assert abs(est.entropy - exact) < 0.05 * d, (est.entropy, exact)
+
+
+def test_entropy_matches_independent_sklearn_computation_in_high_dimension(rng):
+    x = rng.random((800, 256)).astype(np.float32)
+    for k in (1, 3):
+        est = kl_entropy(x, k=k)
+        nn = NearestNeighbors(n_neighbors=k + 1).fit(x.astype(np.float64))
+        r = nn.kneighbors(x.astype(np.float64))[0][:, k]
+        n, d = x.shape
+        logc = 0.5 * d * math.log(math.pi) - gammaln(0.5 * d + 1)
+        ref = digamma(n) - digamma(k) + logc + d * np.mean(np.log(r))
+        assert est.entropy == pytest.approx(ref, rel=1e-9)
+
+
+def test_duplicates_are_counted_not_hidden(rng):
+    x = rng.normal(size=(300, 5))
+    clean = kl_entropy(x)
+    dup = np.concatenate([x, x[:40], x[:10]])
+    res = kl_entropy(dup)
+    assert res.duplicates == 50
+    assert res.n == 300
+    assert res.entropy == pytest.approx(clean.entropy, rel=1e-12)
+    assert math.isfinite(res.entropy)
+
+
+def test_distinct_rows_keeps_first_appearance():
+    x = np.array([[3, 3], [1, 1], [3, 3], [2, 2], [1, 1]])
+    u, n = distinct_rows(x)
+    np.testing.assert_array_equal(u, [[3, 3], [1, 1], [2, 2]])
+    assert n == 2
+
+
+def test_generalization_score_against_brute_force(rng):
+    train = rng.integers(0, 5, size=(200, 12)).astype(np.float32)
+    gen = np.concatenate([train[:30] + 0.01, rng.integers(0, 5, size=(70, 12)).astype(np.float32)])
+    res = generalization_score(gen, train)
+    u, _ = distinct_rows(train)
+    d, i = brute_knn(gen, u, 2)
+    assert res.gen_score == pytest.approx(d[:, 0].mean(), rel=1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(d[:, 1] > 0, d[:, 0] / d[:, 1], 1.0)
+    assert res.mem_fraction == pytest.approx(np.mean(ratio < 1 / 3))
+    tnn = brute_knn(u, None, 1)[0][:, 0]
+    assert res.train_spacing == pytest.approx(tnn.mean(), rel=1e-12)
+    assert res.gen_score_ratio == pytest.approx(d[:, 0].mean() / tnn.mean(), rel=1e-12)
+    assert res.copy_fraction == pytest.approx(np.mean(d[:, 0] < np.median(tnn) / 3))
+    np.testing.assert_array_equal(res.nearest, i[:, 0])
+
+
+def test_copies_are_memorized_and_new_points_are_not(rng):
+    train = rng.normal(size=(100, 20))
+    copies = train[:50] + rng.normal(size=(50, 20)) * 1e-3
+    fresh = rng.normal(size=(50, 20))
+    res = generalization_score(np.concatenate([copies, fresh]), train)
+    assert res.mem_fraction == pytest.approx(0.5)
+    assert res.copy_fraction == pytest.approx(0.5)
+
+
+def test_frechet_distance_closed_form_for_gaussians(rng):
+    d = 6
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T + np.eye(d), b @ b.T + 0.5 * np.eye(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    ref = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+    # commuting case in closed form: diagonal covariances
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    assert frechet_distance(np.zeros(2), s1, np.ones(2), s2) == pytest.approx(2 + (1 - 3) ** 2 + (2 - 1) ** 2)
+    assert frechet_distance(mu1, s1 * 0 + np.eye(6)[:2, :2], mu1, np.eye(2)) == pytest.approx(0, abs=1e-9)
+
+
+def test_frechet_from_samples_is_zero_for_same_set(rng):
+    x = rng.normal(size=(500, 10))
+    assert frechet_distance_features(x, x) == pytest.approx(0.0, abs=1e-8)
+    mu, s = gaussian_stats(x)
+    np.testing.assert_allclose(s, np.cov(x, rowvar=False))
+
+
+def test_variance_is_trace_of_covariance(rng):
+    x = rng.normal(size=(400, 7)) * np.arange(1, 8)
+    assert total_variance(x) == pytest.approx(np.trace(np.cov(x, rowvar=False)))
+
+
+def test_precision_recall_against_brute_force(rng):
+    real = rng.normal(size=(150, 4)).astype(np.float32)
+    fake = (rng.normal(size=(120, 4)) * 1.5 + 0.5).astype(np.float32)
+    k = 3
+    res = precision_recall(real, fake, k=k)
+    dr = np.sqrt(((real[:, None].astype(float) - real[None]) ** 2).sum(-1))
+    df = np.sqrt(((fake[:, None].astype(float) - fake[None]) ** 2).sum(-1))
+    dx = np.sqrt(((fake[:, None].astype(float) - real[None]) ** 2).sum(-1))
+    rr = np.sort(dr, 1)[:, k]
+    rf = np.sort(df, 1)[:, k]
+    assert res["precision"] == pytest.approx(np.mean((dx <= rr[None]).any(1)))
+    assert res["recall"] == pytest.approx(np.mean((dx.T <= rf[None]).any(1)))
+    assert res["density"] == pytest.approx((dx <= rr[None]).sum(1).mean() / k)
+    assert res["coverage"] == pytest.approx(np.mean((dx <= rr[None]).any(0)))

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+from conftest import brute_knn
+from sklearn.neighbors import NearestNeighbors
+
+from model_collapse.neighbours import knn
+
+
+def _cases(rng):
+    """Seeded cases with exact duplicates, exact ties (integer grids), far-off-origin data, several shapes."""
+    for n, d in [(50, 2), (200, 8), (300, 64), (120, 200)]:
+        yield rng.normal(size=(n, d)).astype(np.float32)
+        grid = rng.integers(0, 3, size=(n, d)).astype(np.float32)  # many equal distances and duplicates
+        yield grid
+        dup = rng.normal(size=(n, d)).astype(np.float32)
+        q = n // 4
+        dup[:q] = dup[q : 2 * q]
+        yield dup
+        yield (rng.normal(size=(n, d)) * 0.01 + 100.0).astype(np.float32)  # near-duplicates far from the origin
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_self_knn_equals_brute_force(rng, k):
+    for x in _cases(rng):
+        r = knn(x, None, k, tile=64)
+        bd, bi = brute_knn(x, None, k)
+        np.testing.assert_array_equal(r.indices, bi)
+        np.testing.assert_allclose(r.distances, bd, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_cross_knn_equals_brute_force(rng, precision):
+    for x in _cases(rng):
+        q = np.concatenate([x[:10], rng.normal(size=(30, x.shape[1])).astype(np.float32)])
+        r = knn(q, x, 3, tile=32, precision=precision)
+        bd, bi = brute_knn(q, x, 3)
+        np.testing.assert_array_equal(r.indices, bi)
+        np.testing.assert_allclose(r.distances, bd, rtol=1e-12, atol=1e-12)
+
+
+def test_tile_size_does_not_change_result(rng):
+    x = rng.integers(0, 4, size=(500, 16)).astype(np.float32)
+    a = knn(x, None, 3, tile=37)
+    b = knn(x, None, 3, tile=4096)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.distances, b.distances)
+
+
+def test_matches_sklearn_in_high_dimension(rng):
+    x = rng.random((600, 3072)).astype(np.float32)
+    r = knn(x, None, 2)
+    nn = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(x.astype(np.float64))
+    d, _ = nn.kneighbors(x.astype(np.float64))
+    np.testing.assert_allclose(r.distances, d[:, 1:], rtol=1e-6)
+
+
+def test_rejects_too_few_references():
+    with pytest.raises(ValueError):
+        knn(np.zeros((3, 2), np.float32), None, 3)

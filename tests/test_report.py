@@ -1,0 +1,107 @@
+"""The report: figures from a real (tiny) run, several runs compared, partial runs, and a real browser."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_collapse.config import resolve_config
+from model_collapse.loop import run_loop
+from model_collapse.report import entropy_generalization, write_report
+
+TINY = ["n_train=24", "iterations=3", "train_steps=16", "checkpoint_every=8", "batch_size=8", "sample_steps=4",
+        "workers=1", "report=false"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    run_loop(resolve_config("smoke", TINY), base / "a", show=False)
+    run_loop(resolve_config("smoke", TINY + ["seed=1"]), base / "b", show=False)
+    return base
+
+
+def _imgs(html_text):
+    import re
+
+    return re.findall(r"<img alt='([^']+)' src='data:image/png;base64,", html_text)
+
+
+def test_report_has_every_figure(runs):
+    out = write_report([runs / "a"], runs / "a" / "report.html")
+    text = out.read_text()
+    names = _imgs(text)
+    for expected in ("curves.png", "entropy_vs_generalization.png", "samples_00.png", "samples_01.png",
+                     "pairs_00.png", "pairs_01.png", "projection.png"):
+        assert expected in names, expected
+        assert (runs / "a" / "figures" / expected).stat().st_size > 1000
+    assert "Pearson r" in text and "<table>" in text and "&quot;n_train&quot;: 24" in text
+    assert "<script" not in text
+
+
+def test_report_compares_several_runs(runs):
+    out = write_report([runs / "a", runs / "b"], runs / "both.html")
+    text = out.read_text()
+    assert "a/replace-random" in text and "b/replace-greedy-k2" in text
+    assert len([n for n in _imgs(text) if n.startswith("samples_")]) == 4
+
+
+def test_report_on_partial_run(runs, tmp_path):
+    part = tmp_path / "part"
+    shutil.copytree(runs / "a", part)
+    lines = (part / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (part / "metrics.jsonl").write_text("".join(lines[:3]))
+    shutil.rmtree(part / "arms" / "replace-greedy-k2" / "iter_002")
+    text = write_report([part], part / "r.html").read_text()
+    assert "curves.png" in _imgs(text)
+
+
+def test_pearson_r_of_the_correlation_figure():
+    class A:  # a minimal arm: rows only
+        def __init__(self, label, rows, run="r"):
+            self.label, self.rows, self.run = label, rows, Path(run)
+
+    rows = [{"iteration": t, "train_entropy_pixel": e, "gen_score_pixel": g}
+            for t, (e, g) in enumerate([(10, 3.0), (5, 2.0), (1, 1.5), (-3, 1.1)])]
+    c = entropy_generalization([A("x", rows)])
+    assert c["n"] == 4
+    xs = [r["train_entropy_pixel"] for r in rows]
+    ys = np.log([r["gen_score_pixel"] for r in rows])
+    assert c["pearson_r"] == pytest.approx(np.corrcoef(xs, ys)[0, 1])
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+def test_report_renders_in_headless_chromium(runs, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package); browser test skipped")
+    from playwright.sync_api import sync_playwright
+
+    out = write_report([runs / "a"], tmp_path / "report.html")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"])
+        try:
+            ctx = b.new_context(viewport={"width": 1400, "height": 1000})
+            page = ctx.new_page()
+            page.goto(out.resolve().as_uri())
+            page.wait_for_load_state("load")
+            widths = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            b.close()
+    assert len(widths) >= 7
+    assert all(complete and w > 0 for complete, w in widths), widths
+    assert (tmp_path / "report.png").stat().st_size > 10000

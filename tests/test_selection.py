@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+
+from model_collapse.errors import UserError
+from model_collapse.rng import numpy_rng
+from model_collapse.selection import class_quotas, greedy_start, select, select_greedy, select_threshold
+
+
+def greedy_reference(x, n, seed):
+    """The definition, straightforwardly: full distance update every step, arg-max with ties to the lowest index."""
+    X = np.asarray(x, np.float64)
+    start = greedy_start(len(X), seed)
+    mind = ((X - X[start]) ** 2).sum(1)
+    chosen = [start]
+    mind[start] = -1.0
+    for _ in range(n - 1):
+        c = int(np.argmax(mind))
+        chosen.append(c)
+        mind = np.minimum(mind, ((X - X[c]) ** 2).sum(1))
+        mind[chosen] = -1.0
+    return np.array(chosen)
+
+
+def threshold_reference(x, n, seed, tau0, decay):
+    """The definition, straightforwardly: one point at a time, in the seeded order, pass after pass."""
+    X = np.asarray(x, np.float64)
+    order = numpy_rng(seed, "threshold-order").permutation(len(X))
+    acc, is_acc, tau = [], np.zeros(len(X), bool), tau0
+    while len(acc) < n:
+        for p in order:
+            if is_acc[p]:
+                continue
+            if not acc or (((X[acc] - X[p]) ** 2).sum(1) > tau * tau).all():
+                acc.append(int(p))
+                is_acc[p] = True
+                if len(acc) == n:
+                    break
+        else:
+            tau *= decay
+    return np.array(acc)
+
+
+def _pools(rng):
+    for m, d in [(40, 2), (300, 3), (500, 16), (400, 64)]:
+        yield rng.normal(size=(m, d)).astype(np.float32)
+        yield rng.integers(0, 4, size=(m, d)).astype(np.float32)  # exact ties everywhere
+        x = rng.normal(size=(m, d)).astype(np.float32)
+        x[: m // 5] = x[m // 5 : 2 * m // 5]  # exact duplicates
+        yield x
+        # clustered, low intrinsic dimension (as image features are)
+        centres = rng.normal(size=(8, d)) * 5
+        yield (centres[rng.integers(0, 8, m)] + rng.normal(size=(m, d)) * 0.3).astype(np.float32)
+
+
+def test_greedy_equals_reference(rng):
+    for i, x in enumerate(_pools(rng)):
+        for n in (1, 5, len(x) // 3, len(x)):
+            fast = select_greedy(x, n, seed=i).indices
+            np.testing.assert_array_equal(fast, greedy_reference(x, n, i), err_msg=f"pool {i}, n {n}")
+
+
+def test_greedy_on_integer_pixels(rng):
+    x = rng.integers(0, 256, size=(300, 64)).astype(np.uint8)
+    x[100:150] = x[:50]
+    feats = x.astype(np.float32) / 255
+    np.testing.assert_array_equal(select_greedy(feats, 200, seed=3).indices, greedy_reference(feats, 200, 3))
+
+
+def test_threshold_equals_reference(rng):
+    for i, x in enumerate(_pools(rng)):
+        distinct = len(np.unique(x, axis=0))
+        for n in (1, 7, distinct // 2, distinct):
+            for tau0 in (0.5, 3.0):
+                fast = select_threshold(x, n, seed=i, tau0=tau0, decay=0.9, chunk=64).indices
+                ref = threshold_reference(x, n, i, tau0, 0.9)
+                np.testing.assert_array_equal(fast, ref, err_msg=f"pool {i}, n {n}, tau0 {tau0}")
+
+
+def test_threshold_chunk_size_does_not_change_result(rng):
+    x = rng.integers(0, 3, size=(400, 6)).astype(np.float32)
+    a = select_threshold(x, 50, seed=1, tau0=2.0, chunk=7).indices
+    b = select_threshold(x, 50, seed=1, tau0=2.0, chunk=1024).indices
+    np.testing.assert_array_equal(a, b)
+
+
+def test_threshold_records_its_parameters(rng):
+    x = rng.normal(size=(100, 4))
+    s = select_threshold(x, 20, seed=5)
+    assert s.params["tau0"] > 0 and s.params["decay"] == 0.95
+    np.testing.assert_array_equal(np.sort(s.params["order"]), np.arange(100))
+    np.testing.assert_array_equal(s.indices, threshold_reference(x, 20, 5, s.params["tau0"], 0.95))
+
+
+def test_random_selection_is_seeded_and_distinct(rng):
+    x = rng.normal(size=(100, 3))
+    a, b, c = (select(x, 30, "random", s).indices for s in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert len(set(a)) == 30 and not np.array_equal(a, c)
+
+
+def test_greedy_selection_has_higher_spread_than_random(rng):
+    x = rng.normal(size=(400, 5))
+    g = x[select(x, 40, "greedy", 0).indices]
+    r = x[select(x, 40, "random", 0).indices]
+    mind = lambda s: np.sort(np.sqrt(((s[:, None] - s[None]) ** 2).sum(-1)), 1)[:, 1].min()
+    assert mind(g) > mind(r)
+
+
+def test_per_class_selection_keeps_class_shares(rng):
+    x = rng.normal(size=(300, 4))
+    labels = np.repeat([0, 1, 2], [150, 100, 50])
+    s = select(x, 60, "greedy", 0, labels=labels, per_class=True)
+    assert np.bincount(labels[s.indices]).tolist() == [30, 20, 10]
+    assert len(set(s.indices)) == 60
+
+
+def test_class_quotas_sum_to_n():
+    labels = np.array([0] * 7 + [1] * 7 + [2] * 7)
+    q = class_quotas(labels, 10)
+    assert sum(q.values()) == 10 and q == {0: 4, 1: 3, 2: 3}
+
+
+@pytest.mark.parametrize("args, msg", [
+    (dict(n=0), "N must be > 0"),
+    (dict(n=500), "fewer than N"),
+    (dict(n=5, method="nope"), "unknown selection method"),
+])
+def test_selection_rejects_bad_input(rng, args, msg):
+    x = rng.normal(size=(50, 3))
+    kw = {"method": "greedy", **args}
+    with pytest.raises(UserError, match=msg):
+        select(x, kw.pop("n"), kw.pop("method"), 0)
+
+
+def test_selection_rejects_nan_and_bad_decay(rng):
+    x = rng.normal(size=(50, 3))
+    x[3, 1] = np.nan
+    with pytest.raises(UserError, match="NaN"):
+        select(x, 5, "greedy", 0)
+    with pytest.raises(UserError, match="decay"):
+        select(rng.normal(size=(50, 3)), 5, "threshold", 0, decay=1.5)
+    with pytest.raises(UserError, match="distinct"):
+        select(np.zeros((50, 3)), 5, "threshold", 0)
