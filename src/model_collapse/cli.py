@@ -97,10 +97,12 @@ def _load(spec: str):
     return load_images(spec)
 
 
-def _ctx(args):
+def _ctx(args, real=None):
+    """Feature context; `real` is the image set a learned space (domain) is trained on."""
     from model_collapse.features import SpaceContext
 
-    return SpaceContext(feature_dir=args.feature_dir)
+    return SpaceContext(feature_dir=args.feature_dir, real_images=None if real is None else real.images,
+                        real_labels=None if real is None else real.labels)
 
 
 def cmd_run(args) -> int:
@@ -140,7 +142,7 @@ def cmd_select(args) -> int:
         raise UserError(f"{args.pool}: the pool has {len(pool)} images, fewer than --n {args.n}")
     if args.per_class and pool.labels is None:
         raise UserError(f"{args.pool}: --per-class needs labels in the pool (.npz with 'labels' or class folders)")
-    feats = extract(args.space, pool.images, _ctx(args))
+    feats = extract(args.space, pool.images, _ctx(args, pool))
     sel = select(feats, args.n, args.method, args.seed, labels=pool.labels, per_class=args.per_class,
                  tau0=args.tau0, decay=args.decay)
     extra = {k: v for k, v in sel.params.items() if isinstance(v, (int, float, np_types()))}
@@ -169,7 +171,7 @@ def cmd_entropy(args) -> int:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     data = _load(args.data)
-    feats = extract(args.space, data.images, _ctx(args))
+    feats = extract(args.space, data.images, _ctx(args, data))
     try:
         res = kl_entropy(feats, args.k)
     except ValueError as e:
@@ -187,7 +189,7 @@ def cmd_score(args) -> int:
     gen, train = _load(args.generated), _load(args.train)
     if gen.shape != train.shape:
         raise UserError(f"generated images are {gen.shape} (H, W, C) but training images are {train.shape}")
-    ctx = _ctx(args)
+    ctx = _ctx(args, train)
     try:
         res = generalization_score(extract(args.space, gen.images, ctx), extract(args.space, train.images, ctx))
     except ValueError as e:
@@ -207,7 +209,7 @@ def cmd_fid(args) -> int:
         raise UserError(f"generated images are {gen.shape} (H, W, C) but reference images are {ref.shape}")
     if len(gen) < 2 or len(ref) < 2:
         raise UserError("the Frechet distance needs at least 2 images in each set")
-    ctx = _ctx(args)
+    ctx = _ctx(args, ref)
     fg, fr = extract(args.space, gen.images, ctx), extract(args.space, ref.images, ctx)
     out = {"space": args.space, "fd": frechet_distance_features(fg, fr), "n_generated": len(gen), "n_ref": len(ref)}
     if len(gen) > 5 and len(ref) > 5:
@@ -222,8 +224,8 @@ def cmd_report(args) -> int:
 
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
-        if not (d / "config.json").exists():
-            raise UserError(f"{d}: not a run directory (no config.json)")
+        if not (d / "config.json").exists() and not (d / "probe_config.json").exists():
+            raise UserError(f"{d}: not a run or probe directory (no config.json or probe_config.json)")
     out = Path(args.out) if args.out else dirs[0] / "report.html"
     path = write_report(dirs, out, show=True)
     print(str(path))

@@ -97,6 +97,7 @@ class RunConfig:
     # verdicts (see README: contraction or copying)
     copy_level: float = 0.10  # `copying` when mem_fraction or copy_fraction exceeds this
     contract_ratio_level: float = 0.8  # `contracting` needs gen_score_ratio >= this x its iteration-0 value
+    contract_spacing_level: float = 0.9  # ... and the training set's spacing below this x its iteration-0 value
     # feature networks
     feature_dir: str | None = None  # folder holding local weights for dinov2-* / inception spaces
     domain_steps: int = 600  # training steps of the domain feature network

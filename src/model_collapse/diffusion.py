@@ -232,13 +232,15 @@ def train(
     progress: Callable[[int], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     null_class: int | None = None,
+    save_final: bool = False,
 ):
     """Train `unet` in place for s.train_steps with the epsilon-prediction DDPM loss; returns the final weights
     to sample from (the EMA weights when EMA is on).
 
     Batches are drawn with replacement, and noise and timesteps drawn, from a generator seeded by
     (seed, *coords, "train", step). With `checkpoint`, training resumes from it and saves it every
-    s.checkpoint_every steps.
+    s.checkpoint_every steps (and at the end with save_final, so that a later call with more steps continues:
+    with a constant learning rate, training to 1000 and then to 2000 steps equals training to 2000 at once).
     """
     sched = make_train_scheduler()
     data = to_model_space(images)
@@ -284,6 +286,8 @@ def train(
             save_checkpoint(checkpoint, unet, opt, ema, step)
             if on_checkpoint is not None:
                 on_checkpoint(step)
+    if checkpoint is not None and save_final:
+        save_checkpoint(checkpoint, unet, opt, ema, step)
     unet.eval()
     if ema is not None:
         with torch.no_grad():

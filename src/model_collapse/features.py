@@ -1,14 +1,26 @@
 """Feature spaces: a validated registry mapping a name to an extractor, shared by every metric and selector.
 
-An extractor maps uint8 NHWC images to float32 vectors (N, d). `pixel` is the flattened image scaled to [0, 1].
+An extractor maps uint8 NHWC images to float32 vectors (N, d):
+* `pixel`: the flattened image scaled to [0, 1];
+* `domain`: a small CNN trained by this tool on the real data of the run (a classifier when labels exist, else an
+  autoencoder), deterministic for a seed, saved as safetensors; the offline space for small data sets;
+* `dinov2-small`, `dinov2-base`, `dinov2-large`, `dinov2-giant`: the CLS token of DINOv2 (transformers), with the
+  model's own preprocessing, from a local folder or an existing Hugging Face cache;
+* `inception`: the 2048-d pool features of the standard FID Inception-v3 (torch-fidelity's port of the TF graph),
+  so a Frechet distance in this space is FID comparable with published numbers.
+No weights are ever downloaded here, and nothing is unpickled: weights load from safetensors, or through
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from model_collapse.data import pixel_vectors
 from model_collapse.errors import UserError
@@ -18,17 +30,235 @@ from model_collapse.errors import UserError
 class SpaceContext:
     """What an extractor may need beyond the images: where to find weights, the run's real data and seed."""
 
-    feature_dir: str | None = None
-    run_dir: str | None = None
-    real_images: np.ndarray | None = None
+    feature_dir: str | None = None  # folder with local weights (dinov2-*/, inception weights)
+    run_dir: str | None = None  # where the domain network is saved
+    real_images: np.ndarray | None = None  # the data the domain network learns from
     real_labels: np.ndarray | None = None
     seed: int = 0
     domain_steps: int = 600
     device: str | None = None
+    batch_size: int = 64
+
+
+def _device(ctx: SpaceContext) -> torch.device:
+    return torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+_CACHE: dict = {}  # loaded networks, per process, keyed by (space, location)
+
+
+# ---------------------------------------------------------------------------------------------- domain network
+
+
+class DomainNet(torch.nn.Module):
+    """A small CNN: three conv blocks, global average pool, a 64-d embedding (the features), and a head
+    (class logits, or a decoder back to the image for the autoencoder objective)."""
+
+    def __init__(self, channels: int, side: int, num_classes: int | None, width: int = 32, dim: int = 64):
+        super().__init__()
+        c = width
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, c, 3, padding=1), torch.nn.GroupNorm(8, c), torch.nn.SiLU(),
+            torch.nn.Conv2d(c, 2 * c, 3, padding=1, stride=2 if side >= 8 else 1), torch.nn.GroupNorm(8, 2 * c),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(2 * c, 2 * c, 3, padding=1, stride=2 if side >= 16 else 1), torch.nn.GroupNorm(8, 2 * c),
+            torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2 * c, dim),
+        )
+        self.head = torch.nn.Linear(dim, num_classes) if num_classes else torch.nn.Linear(dim, channels * side * side)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def train_domain_net(images: np.ndarray, labels: np.ndarray | None, seed: int, steps: int) -> DomainNet:
+    """Train the domain network deterministically (seeded init, batches and augmentation-free steps)."""
+    from model_collapse.diffusion import to_model_space
+    from model_collapse.rng import torch_generator
+
+    n, h, w, c = images.shape
+    num_classes = int(labels.max()) + 1 if labels is not None else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DomainNet(c, h, num_classes)
+    x = to_model_space(images)
+    y = torch.as_tensor(labels) if labels is not None else None
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    net.train()
+    for step in range(steps):
+        g = torch_generator(seed, "domain", step)
+        idx = torch.randint(0, n, (min(128, n),), generator=g)
+        z = net(x[idx])
+        if y is not None:
+            loss = torch.nn.functional.cross_entropy(net.head(z), y[idx])
+        else:
+            loss = torch.nn.functional.mse_loss(net.head(z), x[idx].flatten(1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    return net
+
+
+def _domain_path(ctx: SpaceContext) -> Path | None:
+    base = ctx.run_dir or ctx.feature_dir
+    return Path(base) / "features" / "domain.safetensors" if base else None
+
+
+def domain_network(images_for_shape: np.ndarray, ctx: SpaceContext) -> DomainNet:
+    from safetensors.torch import load_file, save_file
+
+    if ctx.real_images is None:
+        raise UserError("the domain space needs real images to learn from (run it inside a run, or pass --ref)")
+    real = ctx.real_images
+    num_classes = int(ctx.real_labels.max()) + 1 if ctx.real_labels is not None else None
+    path = _domain_path(ctx)
+    key = ("domain", str(path), ctx.seed, real.shape, ctx.domain_steps)
+    if key in _CACHE:
+        return _CACHE[key]
+    if path is not None and path.exists():
+        with torch.random.fork_rng(devices=[]):
+            net = DomainNet(real.shape[3], real.shape[1], num_classes)
+        net.load_state_dict(load_file(str(path)))
+        net.eval()
+    else:
+        net = train_domain_net(real, ctx.real_labels, ctx.seed, ctx.domain_steps)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+            os.replace(tmp, path)
+    _CACHE[key] = net
+    return net
+
+
+def _domain(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:
+    from model_collapse.diffusion import to_model_space
+
+    if ctx.real_images is not None and images.shape[1:] != ctx.real_images.shape[1:]:
+        raise UserError(f"domain space: images {images.shape[1:]} differ from the real data {ctx.real_images.shape[1:]}")
+    net = domain_network(images, ctx)
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(images), 512):
+            out.append(net(to_model_space(images[a : a + 512])).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- DINOv2
+
+DINOV2 = {"dinov2-small": "facebook/dinov2-small", "dinov2-base": "facebook/dinov2-base",
+          "dinov2-large": "facebook/dinov2-large", "dinov2-giant": "facebook/dinov2-giant"}
+
+
+def load_dinov2(name: str, ctx: SpaceContext):
+    """DINOv2 model and image processor from feature_dir/<name>, or the Hugging Face cache; never downloads."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    repo = DINOV2[name]
+    tried = []
+    candidates = []
+    if ctx.feature_dir:
+        candidates += [Path(ctx.feature_dir) / name, Path(ctx.feature_dir) / repo.split("/")[1]]
+    for c in candidates:
+        tried.append(str(c))
+        if (c / "config.json").exists():
+            return (AutoModel.from_pretrained(str(c), local_files_only=True),
+                    AutoImageProcessor.from_pretrained(str(c), local_files_only=True))
+    tried.append(f"Hugging Face cache ({repo})")
+    try:
+        return (AutoModel.from_pretrained(repo, local_files_only=True),
+                AutoImageProcessor.from_pretrained(repo, local_files_only=True))
+    except (OSError, ValueError):
+        raise UserError(f"{name}: weights of {repo} not found (looked in {'; '.join(tried)}); download them where a "
+                        f"network exists and pass the folder with feature_dir / --feature-dir") from None
+
+
+def _dinov2(name: str) -> Callable[[np.ndarray, SpaceContext], np.ndarray]:
+    def extract(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:
+        key = (name, ctx.feature_dir)
+        if key not in _CACHE:
+            model, proc = load_dinov2(name, ctx)
+            _CACHE[key] = (model.to(_device(ctx)).eval(), proc)
+        model, proc = _CACHE[key]
+        rgb = np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
+        out = []
+        with torch.no_grad():
+            for a in range(0, len(rgb), ctx.batch_size):
+                inputs = proc(images=list(rgb[a : a + ctx.batch_size]), return_tensors="pt")
+                hidden = model(pixel_values=inputs["pixel_values"].to(_device(ctx))).last_hidden_state
+                out.append(hidden[:, 0].float().cpu().numpy())  # the CLS token
+        return np.concatenate(out).astype(np.float32)
+
+    return extract
+
+
+# ---------------------------------------------------------------------------------------------- Inception (FID)
+
+INCEPTION_FILES = ("inception.safetensors", "pt_inception-2015-12-05-6726825d.pth")
+
+
+def build_inception(state_dict: dict | None):
+    """torch-fidelity's FID Inception-v3 with the given weights (None: random initialisation, for stand-ins).
+
+    torch-fidelity's constructor fetches its weights itself (from the network, or by unpickling a local file);
+    we hand it weights already loaded safely instead.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    cls = fe.FeatureExtractorInceptionV3
+    orig_fetch, orig_load = fe.load_state_dict_from_url, cls.load_state_dict
+    fe.load_state_dict_from_url = lambda *a, **k: state_dict
+    if state_dict is None:
+        cls.load_state_dict = lambda self, *a, **k: None
+    try:
+        return cls("inception-v3-compat", ["2048"])
+    finally:
+        fe.load_state_dict_from_url, cls.load_state_dict = orig_fetch, orig_load
+
+
+def _load_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a file that is not a plain state dict
+        raise UserError(f"{path}: not a loadable weights file ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_inception(ctx: SpaceContext):
+    dirs = [Path(ctx.feature_dir)] if ctx.feature_dir else []
+    dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
+    for d in dirs:
+        for f in INCEPTION_FILES:
+            if (d / f).exists():
+                return build_inception(_load_state(d / f))
+    raise UserError(f"inception: FID Inception-v3 weights not found (looked for {' or '.join(INCEPTION_FILES)} in "
+                    f"{'; '.join(str(d) for d in dirs)}); put the file there or pass its folder with feature_dir / "
+                    f"--feature-dir")
+
+
+def _inception(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:
+    key = ("inception", ctx.feature_dir)
+    if key not in _CACHE:
+        _CACHE[key] = load_inception(ctx).to(_device(ctx))
+    model = _CACHE[key]
+    rgb = np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(rgb), ctx.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(rgb[a : a + ctx.batch_size])).permute(0, 3, 1, 2)
+            out.append(model(x.to(_device(ctx)))[0].double().cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
 
 
 SPACES: dict[str, Callable[[np.ndarray, SpaceContext], np.ndarray]] = {
     "pixel": lambda images, ctx: pixel_vectors(images),
+    "domain": _domain,
+    "inception": _inception,
+    **{name: _dinov2(name) for name in DINOV2},
 }
 
 

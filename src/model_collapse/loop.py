@@ -58,10 +58,20 @@ class Study:
         return self.cfg.n_eval or self.cfg.n_train
 
     def real_stats(self, space: str):
+        """Mean and covariance of the real data's features, cached in RUN_DIR/features/ (named by space)."""
         if self._real_stats is None:
             self._real_stats = {}
         if space not in self._real_stats:
-            self._real_stats[space] = gaussian_stats(extract(space, self.data.images, self.ctx))
+            path = Path(self.ctx.run_dir) / "features" / f"real_stats_{space}.npz" if self.ctx.run_dir else None
+            if path is not None and path.exists():
+                z = load_npz(path)
+                self._real_stats[space] = (z["mu"], z["sigma"])
+            else:
+                mu, sigma = gaussian_stats(extract(space, self.data.images, self.ctx))
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_save_npz(path, mu=mu, sigma=sigma)
+                self._real_stats[space] = (mu, sigma)
         return self._real_stats[space]
 
     def train_settings(self) -> D.TrainSettings:
@@ -227,6 +237,8 @@ def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
     spaces = ["pixel"] + [s for s in cfg.spaces if s != "pixel"]
     for s in spaces:
         ft, fg = extract(s, tr["images"], study.ctx), extract(s, gen, study.ctx)
+        if s != "pixel":  # cached so that reports and later analyses never recompute them
+            atomic_save_npz(d / f"features_{s}.npz", train=ft, generated=fg)
         ent = kl_entropy(ft, cfg.entropy_k, device=cfg.device)
         sc = generalization_score(fg, ft, mem_ratio=cfg.mem_ratio, copy_ratio=cfg.copy_ratio, train_nn=ent.nn,
                                   device=cfg.device)
@@ -374,6 +386,8 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
         rows = read_metrics(rd.metrics_path)
         done = {(r["arm"], r["iteration"]) for r in rows}
         history = list(rows)
+        for s in ["pixel"] + list(cfg.spaces):  # learned spaces are trained once, here, before any worker starts
+            study.real_stats(s)
         run_stage(study, rd, None, 0, show=show)  # shared by every arm: one row per arm points at it
         _flush_rows(study, rd, done, history)
         workers = default_workers(cfg)

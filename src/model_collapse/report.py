@@ -327,10 +327,12 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     matplotlib.use("Agg")
     from model_collapse.data import load_images
 
-    run_dirs = [Path(d) for d in run_dirs]
+    dirs = [Path(d) for d in run_dirs]
+    probes = [d for d in dirs if (d / "probe_config.json").exists() and not (d / "config.json").exists()]
+    run_dirs = [d for d in dirs if d not in probes]
     arms, configs = _load_arms(run_dirs)
     colours = _colours(len(arms))
-    figdir = run_dirs[0] / "figures"
+    figdir = (run_dirs or probes)[0] / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str, bytes]] = []  # (section, file name, png)
 
@@ -348,15 +350,21 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
         add("Nearest-neighbour pairs", f"pairs_{i:02d}.png", fig_pairs(a))
     real = None
     try:
+        if not configs:
+            raise ValueError("no run directory")
         first_cfg = next(iter(configs.values()))
         real = load_images(first_cfg["data"], first_cfg.get("data_root"), False, first_cfg.get("image_size")).images
     except Exception as e:  # the report still shows everything else
         print(f"report: no projection figure ({e})", file=sys.stderr)
     add("2-D projection", "projection.png", fig_projection(arms, colours, real))
+    for i, p in enumerate(probes):
+        from model_collapse.probe import read_probe
+
+        add("Memorization transition (probe)", f"probe_{i:02d}.png", probe_figure(read_probe(p)))
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>model-collapse report</title>"
              f"<style>{CSS}</style></head><body>",
-             f"<h1>model-collapse report: {html.escape(', '.join(str(d) for d in run_dirs))}</h1>"]
+             f"<h1>model-collapse report: {html.escape(', '.join(str(d) for d in dirs))}</h1>"]
     status = []
     for a in arms:
         its = [r["iteration"] for r in a.rows]
@@ -387,3 +395,41 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     if show:
         print(f"report: {out}", file=sys.stderr)
     return out
+
+
+def probe_figure(rows: list[dict]) -> bytes | None:
+    """Memorization (ratio test, copy test) and normalised score against training steps, one line per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return None
+    sizes = sorted({r["size"] for r in rows})
+    colours = _colours(len(sizes))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for size, c in zip(sizes, colours):
+        rs = [r for r in rows if r["size"] == size]
+        st = [r["steps"] for r in rs]
+        axes[0].plot(st, [r["mem_fraction"] for r in rs], "o-", color=c, label=f"N = {size}")
+        axes[1].plot(st, [r["copy_fraction"] for r in rs], "o-", color=c, label=f"N = {size}")
+        axes[2].plot(st, [r["gen_score_ratio"] for r in rs], "o-", color=c, label=f"N = {size}")
+    axes[0].set_title("memorized share (d1/d2 < 1/3)")
+    axes[1].set_title("copy share (d1 < training spacing / 3)")
+    axes[2].set_title("gen. score / training-set spacing")
+    for ax in axes:
+        ax.set_xlabel("training steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(-0.02, 1.02), axes[1].set_ylim(-0.02, 1.02)
+    fig.suptitle("memorization transition of single models: training-set size x training steps")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def write_probe_figure(rows: list[dict], path: Path) -> None:
+    png = probe_figure(rows)
+    if png is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(path), png)

@@ -5,15 +5,17 @@ into tight clusters lowers it too, without any copying. The rules (thresholds in
 
 * copying: the nearest/second-nearest ratio test (mem_fraction) or the copy test normalised by the training
   set's own spacing (copy_fraction) exceeds `copy_level`;
-* contracting: the training set's spacing and entropy are both below the arm's iteration-0 values while the
-  normalised score (gen_score_ratio) stays at or above `contract_ratio_level` x its iteration-0 value;
+* contracting: the training set's spacing has fallen below `contract_spacing_level` x the arm's iteration-0
+  spacing and its entropy below the iteration-0 entropy, while the normalised score (gen_score_ratio) stays at or
+  above `contract_ratio_level` x its iteration-0 value;
 * stable: neither.
 """
 
 from __future__ import annotations
 
 
-def decide(row: dict, base: dict | None, copy_level: float, contract_ratio_level: float) -> tuple[str, dict]:
+def decide(row: dict, base: dict | None, copy_level: float, contract_ratio_level: float,
+           contract_spacing_level: float = 0.9) -> tuple[str, dict]:
     """The verdict for one row, given the arm's iteration-0 row (None for iteration 0 itself)."""
     ev = {
         "mem_fraction": row.get("mem_fraction_pixel"),
@@ -32,9 +34,11 @@ def decide(row: dict, base: dict | None, copy_level: float, contract_ratio_level
         "gen_score_ratio": row.get("gen_score_ratio_pixel"),
         "gen_score_ratio_it0": base.get("gen_score_ratio_pixel"),
         "contract_ratio_level": contract_ratio_level,
+        "contract_spacing_level": contract_spacing_level,
     })
     try:
-        shrinking = ev["train_spacing"] < ev["train_spacing_it0"] and ev["train_entropy"] < ev["train_entropy_it0"]
+        shrinking = (ev["train_spacing"] < contract_spacing_level * ev["train_spacing_it0"]
+                     and ev["train_entropy"] < ev["train_entropy_it0"])
         ratio_kept = ev["gen_score_ratio"] >= contract_ratio_level * ev["gen_score_ratio_it0"]
     except TypeError:  # a missing (non-finite) value
         return "stable", ev
@@ -48,6 +52,6 @@ def add_verdict(row: dict, history: list[dict], cfg) -> None:
     base = None
     if row["iteration"] > 0:
         base = next((r for r in history if r["arm"] == row["arm"] and r["iteration"] == 0), None)
-    v, ev = decide(row, base, cfg.copy_level, cfg.contract_ratio_level)
+    v, ev = decide(row, base, cfg.copy_level, cfg.contract_ratio_level, cfg.contract_spacing_level)
     row["verdict"] = v
     row["verdict_evidence"] = ev

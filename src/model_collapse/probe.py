@@ -1,0 +1,216 @@
+"""The memorization-transition probe: single models, training-set size x training steps.
+
+One model per training-set size is trained on a seeded subset (subsets are nested: the first n images of one
+seeded permutation) and evaluated at each step count: generalization score, the score relative to the training
+set's own spacing, the nearest/second-nearest ratio test, the spacing-normalised copy test, and the Frechet distance
+to held-out real images (the last `n_heldout` of the permutation, never trained on). Small sets trained long copy;
+large sets do not. That is the classic generalization-to-memorization transition, measured on its own, so that a
+loop's falling scores can be read against it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_collapse import diffusion as D
+from model_collapse.config import _parse_value
+from model_collapse.data import load_images, pixel_vectors
+from model_collapse.errors import UserError
+from model_collapse.metrics import frechet_distance, gaussian_stats, generalization_score
+from model_collapse.rng import derive_seed, numpy_rng
+from model_collapse.rundir import atomic_write_json, read_json
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    data: str = "digits"
+    sizes: tuple[int, ...] = (32, 64, 128)
+    steps: tuple[int, ...] = (1000, 2000, 3000)
+    seed: int = 0
+    model: str = "tiny"
+    batch_size: int = 32
+    lr: float = 1e-3  # constant after warm-up, so evaluating at several step counts is one training run
+    warmup_steps: int = 50
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    n_eval: int = 256  # generated samples per evaluation
+    n_heldout: int = 500  # real images held out for the Frechet distance
+    mem_ratio: float = 1.0 / 3.0
+    copy_ratio: float = 1.0 / 3.0
+    workers: int | None = None  # None = one per size up to the core count
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--{what}: expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) <= 0:
+        raise UserError(f"--{what}: expected positive integers, got {text!r}")
+    return tuple(sorted(set(vals)))
+
+
+def resolve_probe(data: str, sizes: str | None, steps: str | None, overrides: list[str]) -> ProbeConfig:
+    kw: dict = {"data": data}
+    if sizes:
+        kw["sizes"] = _ints(sizes, "sizes")
+    if steps:
+        kw["steps"] = _ints(steps, "steps")
+    names = {f.name: f.type for f in dataclasses.fields(ProbeConfig)}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        if k not in names or k in ("sizes", "steps"):
+            raise UserError(f"--set {k}: unknown probe key; valid: {', '.join(n for n in names if n not in ('sizes', 'steps'))}")
+        kw[k] = _parse_value(v)
+    try:
+        cfg = ProbeConfig(**kw)
+        cfg = dataclasses.replace(cfg, n_eval=int(cfg.n_eval), n_heldout=int(cfg.n_heldout), seed=int(cfg.seed),
+                                  batch_size=int(cfg.batch_size), lr=float(cfg.lr))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"probe config: {e}") from None
+    if cfg.model not in D.MODEL_PRESETS:
+        raise UserError(f"unknown model {cfg.model!r}; models: {', '.join(D.MODEL_PRESETS)}")
+    if cfg.sampler not in D.SAMPLERS:
+        raise UserError(f"unknown sampler {cfg.sampler!r}; samplers: {', '.join(D.SAMPLERS)}")
+    if min(cfg.sizes) < 3:
+        raise UserError("--sizes: each training-set size must be at least 3")
+    return cfg
+
+
+def _split(cfg: ProbeConfig, n_data: int):
+    if max(cfg.sizes) + cfg.n_heldout > n_data:
+        raise UserError(f"{cfg.data}: {n_data} images cannot hold the largest size {max(cfg.sizes)} plus "
+                        f"{cfg.n_heldout} held-out images; lower --sizes or n_heldout")
+    perm = numpy_rng(cfg.seed, "probe-subset").permutation(n_data)
+    return perm, perm[-cfg.n_heldout :]
+
+
+def _probe_size(cfg_dict: dict, out: str, size: int, threads: int, show: bool, parent_pid: int | None) -> None:
+    """Train one size through every step count, evaluating (and saving a row) at each; resumable."""
+    if parent_pid is not None:
+        from model_collapse.loop import _watch_parent
+
+        _watch_parent(parent_pid)
+        torch.set_num_threads(threads)
+    cfg = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
+    data = load_images(cfg.data)
+    perm, held = _split(cfg, len(data))
+    train = data.images[perm[:size]]
+    ft = pixel_vectors(train)
+    held_stats = gaussian_stats(pixel_vectors(data.images[held]))
+    d = Path(out) / f"size_{size:05d}"
+    d.mkdir(parents=True, exist_ok=True)
+    spec = D.MODEL_PRESETS[cfg.model]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "probe", size, "init"))
+        unet = D.build_unet(spec, data.shape[0], data.shape[2])
+    ckpt = d / "train_state.safetensors"
+    for steps in cfg.steps:
+        row_path = d / f"steps_{steps:07d}.json"
+        if row_path.exists():
+            continue
+        settings = D.TrainSettings(steps, cfg.batch_size, cfg.lr, "constant", cfg.warmup_steps, 1e-6, 0.95, 0.999,
+                                   None, 0.0, 10**9)
+        t0 = time.perf_counter()
+        D.train(unet, train, None, settings, cfg.seed, ("probe", size), checkpoint=ckpt, save_final=True)
+        gen = D.generate(unet, cfg.sampler, cfg.sample_steps, range(cfg.n_eval), cfg.seed, ("probe", size, steps),
+                         data.shape, batch_size=256)
+        fg = pixel_vectors(gen)
+        sc = generalization_score(fg, ft, mem_ratio=cfg.mem_ratio, copy_ratio=cfg.copy_ratio)
+        row = {"size": size, "steps": steps, "gen_score": sc.gen_score, "gen_score_ratio": sc.gen_score_ratio,
+               "mem_fraction": sc.mem_fraction, "copy_fraction": sc.copy_fraction, "train_spacing": sc.train_spacing,
+               "fd_heldout": frechet_distance(*gaussian_stats(fg), *held_stats)}
+        atomic_write_json(row_path, row)
+        if show:
+            print(f"[probe] size {size} steps {steps}: mem {row['mem_fraction']:.3f} copy {row['copy_fraction']:.3f} "
+                  f"ratio {row['gen_score_ratio']:.2f} fd {row['fd_heldout']:.2f} ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+
+def read_probe(out: Path) -> list[dict]:
+    rows = [read_json(p) for p in sorted(Path(out).glob("size_*/steps_*.json"))]
+    return sorted(rows, key=lambda r: (r["size"], r["steps"]))
+
+
+def run_probe(cfg: ProbeConfig, out: str | Path, show: bool = True) -> dict:
+    """Run (or resume) the probe in `out`; returns its rows and writes probe.json and figures/probe.png."""
+    from model_collapse.rundir import RunDir
+
+    out = Path(out)
+    data = load_images(cfg.data)
+    _split(cfg, len(data))
+    D.check_model_shape(D.MODEL_PRESETS[cfg.model], data.shape[0], where=f"model {cfg.model}")
+    cfg_dict = json_cfg(cfg)
+    stored = out / "probe_config.json"
+    if stored.exists() and read_json(stored) != cfg_dict:
+        raise UserError(f"{out} holds a probe with a different config; use another --out")
+    if out.exists() and not stored.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists, is not empty, and holds no probe; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    rd = RunDir(out)
+    rd._lock()
+    try:
+        if not stored.exists():
+            atomic_write_json(stored, cfg_dict)
+        workers = cfg.workers or max(1, min(len(cfg.sizes), os.cpu_count() or 1))
+        if workers <= 1:
+            for size in cfg.sizes:
+                _probe_size(cfg_dict, str(out), size, 0, show, None)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+                futs = [ex.submit(_probe_size, cfg_dict, str(out), s, threads, show, os.getpid()) for s in cfg.sizes]
+                for f in cf.as_completed(futs):
+                    f.result()
+        rows = read_probe(out)
+        result = {"out": str(out), "rows": rows, "transition": transition_summary(rows)}
+        atomic_write_json(out / "probe.json", result)
+        from model_collapse.report import write_probe_figure
+
+        write_probe_figure(rows, out / "figures" / "probe.png")
+        return result
+    finally:
+        rd.close()
+
+
+def json_cfg(cfg: ProbeConfig) -> dict:
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def transition_summary(rows: list[dict]) -> dict:
+    """Memorization at the longest training for the smallest and the largest size, and whether it rose with
+    training steps for the smallest."""
+    if not rows:
+        return {}
+    sizes = sorted({r["size"] for r in rows})
+    small = [r for r in rows if r["size"] == sizes[0]]
+    large = [r for r in rows if r["size"] == sizes[-1]]
+    return {
+        "smallest_size": sizes[0],
+        "largest_size": sizes[-1],
+        "smallest_mem_by_steps": {r["steps"]: r["mem_fraction"] for r in small},
+        "largest_mem_by_steps": {r["steps"]: r["mem_fraction"] for r in large},
+        "smallest_rises": small[-1]["mem_fraction"] > small[0]["mem_fraction"],
+    }
+
+
+def format_probe(res: dict) -> str:
+    lines = [f"probe: {res['out']}", f"{'size':>6} {'steps':>7} {'mem':>7} {'copy':>7} {'ratio':>7} {'fd':>7}"]
+    for r in res["rows"]:
+        lines.append(f"{r['size']:>6} {r['steps']:>7} {r['mem_fraction']:>7.3f} {r['copy_fraction']:>7.3f} "
+                     f"{r['gen_score_ratio']:>7.2f} {r['fd_heldout']:>7.2f}")
+    return "\n".join(lines)
