@@ -94,17 +94,21 @@ def test_existing_run_dir_with_other_config_is_refused(tmp_path):
         run_loop(tiny_cfg("seed=1"), tmp_path / "r", show=False)
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
     # execution-only keys do not make a different experiment
-    RunDir.open(tmp_path / "r", tiny_cfg("workers=2")).close()
+    RunDir.open(tmp_path / "r", tiny_cfg("workers=2", "report=true")).close()
 
 
-def test_samples_do_not_depend_on_batch_size():
-    unet = D.build_unet(D.MODEL_PRESETS["tiny"], 8, 1)
+def test_sample_i_does_not_depend_on_how_many_or_which_samples_are_drawn():
+    unet = D.build_unet(D.MODEL_PRESETS["tiny"], 8, 1)  # random weights: the hardest case for rounding
     for sampler in ("ddim", "ddpm"):
-        a = D.generate(unet, sampler, 6, range(10), 3, ("arm", 1), (8, 8, 1), batch_size=10)
-        b = D.generate(unet, sampler, 6, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 3, ("arm", 1), (8, 8, 1), batch_size=3)
-        c = D.generate(unet, sampler, 6, [7, 8, 9], 3, ("arm", 1), (8, 8, 1), batch_size=2)
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(a[7:], c)
+        a = D.generate(unet, sampler, 6, range(10), 3, ("arm", 1), (8, 8, 1), batch_size=4)
+        b = D.generate(unet, sampler, 6, [7, 8, 9], 3, ("arm", 1), (8, 8, 1), batch_size=4)
+        c = D.generate(unet, sampler, 6, [9, 2, 5, 0], 3, ("arm", 1), (8, 8, 1), batch_size=4)
+        d = D.generate(unet, sampler, 6, range(1, 10, 2), 3, ("arm", 1), (8, 8, 1), batch_size=4)  # process 1 of 2
+        np.testing.assert_array_equal(a[7:], b)
+        np.testing.assert_array_equal(a[[9, 2, 5, 0]], c)
+        np.testing.assert_array_equal(a[1::2], d)
+        e = D.generate(unet, sampler, 6, range(10), 4, ("arm", 1), (8, 8, 1), batch_size=4)
+        assert not np.array_equal(a, e)  # another seed, other samples
 
 
 def test_model_shape_checks_name_the_fix():
@@ -136,3 +140,29 @@ def test_smoke_preset_end_to_end_cli(tmp_path):
     q = subprocess.run([sys.executable, "-m", "model_collapse", "run", "smoke", "--out", str(tmp_path / "s"),
                         "--json", "--set", "report=false"], capture_output=True, text=True, timeout=300)
     assert q.returncode == 0 and json.loads(q.stdout)["arms"] == summary["arms"]
+
+
+def test_gpu_check_script_cpu_path(tmp_path):
+    p = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-tiny", "--out", str(tmp_path / "g.json")],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["train_steps_per_s"] > 0 and res["ddpm_images_per_s"] > 0 and res["ddim_images_per_s"] > 0
+
+
+def test_guided_conditional_loop_end_to_end(tmp_path):
+    cfg = resolve_config("guided", ["n_train=30", "iterations=2", "train_steps=12", "batch_size=8",
+                                    "sample_steps=3", "workers=1", "report=false", "domain_steps=20",
+                                    "arms.1.selector=\"greedy\"", "arms.1.per_class=true", "arms.1.pool_factor=2"])
+    run_loop(cfg, tmp_path / "g", show=False)
+    rows = read_metrics(tmp_path / "g" / "metrics.jsonl")
+    assert len(rows) == 4
+    for r in rows:
+        assert len(r["gen_class_counts"]) == 10 and sum(r["gen_class_counts"]) == 30
+        assert 0 <= r["gen_class_agreement"] <= 1
+        assert "fd_domain" in r and "train_entropy_domain" in r
+    with np.load(tmp_path / "g" / "arms" / rows[-1]["arm"] / "iter_001" / "train.npz") as z:
+        counts = np.bincount(z["labels"], minlength=10)
+    assert counts.sum() == 30 and counts.max() - counts.min() <= 1  # per-class selection keeps the balance
+    assert (tmp_path / "g" / "features" / "domain.safetensors").exists()

@@ -84,7 +84,7 @@ class RunConfig:
     # sampling
     sampler: str = "ddim"  # ddpm | ddim | dpm | euler | euler-ancestral | unipc
     sample_steps: int = 50
-    sample_batch: int = 256  # does not change the samples (per-sample seeds)
+    sample_batch: int = 256  # the UNet's fixed evaluation batch while sampling (part of the numerics, see README)
     # selection
     tau0: float | None = None  # threshold selector's first radius; None = 2 x the pool's median NN distance
     decay: float = 0.95  # threshold selector's radius factor per pass
@@ -104,6 +104,7 @@ class RunConfig:
     # execution (does not change results)
     workers: int | None = None  # processes running arms side by side; None = one per arm up to the core count
     device: str | None = None  # torch device; None = cuda when available, else cpu
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU training and sampling)
     report: bool = True  # write the HTML report when the run ends
     arms: tuple[ArmConfig, ...] = (
         ArmConfig("replace", "random"),
@@ -111,7 +112,7 @@ class RunConfig:
     )
 
 
-EXECUTION_KEYS = ("workers", "device", "report", "sample_batch")
+EXECUTION_KEYS = ("workers", "device", "report")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -295,6 +296,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.entropy_k >= 1, "entropy_k must be >= 1")
     need(0 <= cfg.label_dropout < 1, "label_dropout must lie in [0, 1)")
     need(cfg.workers is None or cfg.workers >= 1, "workers must be >= 1")
+    need(cfg.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
     need(len(cfg.arms) >= 1, "at least one arm is needed")
     for s in cfg.spaces:
         check_space(s)

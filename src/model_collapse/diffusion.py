@@ -233,45 +233,61 @@ def train(
     on_checkpoint: Callable[[int], None] | None = None,
     null_class: int | None = None,
     save_final: bool = False,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    accelerator=None,
 ):
     """Train `unet` in place for s.train_steps with the epsilon-prediction DDPM loss; returns the final weights
     to sample from (the EMA weights when EMA is on).
 
     Batches are drawn with replacement, and noise and timesteps drawn, from a generator seeded by
-    (seed, *coords, "train", step). With `checkpoint`, training resumes from it and saves it every
+    (seed, *coords, "train", step). Under an `accelerator` (data parallel over P processes), every process draws
+    the same global batch and trains on its slice b::P of it, so the data and noise seen are those of a
+    one-process run; only the order in which gradients are summed differs. With `checkpoint`, training resumes
+    from it (every process loads it; the main process saves it) and saves it every
     s.checkpoint_every steps (and at the end with save_final, so that a later call with more steps continues:
     with a constant learning rate, training to 1000 and then to 2000 steps equals training to 2000 at once).
     """
+    dev = torch.device(device) if accelerator is None else accelerator.device
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     sched = make_train_scheduler()
-    data = to_model_space(images)
-    lab = torch.as_tensor(labels) if labels is not None else None
+    unet.to(dev)
+    data = to_model_space(images).to(dev)
+    lab = torch.as_tensor(labels).to(dev) if labels is not None else None
     n = len(data)
     opt = _optimizer(unet, s)
     ema = [p.detach().clone() for p in unet.parameters()] if s.ema_decay is not None else None
     step = 0
     if checkpoint is not None and checkpoint.exists():
         step = load_checkpoint(checkpoint, unet, opt, ema)
-    alphas = sched.alphas_cumprod
+    alphas = sched.alphas_cumprod.to(dev)
+    model = unet if accelerator is None else accelerator.prepare_model(unet)
     unet.train()
     while step < s.train_steps:
         g = torch_generator(seed, *coords, "train", step)
+        # drawn on the CPU whatever the device, so a run is the same on any hardware's random streams
         idx = torch.randint(0, n, (s.batch_size,), generator=g)
-        x0 = data[idx]
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn((s.batch_size,) + tuple(data.shape[1:]), generator=g).to(dev)
         t = torch.randint(0, sched.config.num_train_timesteps, (s.batch_size,), generator=g)
+        drop = torch.rand(s.batch_size, generator=g) < s.label_dropout
+        idx, noise, t, drop = (v[rank::world].to(dev) for v in (idx, noise, t, drop))
+        x0 = data[idx]
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cls = None
         if lab is not None:
             cls = lab[idx].clone()
-            drop = torch.rand(s.batch_size, generator=g) < s.label_dropout
             cls[drop] = null_class
         for group in opt.param_groups:
             group["lr"] = s.lr * lr_factor(step, s)
-        pred = unet(xt, t, class_labels=cls).sample
-        loss = F.mse_loss(pred, noise)
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = model(xt, t, class_labels=cls).sample
+        loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if accelerator is None:
+            loss.backward()
+        else:
+            accelerator.backward(loss)
         if s.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(unet.parameters(), s.grad_clip)
         opt.step()
@@ -283,10 +299,13 @@ def train(
         if progress is not None:
             progress(step)
         if checkpoint is not None and (step % s.checkpoint_every == 0) and step < s.train_steps:
-            save_checkpoint(checkpoint, unet, opt, ema, step)
+            if rank == 0:
+                save_checkpoint(checkpoint, unet, opt, ema, step)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
             if on_checkpoint is not None:
                 on_checkpoint(step)
-    if checkpoint is not None and save_final:
+    if checkpoint is not None and save_final and rank == 0:
         save_checkpoint(checkpoint, unet, opt, ema, step)
     unet.eval()
     if ema is not None:
@@ -310,6 +329,7 @@ def sample(
     class_labels: torch.Tensor | None = None,
     guidance: float = 0.0,
     null_class: int | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Reverse diffusion from `noise` (B, C, H, W) with any diffusers scheduler; returns x0 in [-1, 1].
 
@@ -319,14 +339,17 @@ def sample(
     scheduler.set_timesteps(num_steps)
     x = noise * scheduler.init_noise_sigma
     guided = class_labels is not None and guidance != 0.0
+    dev = noise.device
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(x, t)
-        if guided:
-            null = torch.full_like(class_labels, null_class)
-            eps_c, eps_u = unet(torch.cat([inp, inp]), t, class_labels=torch.cat([class_labels, null])).sample.chunk(2)
-            eps = eps_c + guidance * (eps_c - eps_u)
-        else:
-            eps = unet(inp, t, class_labels=class_labels).sample
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if guided:
+                null = torch.full_like(class_labels, null_class)
+                eps_c, eps_u = unet(torch.cat([inp, inp]), t,
+                                    class_labels=torch.cat([class_labels, null])).sample.float().chunk(2)
+                eps = eps_c + guidance * (eps_c - eps_u)
+            else:
+                eps = unet(inp, t, class_labels=class_labels).sample.float()
         kw = {"generator": generators} if generators is not None and _takes_generator(scheduler) else {}
         x = scheduler.step(eps, t, x, **kw).prev_sample
     return x.clamp(-1, 1)
@@ -352,20 +375,36 @@ def generate(
     guidance: float = 0.0,
     null_class: int | None = None,
     progress: Callable[[int], None] | None = None,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Samples with the given indices as uint8 NHWC; sample i depends only on (seed, *coords, "sample", i)."""
+    """Samples with the given indices as uint8 NHWC; sample i depends only on (seed, *coords, "sample", i) and
+    `batch_size`, not on which or how many other samples are drawn, in what order, or by how many processes.
+
+    Noise comes from CPU generators, one per sample, whatever the device. The UNet always sees exactly
+    `batch_size` rows (the last chunk is padded with zeros): convolution kernels round differently for different
+    batch sizes (about 1e-6, enough to flip a uint8 level), but a row's result does not depend on its position.
+    """
     train_sched = make_train_scheduler()
     h, w, c = shape
     out = []
-    unet.eval()
+    dev = torch.device(device)
+    unet.to(dev).eval()
+    indices = list(indices)
     for a in range(0, len(indices), batch_size):
-        batch = list(indices[a : a + batch_size])
-        gens = [torch_generator(seed, *coords, "sample", int(i)) for i in batch]
-        noise = torch.cat([torch.randn((1, c, h, w), generator=g) for g in gens])
-        labels = None if class_labels is None else torch.as_tensor(class_labels[a : a + batch_size])
+        batch = [int(i) for i in indices[a : a + batch_size]]
+        pad = batch_size - len(batch)
+        gens = [torch_generator(seed, *coords, "sample", i) for i in batch]
+        gens += [torch_generator(seed, *coords, "padding", j) for j in range(pad)]
+        noise = torch.cat([torch.randn((1, c, h, w), generator=g) for g in gens[: len(batch)]]
+                          + [torch.zeros((pad, c, h, w))]).to(dev)
+        labels = None
+        if class_labels is not None:
+            labels = torch.as_tensor(np.concatenate([class_labels[a : a + batch_size], np.zeros(pad, np.int64)]))
+            labels = labels.to(dev)
         x = sample(unet, make_sampler(sampler, train_sched), noise, num_steps=num_steps, generators=gens,
-                   class_labels=labels, guidance=guidance, null_class=null_class)
-        out.append(to_uint8(x))
+                   class_labels=labels, guidance=guidance, null_class=null_class, amp_dtype=amp_dtype)
+        out.append(to_uint8(x[: len(batch)]))
         if progress is not None:
             progress(len(batch))
     return np.concatenate(out) if out else np.zeros((0, h, w, c), np.uint8)

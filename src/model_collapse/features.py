@@ -145,6 +145,18 @@ def _domain(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+def classify(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:
+    """Class predictions of the domain network (trained as a classifier on the labelled real data)."""
+    from model_collapse.diffusion import to_model_space
+
+    if ctx.real_labels is None:
+        raise UserError("classifying generated images needs labelled real data")
+    net = domain_network(images, ctx)
+    with torch.no_grad():
+        return np.concatenate([net.head(net(to_model_space(images[a : a + 512]))).argmax(1).numpy()
+                               for a in range(0, len(images), 512)])
+
+
 # ---------------------------------------------------------------------------------------------- DINOv2
 
 DINOV2 = {"dinov2-small": "facebook/dinov2-small", "dinov2-base": "facebook/dinov2-base",

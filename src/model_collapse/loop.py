@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from model_collapse import diffusion as D
+from model_collapse import dist
 from model_collapse.config import ArmConfig, RunConfig, config_from_dict, config_to_dict
 from model_collapse.data import ImageSet, load_images
 from model_collapse.errors import UserError
@@ -52,6 +53,10 @@ class Study:
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.data.shape
+
+    @property
+    def device(self) -> str:
+        return self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     @property
     def n_eval(self) -> int:
@@ -203,11 +208,15 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
     ckpt = d / "train_state.safetensors"
     labels = tr.get("labels") if cfg.conditional else None
     hook = (lambda step: on_checkpoint(label, t, step)) if on_checkpoint else None
+    acc = dist.accelerator(cfg.mixed_precision)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision) if acc is None else None
     D.train(unet, tr["images"], labels, study.train_settings(), cfg.seed, (label, t), checkpoint=ckpt,
             progress=(lambda step: bar.update(1)) if bar else None, on_checkpoint=hook,
-            null_class=study.num_classes)
-    D.save_weights(d / "model.safetensors", unet)
-    ckpt.unlink(missing_ok=True)
+            null_class=study.num_classes, device=study.device, accelerator=acc, amp_dtype=amp)
+    unet.cpu()
+    if dist.is_main():
+        D.save_weights(d / "model.safetensors", unet)
+        ckpt.unlink(missing_ok=True)
 
 
 def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=None) -> None:
@@ -220,10 +229,28 @@ def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=No
     class_labels = None
     if study.num_classes is not None:
         class_labels = np.arange(n) % study.num_classes  # sample i is drawn for class i mod C
-    images = D.generate(unet, cfg.sampler, cfg.sample_steps, range(n), cfg.seed, (label, t), study.shape,
-                        batch_size=cfg.sample_batch, class_labels=class_labels, guidance=arm_guidance(cfg, arm),
-                        null_class=study.num_classes, progress=(lambda k: bar.update(k)) if bar else None)
-    atomic_save_npz(d / "samples.npz", images=images, labels=class_labels)
+    # under several processes, process r draws samples r, r + P, r + 2P, ...: each sample's noise depends on its
+    # index only, so the samples are those of one process
+    mine = np.arange(dist.rank(), n, dist.world())
+    images = D.generate(unet, cfg.sampler, cfg.sample_steps, mine, cfg.seed, (label, t), study.shape,
+                        batch_size=cfg.sample_batch,
+                        class_labels=None if class_labels is None else class_labels[mine],
+                        guidance=arm_guidance(cfg, arm), null_class=study.num_classes,
+                        progress=(lambda k: bar.update(k * dist.world())) if bar else None, device=study.device,
+                        amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision))
+    if dist.world() == 1:
+        atomic_save_npz(d / "samples.npz", images=images, labels=class_labels)
+        return
+    atomic_save_npz(d / f"samples.part{dist.rank()}.npz", images=images)
+    dist.barrier()
+    if dist.is_main():
+        full = np.empty((n,) + tuple(study.shape), dtype=np.uint8)
+        for r in range(dist.world()):
+            part = d / f"samples.part{r}.npz"
+            full[r :: dist.world()] = load_npz(part)["images"]
+        atomic_save_npz(d / "samples.npz", images=full, labels=class_labels)
+        for r in range(dist.world()):
+            (d / f"samples.part{r}.npz").unlink()
 
 
 def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
@@ -255,9 +282,14 @@ def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
         if s == "pixel":  # `nearest` indexes the training set's distinct rows (metrics.distinct_rows)
             atomic_save_npz(d / "neighbours_pixel.npz", nearest=sc.nearest, d1=sc.d1, d2=sc.d2)
     if study.num_classes is not None:
-        gl = load_npz(d / "samples.npz").get("labels")
-        if gl is not None:
-            m["gen_class_counts"] = np.bincount(gl[: study.n_eval], minlength=study.num_classes).tolist()
+        # what the samples look like, by the domain classifier: per-class counts, and the share that looks like
+        # the class it was sampled for (guidance raises it, at the cost of diversity)
+        from model_collapse.features import classify
+
+        asked = load_npz(d / "samples.npz")["labels"][: study.n_eval]
+        seen = classify(gen, study.ctx)
+        m["gen_class_counts"] = np.bincount(seen, minlength=study.num_classes).tolist()
+        m["gen_class_agreement"] = float(np.mean(seen == asked))
     return m
 
 
@@ -273,11 +305,15 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
     label = arm.label() if arm else SHARED
     d = rd.iter_dir(arm.label() if arm else None, t)
     d.mkdir(parents=True, exist_ok=True)
+    show = show and dist.is_main()
     timings = {}
+    dist.barrier()
     if not (d / "train.npz").exists():
         t0 = time.perf_counter()
-        build_training_set(study, rd, arm, t)
+        if dist.is_main():
+            build_training_set(study, rd, arm, t)
         timings["select_s"] = time.perf_counter() - t0
+    dist.barrier()
     if not (d / "model.safetensors").exists():
         t0 = time.perf_counter()
         with tqdm(total=cfg.train_steps, desc=f"{label:>22} it{t} train", position=position, leave=False,
@@ -290,12 +326,17 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
                     bar.update(int(f.metadata()["step"]))
             train_model(study, rd, arm, t, bar, on_checkpoint)
         timings["train_s"] = time.perf_counter() - t0
+    dist.barrier()
     if not (d / "samples.npz").exists():
         t0 = time.perf_counter()
         with tqdm(total=n_samples(study, arm, t), desc=f"{label:>22} it{t} sample", position=position,
                   leave=False, disable=not show, file=sys.stderr, dynamic_ncols=True) as bar:
             sample_model(study, rd, arm, t, bar)
         timings["sample_s"] = time.perf_counter() - t0
+    dist.barrier()
+    if not dist.is_main():  # metrics, once, on the main process
+        dist.barrier()
+        return {}
     if not (d / "metrics.json").exists():
         t0 = time.perf_counter()
         m = measure(study, rd, arm, t)
@@ -304,6 +345,7 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
         if timings:
             atomic_write_json(d / "timings.json", timings)
     m = read_json(d / "metrics.json")
+    dist.barrier()
     if show:
         print(f"[{label}] iteration {t}: entropy {m['train_entropy_pixel']:.2f}, gen score "
               f"{m['gen_score_pixel']:.3f} (ratio {m['gen_score_ratio_pixel']:.2f}), fd {m['fd_pixel']:.3f}",
@@ -378,10 +420,59 @@ def default_workers(cfg: RunConfig) -> int:
     return max(1, min(len(cfg.arms), os.cpu_count() or 1))
 
 
+def _run_loop_distributed(cfg: RunConfig, study: Study, out: Path, show: bool) -> dict:
+    """Under `accelerate launch`: arms one after another, every stage with all processes (training data
+    parallel, sampling split by index), selection and metrics on the main process, which holds the lock."""
+    rd, error = None, None
+    if dist.is_main():
+        try:
+            rd = RunDir.open(out, cfg)
+        except UserError as e:
+            error = str(e)
+    error = dist.share(error)
+    if error:
+        raise UserError(error)
+    rd = rd or RunDir(out)
+    try:
+        if dist.is_main():
+            for s in ["pixel"] + list(cfg.spaces):
+                study.real_stats(s)
+        history = read_metrics(rd.metrics_path) if dist.is_main() else []
+        done = {(r["arm"], r["iteration"]) for r in history}
+        run_stage(study, rd, None, 0, show=show)
+        for t in range(1, cfg.iterations):
+            for arm in cfg.arms:
+                run_stage(study, rd, arm, t, show=show)
+                if dist.is_main():
+                    _flush_rows(study, rd, done, history)
+        summary = {}
+        if dist.is_main():
+            _flush_rows(study, rd, done, history)
+            summary = _finish(cfg, rd, out, show)
+        dist.barrier()
+        return summary
+    finally:
+        rd.close()
+
+
+def _finish(cfg: RunConfig, rd: RunDir, out: Path, show: bool) -> dict:
+    from model_collapse.summary import summarize
+
+    summary = summarize(read_metrics(rd.metrics_path), cfg, str(out))
+    atomic_write_json(out / "summary.json", summary)
+    if cfg.report:
+        from model_collapse.report import write_report
+
+        summary["report"] = str(write_report([out], out / "report.html", show=show))
+    return summary
+
+
 def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoint: Callable | None = None) -> dict:
     """Run (or resume) a study in RUN_DIR `out`; returns the summary (also written to summary.json)."""
     out = Path(out)
     study = prepare(cfg, str(out))
+    if dist.world() > 1:
+        return _run_loop_distributed(cfg, study, out, show)
     with RunDir.open(out, cfg) as rd:
         rows = read_metrics(rd.metrics_path)
         done = {(r["arm"], r["iteration"]) for r in rows}
@@ -413,15 +504,4 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
                     if len(finished) == len(futs):
                         break
         _flush_rows(study, rd, done, history)
-        from model_collapse.summary import summarize
-
-        summary = summarize(read_metrics(rd.metrics_path), cfg, str(out))
-        atomic_write_json(out / "summary.json", summary)
-        if cfg.report:
-            try:
-                from model_collapse.report import write_report
-
-                summary["report"] = str(write_report([out], out / "report.html", show=show))
-            except ImportError:
-                pass
-    return summary
+        return _finish(cfg, rd, out, show)
