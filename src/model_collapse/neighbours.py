@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 DEFAULT_TILE = 2048
-DEFAULT_EXTRA = 4
+DEFAULT_EXTRA = 12
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,27 @@ def _as_tensor(x, device) -> torch.Tensor:
     return t.to(device)
 
 
-def _centred_tile(x: torch.Tensor, a: int, tile: int, centre: torch.Tensor, dtype) -> torch.Tensor:
-    return (x[a : a + tile].double() - centre).to(dtype)
+CENTRED_COPY_BYTES = 1 << 29  # centre into one copy up to 512 MiB; larger sets are centred tile by tile
 
 
-def _centred_sqnorms(x: torch.Tensor, centre: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    return torch.cat([((x[a : a + chunk].double() - centre) ** 2).sum(1) for a in range(0, x.shape[0], chunk)])
+class _Centred:
+    """A set centred on a fixed point, in the working precision: one copy when small, else tile by tile."""
+
+    def __init__(self, x: torch.Tensor, centre: torch.Tensor, dtype: torch.dtype):
+        self.x, self.centre, self.dtype = x, centre.to(dtype), dtype
+        itemsize = torch.finfo(dtype).bits // 8
+        self.copy = (x.to(dtype) - self.centre) if x.numel() * itemsize <= CENTRED_COPY_BYTES else None
+        # squared norms for the identity (working precision) and, widened by a relative 1e-3, for the error bound
+        self.sq = torch.cat([(t * t).sum(1) for t in self.chunks()])
+
+    def tile(self, a: int, size: int) -> torch.Tensor:
+        if self.copy is not None:
+            return self.copy[a : a + size]
+        return self.x[a : a + size].to(self.dtype) - self.centre
+
+    def chunks(self, size: int = 8192):
+        for a in range(0, self.x.shape[0], size):
+            yield self.tile(a, size)
 
 
 def _merge(best_v, best_i, v, i, m):
@@ -75,25 +90,25 @@ def _merge(best_v, best_i, v, i, m):
     return top_v, torch.gather(idx, 1, pos)
 
 
-def _approx_candidates(X, Y, rows, xn, yn, centre, m, tile, dtype, symmetric: bool):
+def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
     """Top-m (approximate, unsorted) squared distances and indices of rows `rows` of X among the rows of Y.
 
     Tiles are centred and cast on the fly. symmetric (X is Y and rows is every row): only tiles on and above
     the diagonal are computed, each updating its rows and its columns. Otherwise, when X is Y, a row never counts
     itself.
     """
-    nq, nr = rows.numel(), Y.shape[0]
-    dev = X.device
+    nq, nr = rows.numel(), Y.x.shape[0]
+    dev, dtype = X.x.device, X.dtype
     best_v = torch.full((nq, m), math.inf, device=dev, dtype=dtype)
     best_i = torch.full((nq, m), -1, device=dev, dtype=torch.int64)
-    xq_all = X if symmetric or rows.numel() == X.shape[0] else X[rows]
-    xn_q, yn_t = xn[rows].to(dtype), yn.to(dtype)
+    whole = rows.numel() == X.x.shape[0]
+    xn_q, yn_t = (X.sq if whole else X.sq[rows]), Y.sq
     same = X is Y
     for a in range(0, nq, tile):
-        qa = _centred_tile(xq_all, a, tile, centre, dtype)
         qrows = rows[a : a + tile]
+        qa = X.tile(a, tile) if whole else X.x[qrows].to(dtype) - X.centre
         for b in range(a if symmetric else 0, nr, tile):
-            rb = qa if (symmetric and b == a) else _centred_tile(Y, b, tile, centre, dtype)
+            rb = qa if (symmetric and b == a) else Y.tile(b, tile)
             d = torch.addmm(xn_q[a : a + tile, None] + yn_t[None, b : b + rb.shape[0]], qa, rb.T, alpha=-2.0)
             cols = torch.arange(b, b + rb.shape[0], device=dev)[None]
             if same:
@@ -175,12 +190,12 @@ def knn(
         raise ValueError(f"k = {k} needs at least {k} reference points, have {n_ref}")
     if n == 0:
         return KnnResult(np.zeros((0, k)), np.zeros((0, k), dtype=np.int64))
-    centre = Y.double().mean(0, keepdim=True) if Y.shape[0] * d <= 1 << 26 else \
-        sum(Y[a : a + 8192].double().sum(0, keepdim=True) for a in range(0, Y.shape[0], 8192)) / Y.shape[0]
-    xn = _centred_sqnorms(X, centre)
-    yn = xn if symmetric else _centred_sqnorms(Y, centre)
+    centre = sum(Y[a : a + 8192].double().sum(0, keepdim=True) for a in range(0, Y.shape[0], 8192)) / Y.shape[0]
+    Xc = _Centred(X, centre, dtype)
+    Yc = Xc if symmetric else _Centred(Y, centre, dtype)
     # bound on |approx - exact| of every pair of a query: rounding of the product, the norms and the centring
-    err = _gamma(d + 4, dtype) * (xn.sqrt() + float(yn.max().sqrt())) ** 2
+    xn, ymax = Xc.sq.double() * 1.001, float(Yc.sq.max()) * 1.001
+    err = _gamma(d + 4, dtype) * (xn.sqrt() + math.sqrt(ymax)) ** 2
 
     out_d = torch.empty((n, k), dtype=torch.float64, device=dev)
     out_i = torch.empty((n, k), dtype=torch.int64, device=dev)
@@ -188,14 +203,28 @@ def knn(
     m = min(k + extra, n_ref)
     rechecked = None
     while todo.numel():
-        av, ai = _approx_candidates(X, Y, todo, xn, yn, centre, m, tile, dtype,
-                                    symmetric=symmetric and todo.numel() == n)
-        ex, ei = _sort_exact(_exact_rows(X, Y, todo, ai), ai)
-        if m >= n_ref:  # every reference is a candidate: nothing left to certify
-            ok = torch.ones(todo.numel(), dtype=torch.bool, device=dev)
-        else:
-            ok = ex[:, k - 1] < av.double().max(dim=1).values - err[todo]
-        out_d[todo[ok]], out_i[todo[ok]] = ex[ok, :k], ei[ok, :k]
+        av, ai = _approx_candidates(Xc, Yc, todo, m, tile, symmetric=symmetric and todo.numel() == n)
+        av, o = torch.sort(av.double(), dim=1)
+        ai = torch.gather(ai, 1, o)
+        e = err[todo]
+        ok = torch.zeros(todo.numel(), dtype=torch.bool, device=dev)
+        if m > k:
+            # the k best are certain when the k-th lies clearly below the (k+1)-th: exact values for those k only
+            clear = av[:, k - 1] + e < av[:, k] - e
+            if clear.any():
+                rows = todo[clear]
+                ex, ei = _sort_exact(_exact_rows(X, Y, rows, ai[clear, :k]), ai[clear, :k])
+                out_d[rows], out_i[rows] = ex, ei
+                ok |= clear
+        amb = ~ok
+        if amb.any():
+            # near ties: exact values of every candidate, certified against the references outside them
+            rows = todo[amb]
+            ex, ei = _sort_exact(_exact_rows(X, Y, rows, ai[amb]), ai[amb])
+            cert = torch.ones(rows.numel(), dtype=torch.bool, device=dev) if m >= n_ref else \
+                ex[:, k - 1] < av[amb, -1] - e[amb]
+            out_d[rows[cert]], out_i[rows[cert]] = ex[cert, :k], ei[cert, :k]
+            ok[torch.nonzero(amb).squeeze(1)[cert]] = True
         if rechecked is None:
             rechecked = int((~ok).sum())
         todo = todo[~ok]

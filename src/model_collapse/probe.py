@@ -34,7 +34,7 @@ from model_collapse.rundir import atomic_write_json, read_json
 @dataclass(frozen=True)
 class ProbeConfig:
     data: str = "digits"
-    sizes: tuple[int, ...] = (32, 64, 128)
+    sizes: tuple[int, ...] = (32, 128)  # one model per core on 2 cores: about 3-4 minutes
     steps: tuple[int, ...] = (1000, 2000, 3000)
     seed: int = 0
     model: str = "tiny"

@@ -57,13 +57,13 @@ def _sq_to(x: torch.Tensor, rows: torch.Tensor | None, c: torch.Tensor) -> torch
 def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16, **_) -> Selection:
     """Greedy farthest-point selection (Gonzalez 1985), exact, with pruning that skips most of the pool.
 
-    Each pool point p keeps its squared distance mind[p] to the nearest selected centre and that centre a[p];
-    each centre s keeps an upper bound r[s] on the distance of its points. When centre c is added, p can only get
-    closer if d(c, p) < d(a[p], p); by the triangle inequality d(c, p) >= d(c, a[p]) - d(a[p], p), so every
-    point of a centre s with d(c, s) >= 2 r[s] is skipped without touching it. d(c, s) itself is first bounded
-    from below by the distance between projections on the pool's top principal directions (an orthogonal
-    projection never lengthens a vector), so most centres are skipped from a few numbers too. Points that remain
-    get exact distances; the arg-max (lowest index among ties) is taken over exact values, as in the definition.
+    Each pool point p keeps its distance to the nearest selected centre and that centre a[p]. When centre c is
+    added, p can only get closer if d(c, p) < d(a[p], p); by the triangle inequality
+    d(c, p) >= d(c, a[p]) - d(a[p], p), and d(c, a[p]) is bounded from below by the distance between the two
+    centres' projections on the pool's top principal directions (an orthogonal projection never lengthens a
+    vector). So one projected distance per centre rules out most of the pool in a few vectorised operations;
+    the projection then bounds d(c, p) itself, and only the points that remain get exact float64 distances. The
+    arg-max (lowest index among ties) is taken over exact values, as in the definition.
     """
     m = len(x)
     # exact distances from the inputs as given (float32 inputs are exact in float64); centring only for bounds
@@ -83,60 +83,33 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
 
     start = greedy_start(m, seed)
     chosen = [start]
-    mind = _sq_to(X, None, X[start])
-    mind[start] = -1.0  # selected
-    assign = torch.full((m,), 0, dtype=torch.int64)  # position of the centre in `chosen`
+    mind = _sq_to(X, None, X[start])  # squared distance to the nearest chosen centre; -1 once chosen
+    mind[start] = -1.0
+    own = mind.clamp_min(0).sqrt()  # that distance (0 for chosen points)
+    assign = torch.zeros(m, dtype=torch.int64)  # position in `chosen` of that centre
     centres_z = torch.empty((n, q), dtype=torch.float64)
     centres_z[0] = Z[start]
-    radius = torch.empty(n, dtype=torch.float64)
-    radius[0] = mind.clamp_min(0).max().sqrt()
-    touched = 0
+    touched = m
     for t in range(1, n):
         c = int(torch.argmax(mind))  # first maximum: ties go to the lowest index
         chosen.append(c)
-        # centres whose points might move: projected lower bound first, exact centre distance second
-        lb = (centres_z[:t] - Z[c]).pow(2).sum(1).sqrt()
-        maybe = torch.nonzero(lb * (1 - slack) < 2 * radius[:t]).squeeze(1)
-        cand_centres = torch.tensor([], dtype=torch.int64)
-        if maybe.numel():
-            cent_idx = torch.as_tensor([chosen[i] for i in maybe.tolist()], dtype=torch.int64)
-            dcs = _sq_to(X, cent_idx, X[c]).sqrt()
-            keep = dcs * (1 - slack) < 2 * radius[maybe]
-            cand_centres, dcs = maybe[keep], dcs[keep]
-        mind[c] = -1.0
-        assign[c] = t
+        mind[c], own[c], assign[c] = -1.0, 0.0, t
         centres_z[t] = Z[c]
-        radius[t] = 0.0
-        if cand_centres.numel():
-            dist_of_centre = torch.full((t,), math.inf, dtype=torch.float64)
-            dist_of_centre[cand_centres] = dcs
-            is_cand = torch.zeros(t + 1, dtype=torch.bool)
-            is_cand[cand_centres] = True
-            members = torch.nonzero(is_cand[assign] & (mind >= 0)).squeeze(1)
-            own = mind[members].sqrt()
-            # per-point bounds: triangle inequality through its centre, and the projection
-            alive = dist_of_centre[assign[members]] * (1 - slack) < 2 * own
-            pts = members[alive]
-            if pts.numel():
-                lbp = (Z[pts] - Z[c]).pow(2).sum(1).sqrt()
-                pts = pts[lbp * (1 - slack) < own[alive]]
-            if pts.numel():
-                touched += pts.numel()
-                d2 = _sq_to(X, pts, X[c])
-                closer = d2 < mind[pts]
-                moved = pts[closer]
-                mind[moved] = d2[closer]
-                assign[moved] = t
-                if moved.numel():
-                    radius[t] = mind[moved].max().sqrt()
-            # exact radii of the candidate groups (members that did not move stay in them)
-            stay = members[assign[members] != t]
-            new_r = torch.zeros(t, dtype=torch.float64)
-            if stay.numel():
-                new_r.scatter_reduce_(0, assign[stay], mind[stay].sqrt(), reduce="amax", include_self=True)
-            radius[cand_centres] = new_r[cand_centres]
+        # p can only get closer if d(c, p) < own[p]; d(c, p) >= d(c, a[p]) - own[p] >= lb(c, a[p]) - own[p]
+        lb = (centres_z[:t] - Z[c]).pow(2).sum(1).sqrt()
+        test = torch.nonzero(lb[assign.clamp_max(t - 1)] * (1 - slack) < 2 * own).squeeze(1)
+        if test.numel():  # the projection bounds d(c, p) itself
+            test = test[(Z[test] - Z[c]).pow(2).sum(1).sqrt() * (1 - slack) < own[test]]
+        if test.numel():
+            touched += test.numel()
+            d2 = _sq_to(X, test, X[c])
+            closer = d2 < mind[test]
+            moved = test[closer]
+            mind[moved] = d2[closer]
+            own[moved] = d2[closer].sqrt()
+            assign[moved] = t
     return Selection(np.asarray(chosen, dtype=np.int64), "greedy", seed,
-                     {"start": start, "distances_computed": int(touched) + m})
+                     {"start": start, "distances_computed": int(touched)})
 
 
 # ---------------------------------------------------------------------------------------------- threshold
@@ -221,14 +194,13 @@ def select_threshold(
             if not surv.numel():
                 continue
             # resolve among survivors in visiting order, on exact distances
-            S = X64[surv]
-            conflict = ((S[:, None, :] - S[None, :, :]) ** 2).sum(-1) <= t2 if len(surv) <= 256 else \
-                _conflicts_blocked(S, t2)
-            live = torch.ones(len(surv), dtype=torch.bool)
-            for i in range(len(surv)):
+            conflict = _conflicts(X, X64, sq, norms, surv, t2, gamma)
+            live = np.ones(len(surv), dtype=bool)
+            surv_list = surv.tolist()
+            for i in range(len(surv_list)):
                 if not live[i]:
                     continue
-                p = int(surv[i])
+                p = surv_list[i]
                 acc_buf[len(accepted)] = X[p]
                 acc_sq[len(accepted)] = sq[p]
                 acc_norm[len(accepted)] = norms[p]
@@ -246,11 +218,19 @@ def select_threshold(
                       "order": order.astype(np.int64)})
 
 
-def _conflicts_blocked(S: torch.Tensor, t2: float, block: int = 256) -> torch.Tensor:
-    out = torch.empty((len(S), len(S)), dtype=torch.bool)
-    for a in range(0, len(S), block):
-        out[a : a + block] = ((S[a : a + block, None, :] - S[None, :, :]) ** 2).sum(-1) <= t2
-    return out
+def _conflicts(X, X64, sq, norms, surv, t2: float, gamma: float) -> np.ndarray:
+    """conflict[i, j]: survivors i and j lie within tau (exact squared distance <= tau^2).
+
+    One float32 matrix product with the rounding bound; only pairs within the bound of tau^2 are recomputed
+    exactly from differences."""
+    approx = torch.addmm(sq[surv].float()[:, None] + sq[surv].float()[None], X[surv], X[surv].T, alpha=-2.0).double()
+    err = gamma * (norms[surv][:, None] + norms[surv][None]) ** 2
+    out = approx + err <= t2
+    amb = (approx - err <= t2) & ~out
+    if amb.any():
+        r, c = torch.nonzero(amb, as_tuple=True)
+        out[r, c] = ((X64[surv[r]] - X64[surv[c]]) ** 2).sum(1) <= t2
+    return out.numpy()
 
 
 # ---------------------------------------------------------------------------------------------- registry
