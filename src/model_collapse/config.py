@@ -105,6 +105,8 @@ class RunConfig:
     workers: int | None = None  # processes running arms side by side; None = one per arm up to the core count
     device: str | None = None  # torch device; None = cuda when available, else cpu
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU training and sampling)
+    channels_last: bool = False  # channels-last memory format for the UNet (GPU)
+    compile: bool = False  # torch.compile the UNet (GPU; the first steps pay for compilation)
     report: bool = True  # write the HTML report when the run ends
     arms: tuple[ArmConfig, ...] = (
         ArmConfig("replace", "random"),
@@ -112,7 +114,7 @@ class RunConfig:
     )
 
 
-EXECUTION_KEYS = ("workers", "device", "report")
+EXECUTION_KEYS = ("workers", "device", "report", "channels_last", "compile")
 
 
 # ---------------------------------------------------------------------------------------------- parsing

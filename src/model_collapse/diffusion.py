@@ -248,6 +248,7 @@ def train(
     s.checkpoint_every steps (and at the end with save_final, so that a later call with more steps continues:
     with a constant learning rate, training to 1000 and then to 2000 steps equals training to 2000 at once).
     """
+    compiled, unet = unet, getattr(unet, "_orig_mod", unet)  # torch.compile: run the compiled, save the module
     dev = torch.device(device) if accelerator is None else accelerator.device
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     sched = make_train_scheduler()
@@ -261,7 +262,7 @@ def train(
     if checkpoint is not None and checkpoint.exists():
         step = load_checkpoint(checkpoint, unet, opt, ema)
     alphas = sched.alphas_cumprod.to(dev)
-    model = unet if accelerator is None else accelerator.prepare_model(unet)
+    model = compiled if accelerator is None else accelerator.prepare_model(compiled)
     unet.train()
     while step < s.train_steps:
         g = torch_generator(seed, *coords, "train", step)

@@ -194,7 +194,15 @@ def build_training_set(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) 
 def _new_unet(study: Study, arm_label: str, t: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(study.cfg.seed, arm_label, t, "init"))
-        return D.build_unet(study.spec, study.shape[0], study.shape[2], study.num_classes)
+        unet = D.build_unet(study.spec, study.shape[0], study.shape[2], study.num_classes)
+    if study.cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+def _fast(study: Study, unet):
+    """The module to run: compiled when asked (weights stay shared with `unet`, which is what gets saved)."""
+    return torch.compile(unet) if study.cfg.compile else unet
 
 
 def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=None, on_checkpoint=None) -> None:
@@ -210,7 +218,7 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
     hook = (lambda step: on_checkpoint(label, t, step)) if on_checkpoint else None
     acc = dist.accelerator(cfg.mixed_precision)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision) if acc is None else None
-    D.train(unet, tr["images"], labels, study.train_settings(), cfg.seed, (label, t), checkpoint=ckpt,
+    D.train(_fast(study, unet), tr["images"], labels, study.train_settings(), cfg.seed, (label, t), checkpoint=ckpt,
             progress=(lambda step: bar.update(1)) if bar else None, on_checkpoint=hook,
             null_class=study.num_classes, device=study.device, accelerator=acc, amp_dtype=amp)
     unet.cpu()
@@ -232,7 +240,7 @@ def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=No
     # under several processes, process r draws samples r, r + P, r + 2P, ...: each sample's noise depends on its
     # index only, so the samples are those of one process
     mine = np.arange(dist.rank(), n, dist.world())
-    images = D.generate(unet, cfg.sampler, cfg.sample_steps, mine, cfg.seed, (label, t), study.shape,
+    images = D.generate(_fast(study, unet), cfg.sampler, cfg.sample_steps, mine, cfg.seed, (label, t), study.shape,
                         batch_size=cfg.sample_batch,
                         class_labels=None if class_labels is None else class_labels[mine],
                         guidance=arm_guidance(cfg, arm), null_class=study.num_classes,

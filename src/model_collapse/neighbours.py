@@ -82,10 +82,16 @@ class _Centred:
             yield self.tile(a, size)
 
 
-def _merge(best_v, best_i, v, i, m):
-    """Keep the m smallest of the running best and a new tile (i: the tile's column indices, shape (1, c))."""
-    vals = torch.cat([best_v, v], dim=1)
-    idx = torch.cat([best_i, i.expand(v.shape[0], -1)], dim=1)
+def _merge(best_v, best_i, d, cols, m, dim=1):
+    """Keep the m smallest of the running best and a tile d: per row of d (dim=1) or per column (dim=0, the
+    transposed update of a symmetric tile). cols: the tile's indices along `dim`. The tile's own m smallest
+    come first, so only small arrays are concatenated."""
+    mm = min(m, d.shape[dim])
+    tv, tp = torch.topk(d, mm, dim=dim, largest=False, sorted=False)
+    if dim == 0:
+        tv, tp = tv.T, tp.T
+    vals = torch.cat([best_v, tv], dim=1)
+    idx = torch.cat([best_i, cols[tp]], dim=1)
     top_v, pos = torch.topk(vals, m, dim=1, largest=False, sorted=False)
     return top_v, torch.gather(idx, 1, pos)
 
@@ -110,7 +116,7 @@ def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
         for b in range(a if symmetric else 0, nr, tile):
             rb = qa if (symmetric and b == a) else Y.tile(b, tile)
             d = torch.addmm(xn_q[a : a + tile, None] + yn_t[None, b : b + rb.shape[0]], qa, rb.T, alpha=-2.0)
-            cols = torch.arange(b, b + rb.shape[0], device=dev)[None]
+            cols = torch.arange(b, b + rb.shape[0], device=dev)
             if same:
                 hit = (qrows >= b) & (qrows < b + rb.shape[0])
                 if hit.any():
@@ -119,12 +125,12 @@ def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
             v, i = _merge(best_v[a : a + tile], best_i[a : a + tile], d, cols, m)
             best_v[a : a + tile], best_i[a : a + tile] = v, i
             if symmetric and b != a:
-                v, i = _merge(best_v[b : b + tile], best_i[b : b + tile], d.T, qrows[None], m)
+                v, i = _merge(best_v[b : b + tile], best_i[b : b + tile], d, qrows, m, dim=0)
                 best_v[b : b + tile], best_i[b : b + tile] = v, i
     return best_v, best_i
 
 
-def _exact_rows(X, Y, rows, idx, chunk_elems=1 << 23):
+def _exact_rows(X, Y, rows, idx, chunk_elems=1 << 16):
     """Exact float64 squared distances, from differences, of query rows to their candidate references idx (n, m)."""
     n, m = idx.shape
     out = torch.empty((n, m), dtype=torch.float64, device=X.device)
@@ -218,9 +224,12 @@ def knn(
                 ok |= clear
         amb = ~ok
         if amb.any():
-            # near ties: exact values of every candidate, certified against the references outside them
+            # near ties: exact values of the candidates that can still reach the k best (approximately within
+            # 2 bounds of the k-th), certified against the references outside the candidates
             rows = todo[amb]
-            ex, ei = _sort_exact(_exact_rows(X, Y, rows, ai[amb]), ai[amb])
+            reach = int((av[amb] <= av[amb, k - 1 : k] + 2 * e[amb, None]).sum(1).max())
+            cols = ai[amb, : max(reach, k)]
+            ex, ei = _sort_exact(_exact_rows(X, Y, rows, cols), cols)
             cert = torch.ones(rows.numel(), dtype=torch.bool, device=dev) if m >= n_ref else \
                 ex[:, k - 1] < av[amb, -1] - e[amb]
             out_d[rows[cert]], out_i[rows[cert]] = ex[cert, :k], ei[cert, :k]

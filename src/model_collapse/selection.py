@@ -93,11 +93,12 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
     for t in range(1, n):
         c = int(torch.argmax(mind))  # first maximum: ties go to the lowest index
         chosen.append(c)
-        mind[c], own[c], assign[c] = -1.0, 0.0, t
-        centres_z[t] = Z[c]
+        mind[c], own[c] = -1.0, 0.0  # own = 0: never tested again
         # p can only get closer if d(c, p) < own[p]; d(c, p) >= d(c, a[p]) - own[p] >= lb(c, a[p]) - own[p]
         lb = (centres_z[:t] - Z[c]).pow(2).sum(1).sqrt()
-        test = torch.nonzero(lb[assign.clamp_max(t - 1)] * (1 - slack) < 2 * own).squeeze(1)
+        test = torch.nonzero(lb[assign] * (1 - slack) < 2 * own).squeeze(1)
+        assign[c] = t
+        centres_z[t] = Z[c]
         if test.numel():  # the projection bounds d(c, p) itself
             test = test[(Z[test] - Z[c]).pow(2).sum(1).sqrt() * (1 - slack) < own[test]]
         if test.numel():
@@ -115,15 +116,20 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
 # ---------------------------------------------------------------------------------------------- threshold
 
 
-def default_tau0(x: np.ndarray) -> float:
-    """tau0 default: twice the median distance of a pool point to its nearest other pool point.
+def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048) -> float:
+    """tau0 default: twice the median distance of a pool point to its nearest other pool point, the median taken
+    over a seeded sample of (at most) 2,048 pool points, each with its exact nearest neighbour in the whole pool.
 
     A first pass at that radius keeps only points well apart from each other; each further pass lowers tau by
     `decay` until N points are accepted, so the result starts as sparse as the pool allows.
     """
     from model_collapse.neighbours import knn
 
-    return 2.0 * float(np.median(knn(x, None, 1).distances[:, 0]))
+    if len(x) <= sample:
+        return 2.0 * float(np.median(knn(x, None, 1).distances[:, 0]))
+    pick = np.sort(numpy_rng(seed, "tau0-sample").choice(len(x), sample, replace=False))
+    d = knn(x[pick], x, 2).distances  # a pool point's first neighbour in the pool is itself, at distance 0
+    return 2.0 * float(np.median(d[:, 1]))
 
 
 def _gamma32(d: int) -> float:
@@ -154,7 +160,7 @@ def select_threshold(
     if n_distinct < n:
         raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
     if tau0 is None:
-        tau0 = default_tau0(x)
+        tau0 = default_tau0(x, seed)
     if not tau0 > 0:
         raise UserError(f"tau0 must be > 0, got {tau0}")
     order = numpy_rng(seed, "threshold-order").permutation(m)
@@ -163,6 +169,11 @@ def select_threshold(
     acc_buf = torch.empty((n, d), dtype=torch.float32)
     acc_sq = torch.empty(n, dtype=torch.float64)
     acc_norm = torch.empty(n, dtype=torch.float64)
+    # per point: approximate squared distance to the nearest accepted point among the first upto[p] accepted.
+    # The accepted set only grows and tau only shrinks, so this is carried from pass to pass and only the
+    # points accepted since are folded in: about one M x N product in all, not one per pass.
+    near = torch.full((m,), math.inf, dtype=torch.float64)
+    upto = np.zeros(m, dtype=np.int64)
     tau = float(tau0)
     passes = 0
     while len(accepted) < n:
@@ -175,21 +186,22 @@ def select_threshold(
                 continue
             it = torch.as_tensor(idx)
             k = len(accepted)
+            lo = int(upto[idx].min())
+            if k > lo:
+                approx = torch.addmm(sq[it].float()[:, None] + acc_sq[lo:k].float()[None], X[it], acc_buf[lo:k].T,
+                                     alpha=-2.0).double()
+                near[it] = torch.minimum(near[it], approx.min(1).values)
+                upto[idx] = k
             alive = torch.ones(len(idx), dtype=torch.bool)
             if k:
-                approx = torch.addmm(sq[it].float()[:, None] + acc_sq[:k].float()[None], X[it], acc_buf[:k].T,
-                                     alpha=-2.0).double()
-                err = gamma * (norms[it][:, None] + acc_norm[:k][None]) ** 2
-                surely_close = (approx + err <= t2).any(1)
-                alive &= ~surely_close
-                amb = (approx - err <= t2) & (approx + err > t2) & alive[:, None]
+                err = gamma * (norms[it] + acc_norm[:k].max()) ** 2  # bounds every pair of this point
+                alive &= ~(near[it] + err <= t2)  # surely within tau of an accepted point
+                amb = alive & (near[it] - err <= t2)  # near tau: decide on exact distances
                 if amb.any():
-                    r, c = torch.nonzero(amb, as_tuple=True)
-                    acc_idx = torch.as_tensor(accepted, dtype=torch.int64)[c]
-                    exact = ((X64[it[r]] - X64[acc_idx]) ** 2).sum(1)
-                    close = torch.zeros(len(idx), dtype=torch.bool)
-                    close[r[exact <= t2]] = True
-                    alive &= ~close
+                    rows = it[amb]
+                    close = _exact_close(X, X64, sq, norms, rows, acc_buf[:k], acc_sq[:k], acc_norm[:k],
+                                         torch.as_tensor(accepted), t2, gamma)
+                    alive[torch.nonzero(amb).squeeze(1)[close]] = False
             surv = it[alive]
             if not surv.numel():
                 continue
@@ -216,6 +228,19 @@ def select_threshold(
     return Selection(np.asarray(accepted, dtype=np.int64), "threshold", seed,
                      {"tau0": float(tau0), "decay": float(decay), "tau_final": tau, "passes": passes,
                       "order": order.astype(np.int64)})
+
+
+def _exact_close(X, X64, sq, norms, rows, acc, acc_sq, acc_norm, acc_idx, t2: float, gamma: float) -> torch.Tensor:
+    """For each row: is some accepted point within tau (exact squared distance <= tau^2)?"""
+    approx = torch.addmm(sq[rows].float()[:, None] + acc_sq.float()[None], X[rows], acc.T, alpha=-2.0).double()
+    err = gamma * (norms[rows][:, None] + acc_norm[None]) ** 2
+    close = (approx + err <= t2).any(1)
+    amb = (approx - err <= t2) & (approx + err > t2) & ~close[:, None]
+    if amb.any():
+        r, c = torch.nonzero(amb, as_tuple=True)
+        hit = ((X64[rows[r]] - X64[acc_idx[c]]) ** 2).sum(1) <= t2
+        close[r[hit]] = True
+    return close
 
 
 def _conflicts(X, X64, sq, norms, surv, t2: float, gamma: float) -> np.ndarray:
