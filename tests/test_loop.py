@@ -166,3 +166,21 @@ def test_guided_conditional_loop_end_to_end(tmp_path):
         counts = np.bincount(z["labels"], minlength=10)
     assert counts.sum() == 30 and counts.max() - counts.min() <= 1  # per-class selection keeps the balance
     assert (tmp_path / "g" / "features" / "domain.safetensors").exists()
+
+
+def test_arms_with_their_own_guidance_sample_iteration_0_themselves(tmp_path):
+    cfg = resolve_config("guided", ["n_train=20", "iterations=2", "train_steps=10", "batch_size=8",
+                                    "sample_steps=3", "workers=1", "report=false", "domain_steps=10",
+                                    "spaces=[\"pixel\"]"])
+    run_loop(cfg, tmp_path / "g", show=False)
+    rows = {(r["arm"], r["iteration"]): r for r in read_metrics(tmp_path / "g" / "metrics.jsonl")}
+    w0, w2 = (a.label() for a in cfg.arms)
+    own = tmp_path / "g" / "arms" / w2 / "iter_000" / "samples.npz"
+    assert own.exists() and not (tmp_path / "g" / "arms" / w0 / "iter_000").exists()
+    with np.load(tmp_path / "g" / "iter_000" / "samples.npz") as a, np.load(own) as b:
+        assert not np.array_equal(a["images"], b["images"])  # guided samples of the same model
+    assert rows[(w0, 0)]["gen_score_pixel"] != rows[(w2, 0)]["gen_score_pixel"]
+    assert rows[(w0, 0)]["train_entropy_pixel"] == rows[(w2, 0)]["train_entropy_pixel"]  # one training set
+    with np.load(tmp_path / "g" / "arms" / w0 / "iter_001" / "train.npz") as a, \
+            np.load(tmp_path / "g" / "arms" / w2 / "iter_001" / "train.npz") as b:
+        assert not np.array_equal(a["images"], b["images"])

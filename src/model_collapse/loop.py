@@ -139,6 +139,15 @@ def arm_guidance(cfg: RunConfig, arm: ArmConfig | None) -> float:
     return arm.guidance
 
 
+def own_iteration0(cfg: RunConfig, arm: ArmConfig | None) -> bool:
+    """Whether the arm samples the shared iteration-0 model itself (its guidance differs from the run's)."""
+    return arm is not None and arm_guidance(cfg, arm) != cfg.guidance
+
+
+def sample_dir(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> Path:
+    return rd.sample_dir(arm.label() if arm else None, t, own_iteration0(study.cfg, arm))
+
+
 # ---------------------------------------------------------------------------------------------- stages
 
 
@@ -162,7 +171,7 @@ def build_training_set(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) 
         imgs.append(real["images"]), labs.append(real.get("labels")), src_it.append(real["source_iteration"])
         src_ix.append(real["source_index"])
     for s in sources:
-        smp = load_npz(rd.iter_dir(label, s) / "samples.npz")
+        smp = load_npz(sample_dir(study, rd, arm, s) / "samples.npz")
         k = pool_size(cfg, arm)
         imgs.append(smp["images"][:k])
         labs.append(smp["labels"][:k] if "labels" in smp else None)
@@ -233,6 +242,9 @@ def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=No
     d = rd.iter_dir(arm.label() if arm else None, t)
     unet = _new_unet(study, label, t)
     D.load_weights(d / "model.safetensors", unet)
+    d = sample_dir(study, rd, arm, t)
+    if t == 0 and own_iteration0(cfg, arm):
+        label = arm.label()  # its own samples: its own noise
     n = n_samples(study, arm, t)
     class_labels = None
     if study.num_classes is not None:
@@ -264,8 +276,8 @@ def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=No
 def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
     """Per-(arm, iteration) metrics of the training set and of the model's first n_eval samples, every space."""
     cfg = study.cfg
-    d = rd.iter_dir(arm.label() if arm else None, t)
-    tr = load_npz(d / "train.npz")
+    tr = load_npz(rd.iter_dir(arm.label() if arm else None, t) / "train.npz")
+    d = sample_dir(study, rd, arm, t)
     gen = load_npz(d / "samples.npz")["images"][: study.n_eval]
     m: dict = {"n_train": int(len(tr["images"])), "n_generated": int(len(gen)),
                "train_real_fraction": float(np.mean(tr["source_iteration"] < 0))}
@@ -335,6 +347,8 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
             train_model(study, rd, arm, t, bar, on_checkpoint)
         timings["train_s"] = time.perf_counter() - t0
     dist.barrier()
+    d = sample_dir(study, rd, arm, t)
+    d.mkdir(parents=True, exist_ok=True)
     if not (d / "samples.npz").exists():
         t0 = time.perf_counter()
         with tqdm(total=n_samples(study, arm, t), desc=f"{label:>22} it{t} sample", position=position,
@@ -398,7 +412,7 @@ def _pending_rows(study: Study, rd: RunDir, done: set) -> list[dict]:
             key = (arm.label(), t)
             if key in done:
                 continue
-            f = rd.iter_dir(arm.label(), t) / "metrics.json"
+            f = sample_dir(study, rd, arm, t) / "metrics.json"
             if not f.exists():
                 return rows
             m = read_json(f)
@@ -448,6 +462,9 @@ def _run_loop_distributed(cfg: RunConfig, study: Study, out: Path, show: bool) -
         history = read_metrics(rd.metrics_path) if dist.is_main() else []
         done = {(r["arm"], r["iteration"]) for r in history}
         run_stage(study, rd, None, 0, show=show)
+        for arm in cfg.arms:
+            if own_iteration0(cfg, arm):
+                run_stage(study, rd, arm, 0, show=show)
         for t in range(1, cfg.iterations):
             for arm in cfg.arms:
                 run_stage(study, rd, arm, t, show=show)
@@ -488,6 +505,9 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
         for s in ["pixel"] + list(cfg.spaces):  # learned spaces are trained once, here, before any worker starts
             study.real_stats(s)
         run_stage(study, rd, None, 0, show=show)  # shared by every arm: one row per arm points at it
+        for arm in cfg.arms:  # arms with their own guidance sample the shared model themselves
+            if own_iteration0(cfg, arm):
+                run_stage(study, rd, arm, 0, show=show)
         _flush_rows(study, rd, done, history)
         workers = default_workers(cfg)
         if workers <= 1 or cfg.iterations == 1:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 DEFAULT_TILE = 2048
-DEFAULT_EXTRA = 12
+DEFAULT_EXTRA = 4
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,9 @@ def _merge(best_v, best_i, d, cols, m, dim=1):
     """Keep the m smallest of the running best and a tile d: per row of d (dim=1) or per column (dim=0, the
     transposed update of a symmetric tile). cols: the tile's indices along `dim`. The tile's own m smallest
     come first, so only small arrays are concatenated."""
-    mm = min(m, d.shape[dim])
-    tv, tp = torch.topk(d, mm, dim=dim, largest=False, sorted=False)
-    if dim == 0:
-        tv, tp = tv.T, tp.T
+    if dim == 0:  # row-wise top-k of the transposed tile is about twice as fast as top-k along columns
+        d = d.T.contiguous()
+    tv, tp = torch.topk(d, min(m, d.shape[1]), dim=1, largest=False, sorted=False)
     vals = torch.cat([best_v, tv], dim=1)
     idx = torch.cat([best_i, cols[tp]], dim=1)
     top_v, pos = torch.topk(vals, m, dim=1, largest=False, sorted=False)

@@ -40,7 +40,12 @@ class Arm:
     rows: list[dict] = field(default_factory=list)
 
     def iter_dir(self, t: int) -> Path:
-        return self.run / "iter_000" if t == 0 else self.run / "arms" / self.name / f"iter_{t:03d}"
+        """Where the arm's samples and measurements of iteration t are (see RunDir.sample_dir)."""
+        own = self.run / "arms" / self.name / f"iter_{t:03d}"
+        return own if (t > 0 or own.exists()) else self.run / "iter_000"
+
+    def train_dir(self, t: int) -> Path:
+        return self.run / "iter_000" if t == 0 else self.iter_dir(t)
 
 
 def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
@@ -132,7 +137,7 @@ def entropy_generalization(arms: list[Arm], space: str = "pixel") -> dict:
             e, g = r.get(f"train_entropy_{space}"), r.get(f"gen_score_{space}")
             if not (_finite(e) and _finite(g) and g > 0):
                 continue
-            key = (str(a.run), r["iteration"]) if r["iteration"] == 0 else (a.label, r["iteration"])
+            key = str(a.iter_dir(r["iteration"]))
             if key in seen:  # iteration 0 is shared by the arms of one run: one point
                 continue
             seen.add(key)
@@ -199,11 +204,12 @@ def nearest_pairs(arm: Arm, t: int, n_pairs: int = 8):
     from model_collapse.metrics import distinct_index
 
     d = arm.iter_dir(t)
-    if not all((d / f).exists() for f in ("neighbours_pixel.npz", "samples.npz", "train.npz")):
+    if not all((d / f).exists() for f in ("neighbours_pixel.npz", "samples.npz")) or \
+            not (arm.train_dir(t) / "train.npz").exists():
         return None
     nb = load_npz(d / "neighbours_pixel.npz")
     gen = load_npz(d / "samples.npz")["images"]
-    train = load_npz(d / "train.npz")["images"]
+    train = load_npz(arm.train_dir(t) / "train.npz")["images"]
     keep = distinct_index(pixel_vectors(train))
     order = np.argsort(nb["d1"], kind="stable")[:n_pairs]
     return [(gen[i], train[keep[nb["nearest"][i]]], float(nb["d1"][i]), float(nb["d2"][i])) for i in order]

@@ -96,10 +96,17 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def iter_dir(self, arm: str | None, iteration: int) -> Path:
-        """Iteration 0 is shared by all arms; later iterations live under arms/<arm>/."""
+        """Where (arm, iteration) trains: iteration 0 is shared by all arms; later ones live under arms/<arm>/."""
         if iteration == 0:
             return self.path / "iter_000"
         return self.path / "arms" / arm / f"iter_{iteration:03d}"
+
+    def sample_dir(self, arm: str | None, iteration: int, own_iteration0: bool = False) -> Path:
+        """Where (arm, iteration) samples and is measured: as iter_dir, except that an arm sampling the shared
+        iteration-0 model differently (its own guidance scale) keeps its samples under arms/<arm>/iter_000."""
+        if iteration == 0 and own_iteration0 and arm is not None:
+            return self.path / "arms" / arm / "iter_000"
+        return self.iter_dir(arm, iteration)
 
     # -- opening
     @classmethod
