@@ -61,9 +61,12 @@ def test_report_on_partial_run(runs, tmp_path):
 
 
 def test_pearson_r_of_the_correlation_figure():
-    class A:  # a minimal arm: rows only
+    class A:  # a minimal arm: rows and where each iteration's samples are
         def __init__(self, label, rows, run="r"):
             self.label, self.rows, self.run = label, rows, Path(run)
+
+        def iter_dir(self, t):
+            return self.run / self.label / str(t)
 
     rows = [{"iteration": t, "train_entropy_pixel": e, "gen_score_pixel": g}
             for t, (e, g) in enumerate([(10, 3.0), (5, 2.0), (1, 1.5), (-3, 1.1)])]
