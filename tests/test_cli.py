@@ -192,3 +192,13 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_every_shipped_preset_resolves():
+    from model_collapse.config import preset_names, resolve_config
+
+    names = preset_names()
+    assert {"demo", "smoke", "guided", "cifar10-replace", "cifar10-accumulate", "cifar10-guided", "ffhq32"} <= set(names)
+    for name in names:
+        cfg = resolve_config(name)
+        assert cfg.iterations >= 2 and len(cfg.arms) >= 2, name
