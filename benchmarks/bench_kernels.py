@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from model_collapse.metrics import generalization_score, kl_entropy  # noqa: E402
 from model_collapse.neighbours import knn  # noqa: E402
 from model_collapse.rng import numpy_rng  # noqa: E402
 from model_collapse.selection import greedy_start, select_greedy, select_threshold  # noqa: E402

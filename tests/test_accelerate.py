@@ -5,14 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from model_collapse.config import resolve_config
 from model_collapse.loop import run_loop
-from model_collapse.rundir import read_json, read_metrics
+from model_collapse.rundir import read_metrics
 
 SETS = ["n_train=24", "iterations=3", "train_steps=24", "checkpoint_every=8", "batch_size=8", "sample_steps=4",
         "workers=1", "report=false"]

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import bad_image_inputs
+
 from model_collapse.data import load_images, pixel_vectors, read_cifar10_binary
 from model_collapse.errors import UserError
 
@@ -60,45 +62,8 @@ def test_cifar10_binary_reader(tmp_path, rng):
     assert full.images.shape == (35, 32, 32, 3)
 
 
-def _bad(tmp_path, rng):
-    (tmp_path / "empty").mkdir()
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(mixed / "a.png")
-    Image.fromarray(np.zeros((9, 9), np.uint8)).save(mixed / "b.png")
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "x.png").write_bytes(b"not a png at all")
-    np.save(tmp_path / "rank.npy", np.zeros((4, 4), np.uint8))
-    np.save(tmp_path / "dtype.npy", np.zeros((4, 4, 4), np.int64))
-    nan = np.zeros((4, 4, 4), np.float32)
-    nan[1, 2, 3] = np.nan
-    np.save(tmp_path / "nan.npy", nan)
-    inf = np.zeros((4, 4, 4), np.float32)
-    inf[0, 0, 0] = np.inf
-    np.save(tmp_path / "inf.npy", inf)
-    np.save(tmp_path / "range.npy", np.full((4, 4, 4), 3.0, np.float32))
-    (tmp_path / "garbage.npy").write_bytes(b"\x93NUMPY garbage")
-    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    np.savez(tmp_path / "nokey.npz", pixels=np.zeros((2, 4, 4), np.uint8))
-    return {
-        "missing": (str(tmp_path / "nope.npy"), "no such file"),
-        "empty folder": (str(tmp_path / "empty"), "no images"),
-        "mixed sizes": (str(mixed), "mixed image sizes"),
-        "corrupt": (str(corrupt), "cannot read image"),
-        "rank": (str(tmp_path / "rank.npy"), "shape"),
-        "dtype": (str(tmp_path / "dtype.npy"), "dtype"),
-        "nan": (str(tmp_path / "nan.npy"), "NaN or inf"),
-        "inf": (str(tmp_path / "inf.npy"), "NaN or inf"),
-        "range": (str(tmp_path / "range.npy"), r"\[0, 1\]"),
-        "garbage": (str(tmp_path / "garbage.npy"), "cannot read"),
-        "pickled": (str(tmp_path / "obj.npy"), "cannot read"),
-        "no images key": (str(tmp_path / "nokey.npz"), "no 'images'"),
-    }
-
-
 def test_bad_inputs_raise_one_line_user_errors(tmp_path, rng):
-    for what, (path, msg) in _bad(tmp_path, rng).items():
+    for what, (path, msg) in bad_image_inputs(tmp_path).items():
         with pytest.raises(UserError, match=msg) as e:
             load_images(path)
         assert "\n" not in str(e.value), what

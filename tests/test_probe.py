@@ -1,8 +1,7 @@
-import json
 import subprocess
 import sys
 
-from model_collapse.probe import read_probe, resolve_probe, run_probe
+from model_collapse.probe import resolve_probe, run_probe
 
 
 def test_probe_runs_resumes_and_draws(tmp_path):

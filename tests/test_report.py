@@ -1,9 +1,6 @@
 """The report: figures from a real (tiny) run, several runs compared, partial runs, and a real browser."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
