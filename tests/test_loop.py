@@ -184,3 +184,29 @@ def test_arms_with_their_own_guidance_sample_iteration_0_themselves(tmp_path):
     with np.load(tmp_path / "g" / "arms" / w0 / "iter_001" / "train.npz") as a, \
             np.load(tmp_path / "g" / "arms" / w2 / "iter_001" / "train.npz") as b:
         assert not np.array_equal(a["images"], b["images"])
+
+
+def test_sigkilled_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
+    """A real crash: SIGKILL the process mid-training (after its first checkpoint), rerun the same command."""
+    import os
+    import signal
+    import time
+
+    sets = ["n_train=24", "iterations=2", "train_steps=60", "checkpoint_every=5", "batch_size=8",
+            "sample_steps=4", "workers=1", "report=false"]
+    cmd = lambda out: [sys.executable, "-m", "model_collapse", "run", "smoke", "--out", str(out), "--quiet",
+                       *sum([["--set", s] for s in sets], [])]
+    whole = subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen(cmd(tmp_path / "crash"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = tmp_path / "crash" / "iter_000" / "train_state.safetensors"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "crash" / "iter_000" / "model.safetensors").exists(), "the kill came too late"
+    again = subprocess.run(cmd(tmp_path / "crash"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert read_metrics(tmp_path / "crash" / "metrics.jsonl") == read_metrics(tmp_path / "whole" / "metrics.jsonl")
