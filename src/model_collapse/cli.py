@@ -123,6 +123,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_select(args) -> int:
+    import numpy as np
+
     from model_collapse.features import check_space, extract
     from model_collapse.rundir import atomic_save_npz
     from model_collapse.selection import check_method, select
@@ -145,7 +147,7 @@ def cmd_select(args) -> int:
     feats = extract(args.space, pool.images, _ctx(args, pool))
     sel = select(feats, args.n, args.method, args.seed, labels=pool.labels, per_class=args.per_class,
                  tau0=args.tau0, decay=args.decay)
-    extra = {k: v for k, v in sel.params.items() if isinstance(v, (int, float, np_types()))}
+    extra = {k: v for k, v in sel.params.items() if isinstance(v, (int, float, np.generic))}
     order = sel.params.get("order")
     atomic_save_npz(Path(args.out), images=pool.images[sel.indices],
                     labels=pool.labels[sel.indices] if pool.labels is not None else None,
@@ -155,12 +157,6 @@ def cmd_select(args) -> int:
               "space": args.space, **{k: (float(v) if isinstance(v, float) else v) for k, v in extra.items()}}
     _emit(result, args.json, "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
-
-
-def np_types():
-    import numpy as np
-
-    return np.generic
 
 
 def cmd_entropy(args) -> int:

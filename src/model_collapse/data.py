@@ -115,10 +115,8 @@ def _read_image_file(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("L", "I;16", "I", "F", "1", "P", "LA"):
-                im = im.convert("RGB") if im.mode in ("P",) else im.convert("L")
-            elif im.mode != "RGB":
-                im = im.convert("RGB")
+            # greyscale stays one channel; everything else (palette, RGBA, CMYK, ...) becomes RGB
+            im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
             return np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: cannot read image ({_short(e)})") from None

@@ -56,7 +56,7 @@ class Study:
 
     @property
     def device(self) -> str:
-        return self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return resolved_device(self.cfg)
 
     @property
     def n_eval(self) -> int:
@@ -84,6 +84,10 @@ class Study:
         return D.TrainSettings(c.train_steps, c.batch_size, c.lr, c.lr_schedule, c.warmup_steps, c.weight_decay,
                                c.adam_beta1, c.adam_beta2, c.ema_decay, c.label_dropout, c.checkpoint_every,
                                c.grad_clip)
+
+
+def resolved_device(cfg: RunConfig) -> str:
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def model_spec(cfg: RunConfig) -> D.UNetSpec:
@@ -278,7 +282,8 @@ def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
     cfg = study.cfg
     tr = load_npz(rd.iter_dir(arm.label() if arm else None, t) / "train.npz")
     d = sample_dir(study, rd, arm, t)
-    gen = load_npz(d / "samples.npz")["images"][: study.n_eval]
+    samples = load_npz(d / "samples.npz")
+    gen = samples["images"][: study.n_eval]
     m: dict = {"n_train": int(len(tr["images"])), "n_generated": int(len(gen)),
                "train_real_fraction": float(np.mean(tr["source_iteration"] < 0))}
     spaces = ["pixel"] + [s for s in cfg.spaces if s != "pixel"]
@@ -306,14 +311,11 @@ def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
         # the class it was sampled for (guidance raises it, at the cost of diversity)
         from model_collapse.features import classify
 
-        asked = load_npz(d / "samples.npz")["labels"][: study.n_eval]
+        asked = samples["labels"][: study.n_eval]
         seen = classify(gen, study.ctx)
         m["gen_class_counts"] = np.bincount(seen, minlength=study.num_classes).tolist()
         m["gen_class_agreement"] = float(np.mean(seen == asked))
     return m
-
-
-STAGES = ("train.npz", "model.safetensors", "samples.npz", "metrics.json")
 
 
 def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: bool = True, position: int = 0,
@@ -437,9 +439,21 @@ def _flush_rows(study: Study, rd: RunDir, done: set, history: list[dict]) -> Non
 def default_workers(cfg: RunConfig) -> int:
     if cfg.workers is not None:
         return min(cfg.workers, len(cfg.arms))
-    if (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+    if resolved_device(cfg).startswith("cuda"):
         return 1
     return max(1, min(len(cfg.arms), os.cpu_count() or 1))
+
+
+def _iteration0(study: Study, rd: RunDir, show: bool) -> None:
+    """Real-data statistics of every space (learned spaces are trained here, once, before any worker starts),
+    the shared iteration 0, and the arms that sample the shared model with their own guidance."""
+    if dist.is_main():
+        for s in ["pixel"] + list(study.cfg.spaces):
+            study.real_stats(s)
+    run_stage(study, rd, None, 0, show=show)  # shared by every arm: one row per arm points at it
+    for arm in study.cfg.arms:
+        if own_iteration0(study.cfg, arm):
+            run_stage(study, rd, arm, 0, show=show)
 
 
 def _run_loop_distributed(cfg: RunConfig, study: Study, out: Path, show: bool) -> dict:
@@ -456,15 +470,9 @@ def _run_loop_distributed(cfg: RunConfig, study: Study, out: Path, show: bool) -
         raise UserError(error)
     rd = rd or RunDir(out)
     try:
-        if dist.is_main():
-            for s in ["pixel"] + list(cfg.spaces):
-                study.real_stats(s)
         history = read_metrics(rd.metrics_path) if dist.is_main() else []
         done = {(r["arm"], r["iteration"]) for r in history}
-        run_stage(study, rd, None, 0, show=show)
-        for arm in cfg.arms:
-            if own_iteration0(cfg, arm):
-                run_stage(study, rd, arm, 0, show=show)
+        _iteration0(study, rd, show)
         for t in range(1, cfg.iterations):
             for arm in cfg.arms:
                 run_stage(study, rd, arm, t, show=show)
@@ -502,12 +510,7 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
         rows = read_metrics(rd.metrics_path)
         done = {(r["arm"], r["iteration"]) for r in rows}
         history = list(rows)
-        for s in ["pixel"] + list(cfg.spaces):  # learned spaces are trained once, here, before any worker starts
-            study.real_stats(s)
-        run_stage(study, rd, None, 0, show=show)  # shared by every arm: one row per arm points at it
-        for arm in cfg.arms:  # arms with their own guidance sample the shared model themselves
-            if own_iteration0(cfg, arm):
-                run_stage(study, rd, arm, 0, show=show)
+        _iteration0(study, rd, show)
         _flush_rows(study, rd, done, history)
         workers = default_workers(cfg)
         if workers <= 1 or cfg.iterations == 1:

@@ -241,10 +241,3 @@ def knn(
             break
         m = min(m * 4, n_ref)
     return KnnResult(out_d.clamp_min(0).sqrt().cpu().numpy(), out_i.cpu().numpy(), rechecked or 0)
-
-
-def pairwise_sq_dists_exact(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Exact float64 squared distances, for small sets (selection bookkeeping and tests)."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)

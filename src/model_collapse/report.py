@@ -180,8 +180,7 @@ def fig_samples(arm: Arm, n_show: int = 12) -> bytes | None:
     """Sample grid: one row per iteration, the same sample indices 0..n_show-1 in every row."""
     import matplotlib.pyplot as plt
 
-    its = [t for t in range(0, 1000) if (arm.iter_dir(t) / "samples.npz").exists()]
-    its = [t for t in its if t == 0 or (arm.iter_dir(t)).exists()]
+    its = [r["iteration"] for r in arm.rows if (arm.iter_dir(r["iteration"]) / "samples.npz").exists()]
     if not its:
         return None
     fig, axes = plt.subplots(len(its), n_show, figsize=(0.8 * n_show, 0.85 * len(its) + 0.5), squeeze=False)
