@@ -95,12 +95,31 @@ def _merge(best_v, best_i, d, cols, m, dim=1):
     return top_v, torch.gather(idx, 1, pos)
 
 
+def _distances(out, qa, rb, xn, yn):
+    """Approximate squared distances of the rows of qa to the rows of rb, written into `out` (no allocation):
+    |x|^2 + |y|^2 - 2 x.y, the product accumulated in place onto the norms."""
+    torch.add(xn[:, None], yn[None, :], out=out)
+    return out.addmm_(qa, rb.T, alpha=-2.0)
+
+
+def _diagonal_tile(out, qa, xn, sub):
+    """The square tile of a block against itself: only the sub-blocks on and above its diagonal are multiplied;
+    those below are their transposes (saves close to half the products of every diagonal tile)."""
+    t = qa.shape[0]
+    for i in range(0, t, sub):
+        for j in range(i, t, sub):
+            _distances(out[i : i + sub, j : j + sub], qa[i : i + sub], qa[j : j + sub], xn[i : i + sub], xn[j : j + sub])
+            if j != i:
+                out[j : j + sub, i : i + sub].copy_(out[i : i + sub, j : j + sub].T)
+    return out
+
+
 def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
     """Top-m (approximate, unsorted) squared distances and indices of rows `rows` of X among the rows of Y.
 
-    Tiles are centred and cast on the fly. symmetric (X is Y and rows is every row): only tiles on and above
-    the diagonal are computed, each updating its rows and its columns. Otherwise, when X is Y, a row never counts
-    itself.
+    Tiles are centred and cast on the fly into one reused buffer. symmetric (X is Y and rows is every row): only
+    tiles on and above the diagonal are computed, each updating its rows and its columns, and a diagonal tile
+    only its upper half of sub-blocks. Otherwise, when X is Y, a row never counts itself.
     """
     nq, nr = rows.numel(), Y.x.shape[0]
     dev, dtype = X.x.device, X.dtype
@@ -109,12 +128,19 @@ def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
     whole = rows.numel() == X.x.shape[0]
     xn_q, yn_t = (X.sq if whole else X.sq[rows]), Y.sq
     same = X is Y
+    buf = torch.empty(min(tile, nq) * min(tile, nr), device=dev, dtype=dtype)
+    sub = -(-tile // 4)  # diagonal tiles in 4 x 4 sub-blocks, 10 of the 16 multiplied
     for a in range(0, nq, tile):
         qrows = rows[a : a + tile]
         qa = X.tile(a, tile) if whole else X.x[qrows].to(dtype) - X.centre
         for b in range(a if symmetric else 0, nr, tile):
-            rb = qa if (symmetric and b == a) else Y.tile(b, tile)
-            d = torch.addmm(xn_q[a : a + tile, None] + yn_t[None, b : b + rb.shape[0]], qa, rb.T, alpha=-2.0)
+            diagonal = symmetric and b == a
+            rb = qa if diagonal else Y.tile(b, tile)
+            d = buf[: qa.shape[0] * rb.shape[0]].view(qa.shape[0], rb.shape[0])
+            if diagonal:
+                _diagonal_tile(d, qa, xn_q[a : a + tile], sub)
+            else:
+                _distances(d, qa, rb, xn_q[a : a + tile], yn_t[b : b + rb.shape[0]])
             cols = torch.arange(b, b + rb.shape[0], device=dev)
             if same:
                 hit = (qrows >= b) & (qrows < b + rb.shape[0])
@@ -123,7 +149,7 @@ def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
                     d[r, qrows[r] - b] = math.inf
             v, i = _merge(best_v[a : a + tile], best_i[a : a + tile], d, cols, m)
             best_v[a : a + tile], best_i[a : a + tile] = v, i
-            if symmetric and b != a:
+            if symmetric and not diagonal:
                 v, i = _merge(best_v[b : b + tile], best_i[b : b + tile], d, qrows, m, dim=0)
                 best_v[b : b + tile], best_i[b : b + tile] = v, i
     return best_v, best_i
