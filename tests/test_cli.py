@@ -177,3 +177,19 @@ def test_every_shipped_preset_resolves():
     for name in names:
         cfg = resolve_config(name)
         assert cfg.iterations >= 2 and len(cfg.arms) >= 2, name
+
+
+def test_long_commands_show_progress_on_stderr_and_quiet_hides_it(capsys, tmp_path, pool_npz, monkeypatch):
+    from model_collapse import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0.0)  # show bars at once instead of after two seconds
+    p, _, _ = pool_npz
+    for method, stage in (("greedy", "greedy selection, 12 of 60"), ("threshold", "threshold selection, 12 of 60")):
+        rc, stdout, err = run_cli(capsys, "select", str(p), "--n", "12", "--method", method,
+                                  "--out", str(tmp_path / f"{method}.npz"), "--json")
+        assert rc == 0 and stage in err, err
+        json.loads(stdout)  # bars never reach stdout
+    rc, stdout, err = run_cli(capsys, "entropy", str(p), "--json")
+    assert rc == 0 and "nearest neighbours, 60 x 60" in err, err
+    rc, stdout, err = run_cli(capsys, "select", str(p), "--n", "12", "--out", str(tmp_path / "q.npz"), "--quiet")
+    assert rc == 0 and err == ""

@@ -57,3 +57,15 @@ def test_matches_sklearn_in_high_dimension(rng):
 def test_rejects_too_few_references():
     with pytest.raises(ValueError):
         knn(np.zeros((3, 2), np.float32), None, 3)
+
+
+def test_progress_hears_every_tile_of_the_main_pass(rng):
+    from test_selection import Recorder
+
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    rec = Recorder()
+    knn(x, None, 2, tile=64, progress=rec)  # 5 row blocks: 15 tiles on and above the diagonal
+    assert rec.stages == [("nearest neighbours, 300 x 300", 15)] and rec.done == [15]
+    rec = Recorder()
+    knn(x[:70], x, 2, tile=64, progress=rec)  # 2 query blocks x 5 reference blocks
+    assert rec.stages[0] == ("nearest neighbours, 70 x 300", 10) and rec.done[0] == 10

@@ -141,3 +141,39 @@ def test_selection_rejects_nan_and_bad_decay(rng):
         select(rng.normal(size=(50, 3)), 5, "threshold", 0, decay=1.5)
     with pytest.raises(UserError, match="distinct"):
         select(np.zeros((50, 3)), 5, "threshold", 0)
+
+
+class Recorder:
+    """A progress sink that keeps what it hears."""
+
+    def __init__(self):
+        self.stages, self.done = [], []
+
+    def start(self, what, total):
+        self.stages.append((what, total))
+        self.done.append(0)
+
+    def advance(self, n=1):
+        assert n >= 0
+        self.done[-1] += n
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("n", [1, 2, 255, 256, 257, 513])
+def test_greedy_reports_every_pick(rng, n):
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    rec = Recorder()
+    sel = select(x, n, "greedy", 3, progress=rec)
+    assert rec.stages == [(f"greedy selection, {n} of 600", n)] and rec.done == [n]
+    np.testing.assert_array_equal(sel.indices, select(x, n, "greedy", 3).indices)
+
+
+def test_threshold_reports_every_acceptance_and_its_tau0_pass(rng):
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    rec = Recorder()
+    select(x, 40, "threshold", 1, progress=rec)
+    (knn_stage, knn_total), (stage, total) = rec.stages
+    assert knn_stage.startswith("nearest neighbours") and rec.done[0] == knn_total > 0
+    assert (stage, total) == ("threshold selection, 40 of 300", 40) and rec.done[1] == 40

@@ -15,6 +15,7 @@ from pathlib import Path
 from model_collapse.errors import UserError
 
 PROG = "model-collapse"
+PROGRESS_DELAY = 2.0  # seconds a stage runs before its progress bar appears
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .npz (images, labels, indices, method, seed, ...)")
     s.add_argument("--feature-dir", default=None)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     e = sub.add_parser("entropy", help="Kozachenko-Leonenko kNN entropy of an image set")
     e.add_argument("data")
@@ -54,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--space", default="pixel")
     e.add_argument("--feature-dir", default=None)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     c = sub.add_parser("score", help="generalization score and memorization of generated images")
     c.add_argument("generated")
@@ -61,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--space", default="pixel")
     c.add_argument("--feature-dir", default=None)
     c.add_argument("--json", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     f = sub.add_parser("fid", help="Frechet distance (FID in the inception space), KID, precision/recall")
     f.add_argument("generated")
@@ -68,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--space", default="pixel")
     f.add_argument("--feature-dir", default=None)
     f.add_argument("--json", action="store_true")
+    f.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     rp = sub.add_parser("report", help="an HTML report of one or more run directories")
     rp.add_argument("run_dirs", nargs="+")
@@ -97,12 +102,18 @@ def _load(spec: str):
     return load_images(spec)
 
 
-def _ctx(args, real=None):
+def _bars(args):
+    from model_collapse.progress import Bars
+
+    return Bars(show=not args.quiet, delay=PROGRESS_DELAY)
+
+
+def _ctx(args, real=None, progress=None):
     """Feature context; `real` is the image set a learned space (domain) is trained on."""
     from model_collapse.features import SpaceContext
 
     return SpaceContext(feature_dir=args.feature_dir, real_images=None if real is None else real.images,
-                        real_labels=None if real is None else real.labels)
+                        real_labels=None if real is None else real.labels, progress=progress)
 
 
 def cmd_run(args) -> int:
@@ -144,9 +155,10 @@ def cmd_select(args) -> int:
         raise UserError(f"{args.pool}: the pool has {len(pool)} images, fewer than --n {args.n}")
     if args.per_class and pool.labels is None:
         raise UserError(f"{args.pool}: --per-class needs labels in the pool (.npz with 'labels' or class folders)")
-    feats = extract(args.space, pool.images, _ctx(args, pool))
+    bars = _bars(args)
+    feats = extract(args.space, pool.images, _ctx(args, pool, bars))
     sel = select(feats, args.n, args.method, args.seed, labels=pool.labels, per_class=args.per_class,
-                 tau0=args.tau0, decay=args.decay)
+                 tau0=args.tau0, decay=args.decay, progress=bars)
     extra = {k: v for k, v in sel.params.items() if isinstance(v, (int, float, np.generic))}
     order = sel.params.get("order")
     atomic_save_npz(Path(args.out), images=pool.images[sel.indices],
@@ -167,9 +179,10 @@ def cmd_entropy(args) -> int:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     data = _load(args.data)
-    feats = extract(args.space, data.images, _ctx(args, data))
+    bars = _bars(args)
+    feats = extract(args.space, data.images, _ctx(args, data, bars))
     try:
-        res = kl_entropy(feats, args.k)
+        res = kl_entropy(feats, args.k, progress=bars)
     except ValueError as e:
         raise UserError(f"{args.data}: {e}") from None
     out = {**res.as_dict(), "n_images": len(data), "space": args.space}
@@ -185,9 +198,11 @@ def cmd_score(args) -> int:
     gen, train = _load(args.generated), _load(args.train)
     if gen.shape != train.shape:
         raise UserError(f"generated images are {gen.shape} (H, W, C) but training images are {train.shape}")
-    ctx = _ctx(args, train)
+    bars = _bars(args)
+    ctx = _ctx(args, train, bars)
     try:
-        res = generalization_score(extract(args.space, gen.images, ctx), extract(args.space, train.images, ctx))
+        res = generalization_score(extract(args.space, gen.images, ctx), extract(args.space, train.images, ctx),
+                                   progress=bars)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = {**res.as_dict(), "space": args.space}
@@ -205,7 +220,7 @@ def cmd_fid(args) -> int:
         raise UserError(f"generated images are {gen.shape} (H, W, C) but reference images are {ref.shape}")
     if len(gen) < 2 or len(ref) < 2:
         raise UserError("the Frechet distance needs at least 2 images in each set")
-    ctx = _ctx(args, ref)
+    ctx = _ctx(args, ref, _bars(args))
     fg, fr = extract(args.space, gen.images, ctx), extract(args.space, ref.images, ctx)
     out = {"space": args.space, "fd": frechet_distance_features(fg, fr), "n_generated": len(gen), "n_ref": len(ref)}
     if len(gen) > 5 and len(ref) > 5:

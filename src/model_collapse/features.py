@@ -24,6 +24,7 @@ import torch
 
 from model_collapse.data import pixel_vectors
 from model_collapse.errors import UserError
+from model_collapse.progress import Progress, or_silent
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,17 @@ class SpaceContext:
     domain_steps: int = 600
     device: str | None = None
     batch_size: int = 64
+    progress: Progress | None = None  # hears of every batch of a network's feature pass
+
+
+def _batches(ctx: SpaceContext, what: str, n: int, size: int):
+    """Batch starts 0, size, 2 size, ... below n, each reported to the context's progress when done."""
+    progress = or_silent(ctx.progress)
+    progress.start(f"{what} features, {n} images", n)
+    for a in range(0, n, size):
+        yield a
+        progress.advance(min(size, n - a))
+    progress.close()
 
 
 def _device(ctx: SpaceContext) -> torch.device:
@@ -140,7 +152,7 @@ def _domain(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:
     net = domain_network(images, ctx)
     out = []
     with torch.no_grad():
-        for a in range(0, len(images), 512):
+        for a in _batches(ctx, "domain", len(images), 512):
             out.append(net(to_model_space(images[a : a + 512])).numpy())
     return np.concatenate(out).astype(np.float32)
 
@@ -196,7 +208,7 @@ def _dinov2(name: str) -> Callable[[np.ndarray, SpaceContext], np.ndarray]:
         rgb = np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
         out = []
         with torch.no_grad():
-            for a in range(0, len(rgb), ctx.batch_size):
+            for a in _batches(ctx, name, len(rgb), ctx.batch_size):
                 inputs = proc(images=list(rgb[a : a + ctx.batch_size]), return_tensors="pt")
                 hidden = model(pixel_values=inputs["pixel_values"].to(_device(ctx))).last_hidden_state
                 out.append(hidden[:, 0].float().cpu().numpy())  # the CLS token
@@ -260,7 +272,7 @@ def _inception(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:
     rgb = np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
     out = []
     with torch.no_grad():
-        for a in range(0, len(rgb), ctx.batch_size):
+        for a in _batches(ctx, "inception", len(rgb), ctx.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(rgb[a : a + ctx.batch_size])).permute(0, 3, 1, 2)
             out.append(model(x.to(_device(ctx)))[0].double().cpu().numpy())
     return np.concatenate(out).astype(np.float32)

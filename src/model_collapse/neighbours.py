@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model_collapse.progress import NO_PROGRESS, Progress, or_silent
+
 DEFAULT_TILE = 2048
 DEFAULT_EXTRA = 4
 
@@ -114,7 +116,7 @@ def _diagonal_tile(out, qa, xn, sub):
     return out
 
 
-def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
+def _approx_candidates(X, Y, rows, m, tile, symmetric: bool, progress: Progress = NO_PROGRESS):
     """Top-m (approximate, unsorted) squared distances and indices of rows `rows` of X among the rows of Y.
 
     Tiles are centred and cast on the fly into one reused buffer. symmetric (X is Y and rows is every row): only
@@ -130,6 +132,8 @@ def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
     same = X is Y
     buf = torch.empty(min(tile, nq) * min(tile, nr), device=dev, dtype=dtype)
     sub = -(-tile // 4)  # diagonal tiles in 4 x 4 sub-blocks, 10 of the 16 multiplied
+    nbq, nbr = -(-nq // tile), -(-nr // tile)
+    progress.start(f"nearest neighbours, {nq} x {nr}", nbq * (nbq + 1) // 2 if symmetric else nbq * nbr)
     for a in range(0, nq, tile):
         qrows = rows[a : a + tile]
         qa = X.tile(a, tile) if whole else X.x[qrows].to(dtype) - X.centre
@@ -152,6 +156,8 @@ def _approx_candidates(X, Y, rows, m, tile, symmetric: bool):
             if symmetric and not diagonal:
                 v, i = _merge(best_v[b : b + tile], best_i[b : b + tile], d, qrows, m, dim=0)
                 best_v[b : b + tile], best_i[b : b + tile] = v, i
+            progress.advance()
+    progress.close()
     return best_v, best_i
 
 
@@ -199,12 +205,13 @@ def knn(
     tile: int = DEFAULT_TILE,
     extra: int = DEFAULT_EXTRA,
     device: str | torch.device | None = None,
+    progress: Progress | None = None,
 ) -> KnnResult:
     """Exact k nearest neighbours of every query row among the reference rows (Euclidean).
 
     With refs=None, the neighbours of each row among the *other* rows of the same set. Returns distances
     (float64, ascending) and reference indices; among equal distances the lower index comes first. Memory beyond
-    the inputs: a few tiles and O(n k) candidates.
+    the inputs: a few tiles and O(n k) candidates. `progress` hears of every tile of the main pass.
     """
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
@@ -234,7 +241,9 @@ def knn(
     m = min(k + extra, n_ref)
     rechecked = None
     while todo.numel():
-        av, ai = _approx_candidates(Xc, Yc, todo, m, tile, symmetric=symmetric and todo.numel() == n)
+        first = todo.numel() == n
+        av, ai = _approx_candidates(Xc, Yc, todo, m, tile, symmetric=symmetric and first,
+                                    progress=or_silent(progress) if first else NO_PROGRESS)
         av, o = torch.sort(av.double(), dim=1)
         ai = torch.gather(ai, 1, o)
         e = err[todo]

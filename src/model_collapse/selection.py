@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
+from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
 
@@ -54,7 +55,8 @@ def _sq_to(x: torch.Tensor, rows: torch.Tensor | None, c: torch.Tensor) -> torch
     return ((sub.double() - c.double()) ** 2).sum(1)
 
 
-def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16, **_) -> Selection:
+def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
+                  progress: Progress | None = None, **_) -> Selection:
     """Greedy farthest-point selection (Gonzalez 1985), exact, with pruning that skips most of the pool.
 
     Each pool point p keeps its distance to the nearest selected centre and that centre a[p]. When centre c is
@@ -90,7 +92,11 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
     centres_z = torch.empty((n, q), dtype=torch.float64)
     centres_z[0] = Z[start]
     touched = m
+    progress = or_silent(progress)
+    progress.start(f"greedy selection, {n} of {m}", n)
     for t in range(1, n):
+        if t % 256 == 0:
+            progress.advance(256)
         c = int(torch.argmax(mind))  # first maximum: ties go to the lowest index
         chosen.append(c)
         mind[c], own[c] = -1.0, 0.0  # own = 0: never tested again
@@ -109,6 +115,8 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
             mind[moved] = d2[closer]
             own[moved] = d2[closer].sqrt()
             assign[moved] = t
+    progress.advance(n - (n - 1) // 256 * 256)  # picks 0..255 reported at t = 256, ...
+    progress.close()
     return Selection(np.asarray(chosen, dtype=np.int64), "greedy", seed,
                      {"start": start, "distances_computed": int(touched)})
 
@@ -116,7 +124,7 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
 # ---------------------------------------------------------------------------------------------- threshold
 
 
-def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048) -> float:
+def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048, progress: Progress | None = None) -> float:
     """tau0 default: twice the median distance of a pool point to its nearest other pool point, the median taken
     over a seeded sample of (at most) 2,048 pool points, each with its exact nearest neighbour in the whole pool.
 
@@ -126,9 +134,10 @@ def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048) -> float:
     from model_collapse.neighbours import knn
 
     if len(x) <= sample:
-        return 2.0 * float(np.median(knn(x, None, 1).distances[:, 0]))
+        return 2.0 * float(np.median(knn(x, None, 1, progress=progress).distances[:, 0]))
     pick = np.sort(numpy_rng(seed, "tau0-sample").choice(len(x), sample, replace=False))
-    d = knn(x[pick], x, 2).distances  # a pool point's first neighbour in the pool is itself, at distance 0
+    # a pool point's first neighbour in the pool is itself, at distance 0
+    d = knn(x[pick], x, 2, progress=progress).distances
     return 2.0 * float(np.median(d[:, 1]))
 
 
@@ -138,7 +147,8 @@ def _gamma32(d: int) -> float:
 
 
 def select_threshold(
-    x: np.ndarray, n: int, seed: int, *, tau0: float | None = None, decay: float = 0.95, chunk: int = 1024, **_
+    x: np.ndarray, n: int, seed: int, *, tau0: float | None = None, decay: float = 0.95, chunk: int = 1024,
+    progress: Progress | None = None, **_
 ) -> Selection:
     """Threshold decay filter, batched: exactly the sequential definition, a chunk of the visiting order at a time.
 
@@ -159,8 +169,9 @@ def select_threshold(
     n_distinct = len(np.unique(np.ascontiguousarray(x), axis=0))
     if n_distinct < n:
         raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
+    progress = or_silent(progress)
     if tau0 is None:
-        tau0 = default_tau0(x, seed)
+        tau0 = default_tau0(x, seed, progress=progress)
     if not tau0 > 0:
         raise UserError(f"tau0 must be > 0, got {tau0}")
     order = numpy_rng(seed, "threshold-order").permutation(m)
@@ -176,6 +187,7 @@ def select_threshold(
     upto = np.zeros(m, dtype=np.int64)
     tau = float(tau0)
     passes = 0
+    progress.start(f"threshold selection, {n} of {m}", n)
     while len(accepted) < n:
         passes += 1
         t2 = tau * tau
@@ -209,6 +221,7 @@ def select_threshold(
             conflict = _conflicts(X, X64, sq, norms, surv, t2, gamma)
             live = np.ones(len(surv), dtype=bool)
             surv_list = surv.tolist()
+            before = len(accepted)
             for i in range(len(surv_list)):
                 if not live[i]:
                     continue
@@ -221,10 +234,12 @@ def select_threshold(
                 if len(accepted) == n:
                     break
                 live &= ~conflict[i]
+            progress.advance(len(accepted) - before)
             if len(accepted) == n:
                 break
         else:
             tau *= decay
+    progress.close()
     return Selection(np.asarray(accepted, dtype=np.int64), "threshold", seed,
                      {"tau0": float(tau0), "decay": float(decay), "tau_final": tau, "passes": passes,
                       "order": order.astype(np.int64)})
@@ -282,6 +297,7 @@ def select(
     per_class: bool = False,
     tau0: float | None = None,
     decay: float = 0.95,
+    progress: Progress | None = None,
 ) -> Selection:
     """Choose N of the pool's rows with a registered method; with per_class, each class keeps its pool share.
 
@@ -298,14 +314,15 @@ def select(
     if not np.isfinite(x).all():
         raise UserError("selection input contains NaN or inf")
     if not per_class or labels is None:
-        return SELECTORS[method](x, n, seed, tau0=tau0, decay=decay)
+        return SELECTORS[method](x, n, seed, tau0=tau0, decay=decay, progress=progress)
     quotas = class_quotas(labels, n)
     parts, params = [], {"per_class": True, "quotas": {int(c): int(q) for c, q in quotas.items()}}
     for c, q in quotas.items():
         if q == 0:
             continue
         where = np.flatnonzero(labels == c)
-        sub = SELECTORS[method](x[where], q, seed + 7919 * (int(c) + 1), tau0=tau0, decay=decay)
+        sub = SELECTORS[method](x[where], q, seed + 7919 * (int(c) + 1), tau0=tau0, decay=decay,
+                                progress=progress)
         parts.append(where[sub.indices])
     return Selection(np.concatenate(parts).astype(np.int64), method, seed, params)
 
