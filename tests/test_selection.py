@@ -177,3 +177,21 @@ def test_threshold_reports_every_acceptance_and_its_tau0_pass(rng):
     (knn_stage, knn_total), (stage, total) = rec.stages
     assert knn_stage.startswith("nearest neighbours") and rec.done[0] == knn_total > 0
     assert (stage, total) == ("threshold selection, 40 of 300", 40) and rec.done[1] == 40
+
+
+def test_greedy_equals_reference_on_degenerate_and_clustered_pools(rng):
+    """Pools where the pruning bounds are tight or vacuous: all points equal, two values, one dimension, clusters
+    of exact copies, points far from the origin, and wide pools (d above the projection's 16 directions)."""
+    pools = [
+        np.zeros((50, 4), np.float32),
+        np.repeat(rng.normal(size=(2, 6)), 40, axis=0).astype(np.float32),
+        rng.integers(0, 5, size=(200, 1)).astype(np.float32),
+        np.repeat(rng.normal(size=(30, 8)) * 3, 5, axis=0).astype(np.float32),
+        (rng.normal(size=(300, 5)) * 1e-3 + 1e3).astype(np.float32),
+        rng.normal(size=(250, 40)).astype(np.float32) @ np.diag(np.geomspace(10, 0.01, 40)).astype(np.float32),
+    ]
+    for i, x in enumerate(pools):
+        for seed in range(3):
+            for n in (2, len(x) // 4, len(x)):
+                np.testing.assert_array_equal(select_greedy(x, n, seed=seed).indices, greedy_reference(x, n, seed),
+                                              err_msg=f"pool {i}, seed {seed}, n {n}")

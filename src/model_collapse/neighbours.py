@@ -13,8 +13,10 @@ best candidates of every query, then makes the answer exact:
   more candidates, and finally by an exact float64 scan.
 
 The approximate pass centres both sets on the reference mean: distances do not change, norms (and so the error
-bound) shrink. Exact distances always come from the inputs as given, so equal distances stay exactly equal. Memory is bounded by the tile size: no n x n matrix is ever built. For a set against itself
-(`refs=None`) only the upper triangle of tiles is computed, each tile updating both its rows and its columns.
+bound) shrink. Exact distances always come from the inputs as given, so equal distances stay exactly equal.
+Memory is bounded by the tile size: no n x n matrix is ever built. For a set against itself (`refs=None`) only
+the upper triangle of tiles is computed, each tile updating both its rows and its columns, and of a diagonal
+tile only the sub-blocks on and above its diagonal.
 """
 
 from __future__ import annotations
@@ -110,9 +112,10 @@ def _diagonal_tile(out, qa, xn, sub):
     t = qa.shape[0]
     for i in range(0, t, sub):
         for j in range(i, t, sub):
-            _distances(out[i : i + sub, j : j + sub], qa[i : i + sub], qa[j : j + sub], xn[i : i + sub], xn[j : j + sub])
+            rows, cols = slice(i, i + sub), slice(j, j + sub)
+            _distances(out[rows, cols], qa[rows], qa[cols], xn[rows], xn[cols])
             if j != i:
-                out[j : j + sub, i : i + sub].copy_(out[i : i + sub, j : j + sub].T)
+                out[cols, rows].copy_(out[rows, cols].T)
     return out
 
 

@@ -49,76 +49,137 @@ def greedy_start(m: int, seed: int) -> int:
     return int(numpy_rng(seed, "greedy-start").integers(m))
 
 
-def _sq_to(x: torch.Tensor, rows: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
-    """Exact float64 squared distances from a centre to some rows (all rows when rows is None)."""
-    sub = x if rows is None else x[rows]
-    return ((sub.double() - c.double()) ** 2).sum(1)
+def _sq_to(x: np.ndarray, rows: np.ndarray | None, c: int, chunk: int = 8192) -> np.ndarray:
+    """Exact float64 squared distances, from differences, of some pool rows (all when rows is None) to row c."""
+    centre = x[c].astype(np.float64)
+    if rows is None:
+        return np.concatenate([_sq_to(x, np.arange(a, min(a + chunk, len(x))), c) for a in range(0, len(x), chunk)])
+    diff = x.take(rows, axis=0).astype(np.float64) - centre
+    return np.einsum("ij,ij->i", diff, diff)
 
 
 def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
                   progress: Progress | None = None, **_) -> Selection:
     """Greedy farthest-point selection (Gonzalez 1985), exact, with pruning that skips most of the pool.
 
-    Each pool point p keeps its distance to the nearest selected centre and that centre a[p]. When centre c is
-    added, p can only get closer if d(c, p) < d(a[p], p); by the triangle inequality
-    d(c, p) >= d(c, a[p]) - d(a[p], p), and d(c, a[p]) is bounded from below by the distance between the two
-    centres' projections on the pool's top principal directions (an orthogonal projection never lengthens a
-    vector). So one projected distance per centre rules out most of the pool in a few vectorised operations;
-    the projection then bounds d(c, p) itself, and only the points that remain get exact float64 distances. The
-    arg-max (lowest index among ties) is taken over exact values, as in the definition.
+    Every pool point p keeps its distance own[p] to the nearest selected centre a[p]; the points sharing a
+    centre form its cluster. Distances between projections on the pool's top principal directions (written
+    z(.,.)) bound true distances from below: an orthogonal projection never lengthens a vector. When centre c
+    is added, p can only get closer if d(c, p) < own[p], and d(c, p) >= z(c, p) >= z(c, a[p]) - z(p, a[p]) by
+    the triangle inequality. So with each point's zown[p] = z(p, a[p]) and each cluster's reach, the largest
+    own + zown in it, a cluster needs opening only when z(c, centre) < reach: one small product with the
+    centres' projections per step picks those few. Inside them a point is tested only when z(c, a[p]) <
+    own[p] + zown[p], then against z(c, p) < own[p], and only the points that remain get exact float64
+    distances. The arg-max (lowest index among ties) is taken over exact values, from each cluster's exact
+    maximum, as in the definition. Every bound is made conservative for rounding.
     """
     m = len(x)
-    # exact distances from the inputs as given (float32 inputs are exact in float64); centring only for bounds
-    X = torch.as_tensor(np.ascontiguousarray(x))
-    if not X.is_floating_point():
-        X = X.double()
-    if not torch.isfinite(X).all():
+    X = np.ascontiguousarray(x)
+    if X.dtype.kind != "f":
+        X = X.astype(np.float64)
+    if not np.isfinite(X).all():
         raise UserError("selection input contains NaN or inf")
-    q = int(min(projection_dim, X.shape[1], m))
-    Xc = X.double() - X.double().mean(0, keepdim=True)
-    sample = Xc[torch.as_tensor(numpy_rng(seed, "greedy-pca").permutation(m)[:4096])]
-    _, _, vh = torch.linalg.svd(sample - sample.mean(0), full_matrices=False)
-    P = vh[:q].T.contiguous()  # (d, q), orthonormal columns
-    Z = Xc @ P  # (m, q); |Z_a - Z_b| <= |X_a - X_b|
-    del Xc
-    slack = 1e-9
+    Z, zslack = _projection(X, seed, int(min(projection_dim, X.shape[1], m)))
+    rel = 1.0 - 1e-9  # lower bounds are shrunk by this factor and by zslack (rounding of the projection)
 
     start = greedy_start(m, seed)
-    chosen = [start]
-    mind = _sq_to(X, None, X[start])  # squared distance to the nearest chosen centre; -1 once chosen
+    chosen = np.empty(n, dtype=np.int64)
+    chosen[0] = start
+    mind = _sq_to(X, None, start)  # squared distance to the nearest chosen centre; -1 once chosen
     mind[start] = -1.0
-    own = mind.clamp_min(0).sqrt()  # that distance (0 for chosen points)
-    assign = torch.zeros(m, dtype=torch.int64)  # position in `chosen` of that centre
-    centres_z = torch.empty((n, q), dtype=torch.float64)
-    centres_z[0] = Z[start]
+    own = np.sqrt(np.maximum(mind, 0.0))  # that distance (0 for chosen points)
+    assign = np.zeros(m, dtype=np.int64)  # position in `chosen` of that centre
+    zsq = np.einsum("ij,ij->i", Z, Z)
+    zown = _zdist(Z, zsq, np.arange(m), start, zslack)[1]  # z(p, a[p]), rounded up
+    members = [np.delete(np.arange(m), start)]  # each centre's cluster (unchosen points only)
+    reach = np.zeros(n)  # largest own + zown in the cluster
+    cmax = np.full(n, -1.0)  # largest mind in the cluster, and its lowest-index point
+    carg = np.zeros(n, dtype=np.int64)
+    reach[0], cmax[0] = (own + zown).max(), mind.max()
+    carg[0] = int(np.argmax(mind))
+    cz = np.empty((n, Z.shape[1]))  # centres' projections and their squared norms
+    csq = np.empty(n)
+    cz[0], csq[0] = Z[start], zsq[start]
     touched = m
     progress = or_silent(progress)
     progress.start(f"greedy selection, {n} of {m}", n)
     for t in range(1, n):
         if t % 256 == 0:
             progress.advance(256)
-        c = int(torch.argmax(mind))  # first maximum: ties go to the lowest index
-        chosen.append(c)
-        mind[c], own[c] = -1.0, 0.0  # own = 0: never tested again
-        # p can only get closer if d(c, p) < own[p]; d(c, p) >= d(c, a[p]) - own[p] >= lb(c, a[p]) - own[p]
-        lb = (centres_z[:t] - Z[c]).pow(2).sum(1).sqrt()
-        test = torch.nonzero(lb[assign] * (1 - slack) < 2 * own).squeeze(1)
-        assign[c] = t
-        centres_z[t] = Z[c]
-        if test.numel():  # the projection bounds d(c, p) itself
-            test = test[(Z[test] - Z[c]).pow(2).sum(1).sqrt() * (1 - slack) < own[test]]
-        if test.numel():
-            touched += test.numel()
-            d2 = _sq_to(X, test, X[c])
-            closer = d2 < mind[test]
-            moved = test[closer]
-            mind[moved] = d2[closer]
-            own[moved] = d2[closer].sqrt()
-            assign[moved] = t
-    progress.advance(n - (n - 1) // 256 * 256)  # picks 0..255 reported at t = 256, ...
+        top = np.flatnonzero(cmax[:t] == cmax[:t].max())
+        c = int(carg[top].min())  # the first maximum of mind over the whole pool
+        chosen[t] = c
+        home = int(assign[c])
+        mind[c], own[c], assign[c] = -1.0, 0.0, t
+        zc = Z[c]
+        # projected centre distances from the Gram identity, less a bound on its rounding
+        g = csq[:t] + zsq[c] - 2.0 * (cz[:t] @ zc) - 1e-12 * (csq[:t] + zsq[c])
+        lb = (np.sqrt(np.maximum(g, 0.0)) - zslack) * rel
+        cz[t], csq[t] = zc, zsq[c]
+        opened = lb < reach[:t]
+        opened[home] = True  # c leaves its cluster
+        J = np.flatnonzero(opened)
+        P = np.concatenate([members[j] for j in J])
+        lbp = np.repeat(lb[J], [len(members[j]) for j in J])
+        T = P[lbp < own.take(P) + zown.take(P)]
+        zlo, zt = _zdist(Z, zsq, T, c, zslack)  # z(c, p) rounded down (bounds d(c, p)) and up (for zown)
+        keep = zlo * rel < own.take(T)
+        T, zt = T[keep], zt[keep]
+        moved, d2 = T[:0], np.empty(0)
+        if T.size:
+            touched += T.size
+            d2 = _sq_to(X, T, c)
+            closer = d2 < mind.take(T)
+            moved, d2, zt = T[closer], d2[closer], zt[closer]
+        # the clusters that lost points (or c) keep the rest; the moved points form the new cluster t
+        changed = np.unique(np.append(assign.take(moved), home))
+        mind[moved], own[moved], assign[moved], zown[moved] = d2, np.sqrt(d2), t, zt
+        for j in changed:
+            members[j] = members[j][assign[members[j]] == j]
+        members.append(moved)
+        _cluster_stats(np.append(changed, t), [members[j] for j in changed] + [moved], own, zown, mind, reach,
+                       cmax, carg)
+    progress.advance(n - (n - 1) // 256 * 256)  # picks 0..255 were reported at t = 256, and so on
     progress.close()
-    return Selection(np.asarray(chosen, dtype=np.int64), "greedy", seed,
-                     {"start": start, "distances_computed": int(touched)})
+    return Selection(chosen, "greedy", seed, {"start": start, "distances_computed": int(touched)})
+
+
+def _cluster_stats(J, parts, own, zown, mind, reach, cmax, carg):
+    """Reach (largest own + zown), largest mind and its lowest-index point of clusters J from their points
+    (`parts`, one array per cluster); an empty cluster gets reach 0 and -1."""
+    k = len(J)
+    P = np.concatenate(parts)
+    seg = np.repeat(np.arange(k), [len(p) for p in parts])
+    r, v, a = np.zeros(k), np.full(k, -1.0), np.full(k, np.iinfo(np.int64).max)
+    np.maximum.at(r, seg, own[P] + zown[P])
+    np.maximum.at(v, seg, mind[P])
+    top = mind[P] == v[seg]
+    np.minimum.at(a, seg[top], P[top])
+    reach[J], cmax[J], carg[J] = r, v, a
+
+
+def _zdist(Z: np.ndarray, zsq: np.ndarray, rows: np.ndarray, c: int, zslack: float):
+    """Distances between the projections of some rows and of row c, from the Gram identity: a value at most
+    and one at least the true projected distance (the identity's rounding and the projection's allowed for)."""
+    g = zsq.take(rows) + zsq[c] - 2.0 * (Z.take(rows, axis=0) @ Z[c])
+    e = 1e-12 * (zsq.take(rows) + zsq[c])
+    return np.sqrt(np.maximum(g - e, 0.0)) - zslack, np.sqrt(g + e) * (1 + 1e-9) + zslack
+
+
+def _projection(X: np.ndarray, seed: int, q: int) -> tuple[np.ndarray, float]:
+    """The pool projected on its top q principal directions (from a seeded sample of 4,096 points), in float64,
+    and an absolute allowance for the rounding of those projections (far above it: 1e-10 of the largest norm)."""
+    mean = X.mean(0, dtype=np.float64)
+    sample = X[np.sort(numpy_rng(seed, "greedy-pca").permutation(len(X))[:4096])].astype(np.float64) - mean
+    _, _, vh = np.linalg.svd(sample - sample.mean(0), full_matrices=False)
+    P = np.ascontiguousarray(vh[:q].T)  # (d, q), orthonormal columns
+    Z = np.empty((len(X), q))
+    scale = 0.0
+    for a in range(0, len(X), 8192):
+        xc = X[a : a + 8192].astype(np.float64) - mean
+        Z[a : a + 8192] = xc @ P
+        scale = max(scale, float(np.sqrt(np.einsum("ij,ij->i", xc, xc).max())))
+    return Z, 1e-10 * scale
 
 
 # ---------------------------------------------------------------------------------------------- threshold
