@@ -46,6 +46,8 @@ def bad_image_inputs(tmp_path):
     (tmp_path / "garbage.npy").write_bytes(b"\x93NUMPY garbage")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.savez(tmp_path / "nokey.npz", pixels=np.zeros((2, 4, 4), np.uint8))
+    (tmp_path / "zero-bytes.npy").write_bytes(b"")
+    np.save(tmp_path / "no-images.npy", np.zeros((0, 4, 4), np.uint8))
     return {
         "missing": (str(tmp_path / "nope.npy"), "no such file"),
         "empty folder": (str(tmp_path / "empty"), "no images"),
@@ -59,4 +61,6 @@ def bad_image_inputs(tmp_path):
         "garbage": (str(tmp_path / "garbage.npy"), "cannot read"),
         "pickled": (str(tmp_path / "obj.npy"), "cannot read"),
         "no images key": (str(tmp_path / "nokey.npz"), "no 'images'"),
+        "empty file": (str(tmp_path / "zero-bytes.npy"), "cannot read"),
+        "zero images": (str(tmp_path / "no-images.npy"), "contains no images"),
     }

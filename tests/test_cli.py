@@ -193,3 +193,15 @@ def test_long_commands_show_progress_on_stderr_and_quiet_hides_it(capsys, tmp_pa
     assert rc == 0 and "nearest neighbours, 60 x 60" in err, err
     rc, stdout, err = run_cli(capsys, "select", str(p), "--n", "12", "--out", str(tmp_path / "q.npz"), "--quiet")
     assert rc == 0 and err == ""
+
+
+def test_standalone_commands_reject_every_bad_input_in_one_line(capsys, tmp_path, pool_npz):
+    good, _, _ = pool_npz
+    for name, (path, pattern) in bad_image_inputs(tmp_path).items():
+        out = tmp_path / f"sel-{name}.npz"
+        for argv in (["entropy", path], ["select", path, "--n", "2", "--out", str(out)],
+                     ["score", path, "--train", str(good)], ["score", str(good), "--train", path],
+                     ["fid", path, "--ref", str(good)]):
+            rc, stdout, err = run_cli(capsys, *argv)
+            assert_user_error(rc, err, pattern)
+            assert stdout == "" and not out.exists(), (name, argv)
