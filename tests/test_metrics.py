@@ -112,17 +112,31 @@ def test_variance_is_trace_of_covariance(rng):
     assert total_variance(x) == pytest.approx(np.trace(np.cov(x, rowvar=False)))
 
 
-def test_precision_recall_against_brute_force(rng):
-    real = rng.normal(size=(150, 4)).astype(np.float32)
-    fake = (rng.normal(size=(120, 4)) * 1.5 + 0.5).astype(np.float32)
-    k = 3
-    res = precision_recall(real, fake, k=k)
-    dr = np.sqrt(((real[:, None].astype(float) - real[None]) ** 2).sum(-1))
-    df = np.sqrt(((fake[:, None].astype(float) - fake[None]) ** 2).sum(-1))
-    dx = np.sqrt(((fake[:, None].astype(float) - real[None]) ** 2).sum(-1))
-    rr = np.sort(dr, 1)[:, k]
-    rf = np.sort(df, 1)[:, k]
-    assert res["precision"] == pytest.approx(np.mean((dx <= rr[None]).any(1)))
-    assert res["recall"] == pytest.approx(np.mean((dx.T <= rf[None]).any(1)))
-    assert res["density"] == pytest.approx((dx <= rr[None]).sum(1).mean() / k)
-    assert res["coverage"] == pytest.approx(np.mean((dx <= rr[None]).any(0)))
+def _pr_cases(rng):
+    """Seeded (real, fake) pairs: plain, integer grids (exact ties at the radii), real duplicates (radius 0) with
+    fakes that copy real points, and far from the origin."""
+    yield rng.normal(size=(150, 4)), rng.normal(size=(120, 4)) * 1.5 + 0.5
+    yield rng.integers(0, 3, size=(140, 3)), rng.integers(0, 3, size=(90, 3))
+    real = rng.normal(size=(100, 6))
+    real[:30] = real[30:60]
+    real[:10] = real[40:50]  # points with three copies
+    yield real, np.concatenate([real[:20], rng.normal(size=(40, 6))])
+    yield rng.normal(size=(80, 5)) * 0.01 + 100.0, rng.normal(size=(70, 5)) * 0.01 + 100.0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_precision_recall_against_brute_force(rng, k):
+    for real, fake in _pr_cases(rng):
+        real, fake = real.astype(np.float32), fake.astype(np.float32)
+        res = precision_recall(real, fake, k=k)
+        dr = np.sqrt(((real[:, None].astype(float) - real[None]) ** 2).sum(-1))
+        df = np.sqrt(((fake[:, None].astype(float) - fake[None]) ** 2).sum(-1))
+        dx = np.sqrt(((fake[:, None].astype(float) - real[None]) ** 2).sum(-1))
+        np.fill_diagonal(dr, np.inf)
+        np.fill_diagonal(df, np.inf)
+        rr = np.sort(dr, 1)[:, k - 1]
+        rf = np.sort(df, 1)[:, k - 1]
+        assert res["precision"] == np.mean((dx <= rr[None]).any(1))
+        assert res["recall"] == np.mean((dx.T <= rf[None]).any(1))
+        assert res["density"] == pytest.approx((dx <= rr[None]).sum(1).mean() / k, rel=1e-12)
+        assert res["coverage"] == np.mean((dx <= rr[None]).any(0))

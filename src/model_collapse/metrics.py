@@ -191,8 +191,10 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5, **knn_kw) -> dict:
     """Improved precision/recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al. 2020).
 
-    Each set's k-NN radii come from the shared kernel; membership tests use distances to the other set, computed
-    tile by tile (no n x m matrix in memory)."""
+    Each set's k-NN radii come from the shared exact kernel. Membership (distance to a point of the other set at
+    most its radius) is decided tile by tile (no n x m matrix in memory) from float64 products with a rigorous
+    rounding bound; the pairs within that bound of a radius, such as copies of a point whose radius is zero,
+    are decided on exact distances computed like the kernel's."""
     real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
     r_real = knn(real, None, k, **knn_kw).distances[:, k - 1]
     r_fake = knn(fake, None, k, **knn_kw).distances[:, k - 1]
@@ -202,14 +204,33 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5, **knn_kw) -
     rec_hits = np.zeros(len(real), bool)
     block = 1024
     for a in range(0, len(fake), block):
-        f = fake[a : a + block].astype(np.float64)
+        f = fake[a : a + block]
         for b in range(0, len(real), block):
-            r = real[b : b + block].astype(np.float64)
-            dist = np.sqrt(np.clip((f**2).sum(1)[:, None] + (r**2).sum(1)[None] - 2 * f @ r.T, 0, None))
-            inside_real = dist <= r_real[None, b : b + block]
+            r = real[b : b + block]
+            inside_real = _within(f, r, r_real[None, b : b + block])
             prec_hits[a : a + block] |= inside_real.any(1)
             density_count[a : a + block] += inside_real.sum(1)
             cov_hits[b : b + block] |= inside_real.any(0)
-            rec_hits[b : b + block] |= (dist <= r_fake[a : a + block, None]).any(0)
+            rec_hits[b : b + block] |= _within(f, r, r_fake[a : a + block, None]).any(0)
     return {"precision": float(prec_hits.mean()), "recall": float(rec_hits.mean()),
             "density": float(density_count.mean() / k), "coverage": float(cov_hits.mean())}
+
+
+def _within(f: np.ndarray, r: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """(len(f), len(r)): is |f_i - r_j| <= radius (broadcast to that shape), decided exactly."""
+    import torch
+
+    f64, r64 = f.astype(np.float64), r.astype(np.float64)
+    fsq, rsq = (f64**2).sum(1), (r64**2).sum(1)
+    sq = fsq[:, None] + rsq[None] - 2 * f64 @ r64.T
+    u = 2.0**-53
+    err = 2 * (f.shape[1] + 4) * u * (np.sqrt(fsq)[:, None] + np.sqrt(rsq)[None]) ** 2  # bound on |sq - exact|
+    rad = np.broadcast_to(radius, sq.shape)
+    r2 = rad * rad
+    out = sq <= r2
+    amb = np.abs(sq - r2) <= err + 4 * u * r2
+    if amb.any():
+        i, j = np.nonzero(amb)
+        d = ((torch.from_numpy(r64[j]) - torch.from_numpy(f64[i])) ** 2).sum(-1).sqrt().numpy()
+        out[i, j] = d <= rad[i, j]
+    return out
