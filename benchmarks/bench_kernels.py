@@ -101,7 +101,7 @@ def threshold_baseline(x, n, seed, tau0, decay, time_limit=None):
     return acc, time.perf_counter() - t0, visited
 
 
-def bench_greedy(quick):
+def bench_greedy(quick, rounds):
     m, d, n = (16384, 384, 4096) if quick else (65536, 384, 16384)
     x = clustered(m, d)
     base_steps = 300
@@ -118,7 +118,7 @@ def bench_greedy(quick):
           f"distances computed {sel.params['distances_computed'] / (m * n):.4f} of M*N", flush=True)
 
 
-def bench_threshold(quick):
+def bench_threshold(quick, rounds):
     m, d, n = (4096, 384, 1024) if quick else (16384, 384, 4096)
     x = clustered(m, d, seed=1)
     t = time.perf_counter()
@@ -139,41 +139,56 @@ def _sk_nn(ref, q, k):
     return nn.kneighbors(q)[0]
 
 
-def bench_entropy(quick):
+def _rounds(baseline, ours, rounds):
+    """Alternate baseline and ours `rounds` times (the machine's speed drifts; a ratio within one round compares
+    like with like). Returns per-round (baseline s, ours s, float32 matmul GFLOP/s right after ours) and the
+    results of the last round. Callers warm both up first (imports, thread pools)."""
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        base_out = baseline()
+        t_base = time.perf_counter() - t
+        t = time.perf_counter()
+        our_out = ours()
+        t_ours = time.perf_counter() - t
+        times.append((t_base, t_ours, matmul_rate()))
+    return times, base_out, our_out
+
+
+def _summary(times, flops):
+    ratios = sorted(b / o for b, o, _ in times)
+    shares = [flops / o / 1e9 / rate for _, o, rate in times]
+    per_round = ", ".join(f"{b:.1f}/{o:.1f} s = {b / o:.2f}x at {flops / o / 1e9:.0f} GFLOP/s ({flops / o / 1e9 / rate:.0%} "
+                          f"of matmul {rate:.0f})" for b, o, rate in times)
+    return (f"median ratio {ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x; median share of "
+            f"the matmul rate {sorted(shares)[len(shares) // 2]:.0%}); rounds baseline/ours: {per_round}")
+
+
+def bench_entropy(quick, rounds):
     n, d = (4096, 3072) if quick else (16384, 3072)
     x = np.random.default_rng(2).random((n, d), dtype=np.float32)
-    t = time.perf_counter()
-    sk = _sk_nn(x, x, 2)[:, 1]
-    t_sk = time.perf_counter() - t
+    flops = n * n * d  # half the matrix, 2 flops per multiply-add
+    _sk_nn(x[:512], x[:512], 2), knn(x[:512], None, 1)  # warm-up
     for prec in ("float32", "float64"):
-        t = time.perf_counter()
-        r = knn(x, None, 1, precision=prec)
-        t_us = time.perf_counter() - t
-        if prec == "float32":
-            rate = matmul_rate()
+        times, sk, r = _rounds(lambda: _sk_nn(x, x, 2)[:, 1], lambda: knn(x, None, 1, precision=prec),
+                               rounds if prec == "float32" else 1)
         rel = float(np.max(np.abs(r.distances[:, 0] - sk) / sk))
-        flops = n * n * d  # half the matrix, 2 flops per multiply-add
-        print(f"entropy kNN n={n} d={d} {prec}: sklearn {t_sk:.1f} s, ours {t_us:.1f} s, ratio {t_sk / t_us:.1f}x, "
-              f"max rel diff {rel:.1e}, {flops / t_us / 1e9:.0f} GFLOP/s (float32 matmul now {rate:.0f} GFLOP/s, "
-              f"{flops / t_us / 1e9 / rate:.0%}), rechecked {r.rechecked}", flush=True)
+        print(f"entropy kNN n={n} d={d} {prec} (sklearn NearestNeighbors brute / ours): {_summary(times, flops)}; "
+              f"max rel diff {rel:.1e}, rechecked {r.rechecked}", flush=True)
 
 
-def bench_score(quick):
+def bench_score(quick, rounds):
     n, d = (4096, 3072) if quick else (16384, 3072)
     rng = np.random.default_rng(3)
     gen, train = rng.random((n, d), dtype=np.float32), rng.random((n, d), dtype=np.float32)
-    t = time.perf_counter()
-    sk = _sk_nn(train, gen, 1)[:, 0]
-    t_sk = time.perf_counter() - t
-    t = time.perf_counter()
-    r = knn(gen, train, 2)
-    t_us = time.perf_counter() - t
+    _sk_nn(train[:512], gen[:512], 1), knn(gen[:512], train[:512], 2)  # warm-up
+    times, sk, r = _rounds(lambda: _sk_nn(train, gen, 1)[:, 0], lambda: knn(gen, train, 2), rounds)
     rel = float(np.max(np.abs(r.distances[:, 0] - sk) / sk))
-    print(f"gen score kNN {n}x{n} d={d}: sklearn {t_sk:.1f} s, ours {t_us:.1f} s, ratio {t_sk / t_us:.1f}x, "
-          f"max rel diff {rel:.1e}, {2 * n * n * d / t_us / 1e9:.0f} GFLOP/s", flush=True)
+    print(f"gen score kNN {n}x{n} d={d} (sklearn / ours): {_summary(times, 2 * n * n * d)}; max rel diff {rel:.1e}",
+          flush=True)
 
 
-def bench_memory(quick):
+def bench_memory(quick, rounds):
     """Peak resident memory of generalization-score kNN against n reference rows, beyond the data itself."""
     n = 20000 if quick else 100000
     code = f"""
@@ -203,11 +218,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes (minutes -> seconds)")
     ap.add_argument("--only", nargs="*", default=list(BENCHES))
+    ap.add_argument("--rounds", type=int, default=3, help="baseline/ours alternations of the kNN benchmarks")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 matmul "
           f"{matmul_rate():.0f} GFLOP/s", flush=True)
     for name in args.only:
-        BENCHES[name](args.quick)
+        BENCHES[name](args.quick, args.rounds)
     print(f"float32 matmul after: {matmul_rate():.0f} GFLOP/s", flush=True)
 
 

@@ -74,6 +74,17 @@ def test_metrics_rows_and_paradigms(tmp_path):
         assert set(np.unique(z["source_iteration"])) <= {-1, 0, 1}
     with np.load(tmp_path / "r" / "arms" / acc[2]["arm"] / "iter_002" / "selection.npz") as z:
         assert str(z["method"]) == "threshold" and len(z["indices"]) == 24 and float(z["tau0"]) > 0
+    # precision/recall per row: the samples against a seeded real subset of as many images, k = 5
+    from model_collapse.data import load_images, pixel_vectors
+    from model_collapse.metrics import precision_recall
+    from model_collapse.rng import numpy_rng
+
+    data = load_images(cfg.data).images
+    ref = pixel_vectors(data[np.sort(numpy_rng(cfg.seed, "pr-reference").choice(len(data), 24, replace=False))])
+    with np.load(tmp_path / "r" / "arms" / fresh[2]["arm"] / "iter_002" / "samples.npz") as z:
+        expect = precision_recall(ref, pixel_vectors(z["images"][:24]), k=5)
+    assert {k: fresh[2][f"{k}_pixel"] for k in expect} == expect
+    assert all(0 <= r["precision_pixel"] <= 1 and 0 <= r["recall_pixel"] <= 1 for r in rows)
 
 
 def test_second_process_is_refused_while_first_runs(tmp_path):

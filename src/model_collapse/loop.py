@@ -27,7 +27,14 @@ from model_collapse.config import ArmConfig, RunConfig, config_from_dict, config
 from model_collapse.data import ImageSet, load_images
 from model_collapse.errors import UserError
 from model_collapse.features import SpaceContext, extract
-from model_collapse.metrics import frechet_distance, gaussian_stats, generalization_score, kl_entropy, total_variance
+from model_collapse.metrics import (
+    frechet_distance,
+    gaussian_stats,
+    generalization_score,
+    kl_entropy,
+    precision_recall,
+    total_variance,
+)
 from model_collapse.rng import derive_seed, numpy_rng
 from model_collapse.rundir import RunDir, atomic_save_npz, atomic_write_json, load_npz, read_json, read_metrics
 from model_collapse.selection import select
@@ -78,6 +85,20 @@ class Study:
                     atomic_save_npz(path, mu=mu, sigma=sigma)
                 self._real_stats[space] = (mu, sigma)
         return self._real_stats[space]
+
+    def real_reference(self, space: str) -> np.ndarray:
+        """Features of a seeded subset of the real data, as many images as are measured per iteration (at most
+        the whole data): the reference of precision/recall. Cached in RUN_DIR/features/ for learned spaces."""
+        path = Path(self.ctx.run_dir) / "features" / f"real_reference_{space}.npz" if self.ctx.run_dir else None
+        if space != "pixel" and path is not None and path.exists():
+            return load_npz(path)["features"]
+        n = min(self.n_eval, len(self.data))
+        pick = np.sort(numpy_rng(self.cfg.seed, "pr-reference").choice(len(self.data), n, replace=False))
+        feats = extract(space, self.data.images[pick], self.ctx)
+        if space != "pixel" and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_npz(path, features=feats)
+        return feats
 
     def train_settings(self) -> D.TrainSettings:
         c = self.cfg
@@ -277,6 +298,9 @@ def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=No
             (d / f"samples.part{r}.npz").unlink()
 
 
+PR_K = 5  # neighbours that define the real and generated manifolds of precision/recall, density/coverage
+
+
 def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
     """Per-(arm, iteration) metrics of the training set and of the model's first n_eval samples, every space."""
     cfg = study.cfg
@@ -304,6 +328,10 @@ def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
         m[f"copy_fraction_{s}"] = sc.copy_fraction
         m[f"variance_{s}"] = total_variance(fg)
         m[f"fd_{s}"] = frechet_distance(*gaussian_stats(fg), *study.real_stats(s))
+        ref = study.real_reference(s)
+        if min(len(fg), len(ref)) > PR_K:  # against as many real images: k-NN manifolds of equal sample sizes
+            for key, v in precision_recall(ref, fg, k=PR_K, device=cfg.device).items():
+                m[f"{key}_{s}"] = v
         if s == "pixel":  # `nearest` indexes the training set's distinct rows (metrics.distinct_rows)
             atomic_save_npz(d / "neighbours_pixel.npz", nearest=sc.nearest, d1=sc.d1, d2=sc.d2)
     if study.num_classes is not None:

@@ -27,6 +27,8 @@ CURVES = [
     ("mem_fraction_pixel", "memorized share (d1/d2 < 1/3)"),
     ("copy_fraction_pixel", "copy share (d1 < spacing/3)"),
     ("variance_pixel", "variance of samples (trace)"),
+    ("precision_pixel", "precision (samples on the real manifold)"),
+    ("recall_pixel", "recall (real data on the samples' manifold)"),
     ("train_duplicates", "exact duplicates in training set"),
 ]
 VERDICT_MARKERS = {"stable": "o", "contracting": "v", "copying": "X"}
