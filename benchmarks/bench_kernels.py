@@ -170,7 +170,7 @@ def bench_entropy(quick, rounds):
     flops = n * n * d  # half the matrix, 2 flops per multiply-add
     _sk_nn(x[:512], x[:512], 2), knn(x[:512], None, 1)  # warm-up
     for prec in ("float32", "float64"):
-        times, sk, r = _rounds(lambda: _sk_nn(x, x, 2)[:, 1], lambda: knn(x, None, 1, precision=prec),
+        times, sk, r = _rounds(lambda: _sk_nn(x, x, 2)[:, 1], lambda prec=prec: knn(x, None, 1, precision=prec),
                                rounds if prec == "float32" else 1)
         rel = float(np.max(np.abs(r.distances[:, 0] - sk) / sk))
         print(f"entropy kNN n={n} d={d} {prec} (sklearn NearestNeighbors brute / ours): {_summary(times, flops)}; "
