@@ -205,3 +205,19 @@ def test_standalone_commands_reject_every_bad_input_in_one_line(capsys, tmp_path
             rc, stdout, err = run_cli(capsys, *argv)
             assert_user_error(rc, err, pattern)
             assert stdout == "" and not out.exists(), (name, argv)
+
+
+def test_float64_products_give_the_same_answers(capsys, tmp_path, rng):
+    x = rng.integers(0, 256, size=(80, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "g.npy", np.concatenate([x[:10], rng.integers(0, 256, size=(30, 6, 6), dtype=np.uint8)]))
+    x_path, g_path = str(tmp_path / "x.npy"), str(tmp_path / "g.npy")
+    for argv in (["entropy", x_path], ["score", g_path, "--train", x_path]):
+        outs = []
+        for prec in ("float32", "float64"):
+            rc, out, err = run_cli(capsys, *argv, "--precision", prec, "--json")
+            assert rc == 0, err
+            outs.append(json.loads(out))
+        assert outs[0] == outs[1]
+    rc, _, err = run_cli(capsys, "entropy", str(tmp_path / "x.npy"), "--precision", "float16")
+    assert_user_error(rc, err, "precision")

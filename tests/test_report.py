@@ -18,7 +18,8 @@ TINY = ["n_train=24", "iterations=3", "train_steps=16", "checkpoint_every=8", "b
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     run_loop(resolve_config("smoke", TINY), base / "a", show=False)
-    run_loop(resolve_config("smoke", TINY + ["seed=1"]), base / "b", show=False)
+    run_loop(resolve_config("smoke", TINY + ["seed=1", 'spaces=["pixel", "domain"]', "domain_steps=40"]), base / "b",
+             show=False)
     return base
 
 
@@ -38,6 +39,18 @@ def test_report_has_every_figure(runs):
         assert (runs / "a" / "figures" / expected).stat().st_size > 1000
     assert "Pearson r" in text and "<table>" in text and "&quot;n_train&quot;: 24" in text
     assert "<script" not in text
+
+
+def test_report_projects_every_measured_feature_space(runs):
+    from model_collapse.rundir import read_metrics
+
+    out = write_report([runs / "b"], runs / "b" / "report.html")
+    names = _imgs(out.read_text())
+    assert "projection.png" in names and "projection_domain.png" in names
+    assert (runs / "b" / "figures" / "projection_domain.png").stat().st_size > 1000
+    assert "projection_domain.png" not in _imgs(write_report([runs / "a"], runs / "a-only.html").read_text())
+    rows = read_metrics(runs / "b" / "metrics.jsonl")
+    assert all(0 <= r["precision_domain"] <= 1 and 0 <= r["recall_domain"] <= 1 for r in rows)
 
 
 def test_report_compares_several_runs(runs):

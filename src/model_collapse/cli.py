@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("entropy", help="Kozachenko-Leonenko kNN entropy of an image set")
     e.add_argument("data")
     e.add_argument("--k", type=int, default=1)
+    e.add_argument("--precision", choices=("float32", "float64"), default="float32",
+                   help="working precision of the kNN products (answers are exact either way)")
     e.add_argument("--space", default="pixel")
     e.add_argument("--feature-dir", default=None)
     e.add_argument("--json", action="store_true")
@@ -61,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("score", help="generalization score and memorization of generated images")
     c.add_argument("generated")
     c.add_argument("--train", required=True)
+    c.add_argument("--precision", choices=("float32", "float64"), default="float32",
+                   help="working precision of the kNN products (answers are exact either way)")
     c.add_argument("--space", default="pixel")
     c.add_argument("--feature-dir", default=None)
     c.add_argument("--json", action="store_true")
@@ -182,7 +186,7 @@ def cmd_entropy(args) -> int:
     bars = _bars(args)
     feats = extract(args.space, data.images, _ctx(args, data, bars))
     try:
-        res = kl_entropy(feats, args.k, progress=bars)
+        res = kl_entropy(feats, args.k, progress=bars, precision=args.precision)
     except ValueError as e:
         raise UserError(f"{args.data}: {e}") from None
     out = {**res.as_dict(), "n_images": len(data), "space": args.space}
@@ -202,7 +206,7 @@ def cmd_score(args) -> int:
     ctx = _ctx(args, train, bars)
     try:
         res = generalization_score(extract(args.space, gen.images, ctx), extract(args.space, train.images, ctx),
-                                   progress=bars)
+                                   progress=bars, precision=args.precision)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = {**res.as_dict(), "space": args.space}

@@ -244,22 +244,22 @@ def fig_pairs(arm: Arm) -> bytes | None:
     return _png(fig)
 
 
-def fig_projection(arms: list[Arm], colours, real: np.ndarray | None) -> bytes | None:
-    """Real and generated samples on the real data's top two principal directions, with density contours."""
+def fig_projection(arms: list[Arm], colours, real: np.ndarray | None, generated_of, what: str) -> bytes | None:
+    """Real and generated vectors on the real data's top two principal directions, with density contours.
+
+    real: (n, d) real vectors; generated_of(arm, t): that iteration's generated vectors, or None."""
     import matplotlib.pyplot as plt
     from scipy.stats import gaussian_kde
 
-    from model_collapse.data import pixel_vectors
-
-    if real is None:
+    if real is None or len(real) < 3:
         return None
-    rv = pixel_vectors(real).astype(np.float64)
+    rv = np.asarray(real, np.float64)
     mu = rv.mean(0)
     _, _, vt = np.linalg.svd(rv - mu, full_matrices=False)
     P = vt[:2].T
     rp = (rv - mu) @ P
     its = sorted({r["iteration"] for a in arms for r in a.rows})
-    if not its:
+    if not its or P.shape[1] < 2:
         return None
     fig, axes = plt.subplots(len(arms), len(its), figsize=(2.6 * len(its), 2.5 * len(arms)), squeeze=False,
                              sharex=True, sharey=True)
@@ -267,9 +267,9 @@ def fig_projection(arms: list[Arm], colours, real: np.ndarray | None) -> bytes |
     for row, a, c in zip(axes, arms, colours):
         for ax, t in zip(row, its):
             ax.scatter(rp[:600, 0], rp[:600, 1], s=2, color="0.75")
-            f = a.iter_dir(t) / "samples.npz"
-            if f.exists() and any(r["iteration"] == t for r in a.rows):
-                g = (pixel_vectors(load_npz(f)["images"]).astype(np.float64) - mu) @ P
+            gv = generated_of(a, t) if any(r["iteration"] == t for r in a.rows) else None
+            if gv is not None:
+                g = (np.asarray(gv, np.float64) - mu) @ P
                 ax.scatter(g[:, 0], g[:, 1], s=3, color=c)
                 try:
                     kde = gaussian_kde(g.T)
@@ -282,10 +282,26 @@ def fig_projection(arms: list[Arm], colours, real: np.ndarray | None) -> bytes |
             if a is arms[0]:
                 ax.set_title(f"iteration {t}", fontsize=9)
         row[0].set_ylabel(a.label, fontsize=8)
-    fig.suptitle("generated (colour) vs real (grey) on the real data's top 2 principal directions (pixel units)",
+    fig.suptitle(f"generated (colour) vs real (grey) on the real data's top 2 principal directions ({what})",
                  fontsize=9)
     fig.tight_layout()
     return _png(fig)
+
+
+def _pixel_samples(a: Arm, t: int) -> np.ndarray | None:
+    from model_collapse.data import pixel_vectors
+
+    f = a.iter_dir(t) / "samples.npz"
+    return pixel_vectors(load_npz(f)["images"]) if f.exists() else None
+
+
+def _space_samples(space: str):
+    """The generated features an iteration cached while it was measured (its first n_eval samples)."""
+    def get(a: Arm, t: int) -> np.ndarray | None:
+        f = a.iter_dir(t) / f"features_{space}.npz"
+        return load_npz(f)["generated"] if f.exists() else None
+
+    return get
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -363,7 +379,16 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
         real = load_images(first_cfg["data"], first_cfg.get("data_root"), False, first_cfg.get("image_size")).images
     except Exception as e:  # the report still shows everything else
         print(f"report: no projection figure ({e})", file=sys.stderr)
-    add("2-D projection", "projection.png", fig_projection(arms, colours, real))
+    if real is not None:
+        from model_collapse.data import pixel_vectors
+
+        add("2-D projection", "projection.png", fig_projection(arms, colours, pixel_vectors(real), _pixel_samples,
+                                                                 "pixel space"))
+    for space in (next(iter(configs.values())).get("spaces", []) if configs else []):
+        ref = run_dirs[0] / "features" / f"real_reference_{space}.npz"
+        if space != "pixel" and ref.exists():  # written by the run when it measured that space
+            add("2-D projection", f"projection_{space}.png",
+                fig_projection(arms, colours, load_npz(ref)["features"], _space_samples(space), f"{space} space"))
     for i, p in enumerate(probes):
         from model_collapse.probe import read_probe
 
