@@ -189,6 +189,8 @@ def test_greedy_equals_reference_on_degenerate_and_clustered_pools(rng):
         np.repeat(rng.normal(size=(30, 8)) * 3, 5, axis=0).astype(np.float32),
         (rng.normal(size=(300, 5)) * 1e-3 + 1e3).astype(np.float32),
         rng.normal(size=(250, 40)).astype(np.float32) @ np.diag(np.geomspace(10, 0.01, 40)).astype(np.float32),
+        rng.random((600, 64), dtype=np.float32),  # high intrinsic dimension: steps reach most of the pool
+        rng.integers(0, 2, size=(400, 48)).astype(np.float16),  # binary: ties everywhere, half floats
     ]
     for i, x in enumerate(pools):
         for seed in range(3):

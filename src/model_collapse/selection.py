@@ -72,11 +72,16 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
     own[p] + zown[p], then against z(c, p) < own[p], and only the points that remain get exact float64
     distances. The arg-max (lowest index among ties) is taken over exact values, from each cluster's exact
     maximum, as in the definition. Every bound is made conservative for rounding.
+
+    Where the bounds prune little (data of high intrinsic dimension), a step may reach most of the pool: then the
+    pool is taken whole instead of cluster by cluster, and the many remaining points are first compared through
+    one matrix-vector product in the input's precision with a rigorous rounding bound, so that only points that
+    may move get exact distances.
     """
     m = len(x)
     X = np.ascontiguousarray(x)
-    if X.dtype.kind != "f":
-        X = X.astype(np.float64)
+    if X.dtype.kind != "f" or X.itemsize < 4:
+        X = X.astype(np.float64 if X.dtype.kind != "f" else np.float32)  # half floats are exact in float32
     if not np.isfinite(X).all():
         raise UserError("selection input contains NaN or inf")
     Z, zslack = _projection(X, seed, int(min(projection_dim, X.shape[1], m)))
@@ -92,6 +97,9 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
     zsq = np.einsum("ij,ij->i", Z, Z)
     zown = _zdist(Z, zsq, np.arange(m), start, zslack)[1]  # z(p, a[p]), rounded up
     members = [np.delete(np.arange(m), start)]  # each centre's cluster (unchosen points only)
+    counts = np.zeros(n, dtype=np.int64)  # their sizes
+    counts[0] = m - 1
+    gram = _GramBound(X)
     reach = np.zeros(n)  # largest own + zown in the cluster
     cmax = np.full(n, -1.0)  # largest mind in the cluster, and its lowest-index point
     carg = np.zeros(n, dtype=np.int64)
@@ -119,13 +127,20 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
         opened = lb < reach[:t]
         opened[home] = True  # c leaves its cluster
         J = np.flatnonzero(opened)
-        P = np.concatenate([members[j] for j in J])
-        lbp = np.repeat(lb[J], [len(members[j]) for j in J])
+        if 2 * counts[J].sum() > m - t:  # most of the pool: take it whole
+            P = np.flatnonzero(mind >= 0)
+            lbp = lb.take(assign.take(P))
+        else:
+            P = np.concatenate([members[j] for j in J])
+            lbp = np.repeat(lb[J], counts[J])
         T = P[lbp < own.take(P) + zown.take(P)]
         zlo, zt = _zdist(Z, zsq, T, c, zslack)  # z(c, p) rounded down (bounds d(c, p)) and up (for zown)
         keep = zlo * rel < own.take(T)
         T, zt = T[keep], zt[keep]
         moved, d2 = T[:0], np.empty(0)
+        if T.size > 64:  # many: rule out most by a product with a rounding bound
+            keep = gram.may_be_below(T, c, mind.take(T))
+            T, zt = T[keep], zt[keep]
         if T.size:
             touched += T.size
             d2 = _sq_to(X, T, c)
@@ -136,12 +151,35 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
         mind[moved], own[moved], assign[moved], zown[moved] = d2, np.sqrt(d2), t, zt
         for j in changed:
             members[j] = members[j][assign[members[j]] == j]
+            counts[j] = len(members[j])
         members.append(moved)
+        counts[t] = moved.size
         _cluster_stats(np.append(changed, t), [members[j] for j in changed] + [moved], own, zown, mind, reach,
                        cmax, carg)
     progress.advance(n - (n - 1) // 256 * 256)  # picks 0..255 were reported at t = 256, and so on
     progress.close()
     return Selection(chosen, "greedy", seed, {"start": start, "distances_computed": int(touched)})
+
+
+class _GramBound:
+    """Squared distances from one pool row to many through |x|^2 + |c|^2 - 2 x.c in the input's precision, with a
+    rigorous bound on their rounding (gamma_(d+4) (|x| + |c|)^2, as in the kNN kernel)."""
+
+    def __init__(self, X: np.ndarray):
+        from model_collapse.neighbours import _gamma
+
+        self.X = X
+        self.sq = np.einsum("ij,ij->i", X, X)  # working precision, as the product
+        self.norm = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64)) * 1.001
+        self.gamma = _gamma(X.shape[1] + 4, {np.dtype(np.float32): torch.float32}.get(X.dtype, torch.float64))
+
+    def may_be_below(self, rows: np.ndarray, c: int, limit: np.ndarray) -> np.ndarray:
+        """For each row: can its exact squared distance to row c be below `limit`?"""
+        X = self.X
+        dots = (X @ X[c])[rows] if 4 * rows.size > len(X) else X.take(rows, axis=0) @ X[c]
+        approx = (self.sq.take(rows) + self.sq[c] - 2 * dots).astype(np.float64)
+        err = self.gamma * (self.norm.take(rows) + self.norm[c]) ** 2
+        return approx - err < limit
 
 
 def _cluster_stats(J, parts, own, zown, mind, reach, cmax, carg):
@@ -168,10 +206,22 @@ def _zdist(Z: np.ndarray, zsq: np.ndarray, rows: np.ndarray, c: int, zslack: flo
 
 def _projection(X: np.ndarray, seed: int, q: int) -> tuple[np.ndarray, float]:
     """The pool projected on its top q principal directions (from a seeded sample of 4,096 points), in float64,
-    and an absolute allowance for the rounding of those projections (far above it: 1e-10 of the largest norm)."""
+    and an absolute allowance for the rounding of those projections (far above it: 1e-10 of the largest norm).
+
+    Wide data gets the directions from a seeded randomized SVD (Halko et al. 2011: a Gaussian sketch, two power
+    iterations): a full SVD of the sample takes tens of seconds at d = 3,072. Any orthonormal directions keep the
+    bounds valid; good ones only make them tighter."""
     mean = X.mean(0, dtype=np.float64)
     sample = X[np.sort(numpy_rng(seed, "greedy-pca").permutation(len(X))[:4096])].astype(np.float64) - mean
-    _, _, vh = np.linalg.svd(sample - sample.mean(0), full_matrices=False)
+    sample -= sample.mean(0)
+    width = q + 10
+    if min(sample.shape) <= 2 * width:
+        _, _, vh = np.linalg.svd(sample, full_matrices=False)
+    else:
+        basis = np.linalg.qr(sample @ numpy_rng(seed, "greedy-pca-sketch").normal(size=(sample.shape[1], width)))[0]
+        for _ in range(2):
+            basis = np.linalg.qr(sample @ np.linalg.qr(sample.T @ basis)[0])[0]
+        _, _, vh = np.linalg.svd(basis.T @ sample, full_matrices=False)
     P = np.ascontiguousarray(vh[:q].T)  # (d, q), orthonormal columns
     Z = np.empty((len(X), q))
     scale = 0.0
