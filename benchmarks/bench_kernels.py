@@ -118,6 +118,19 @@ def bench_greedy(quick, rounds):
           f"distances computed {sel.params['distances_computed'] / (m * n):.4f} of M*N", flush=True)
 
 
+def bench_greedy_hard(quick, rounds):
+    """Data the pruning cannot help with (uniform, high intrinsic dimension): how far from the baseline we stay."""
+    m, d, n = (2048, 3072, 512) if quick else (4096, 3072, 1024)
+    x = np.random.default_rng(4).random((m, d), dtype=np.float32)
+    _, per_step = greedy_baseline(x, n, 0, n)
+    t = time.perf_counter()
+    sel = select_greedy(x, n, 0)
+    fast = time.perf_counter() - t
+    base = per_step * (n - 1)
+    print(f"greedy uniform M={m} d={d} N={n}: baseline {base:.1f} s, fast {fast:.1f} s, ratio {base / fast:.2f}x; "
+          f"distances computed {sel.params['distances_computed'] / (m * n):.4f} of M*N", flush=True)
+
+
 def bench_threshold(quick, rounds):
     m, d, n = (4096, 384, 1024) if quick else (16384, 384, 4096)
     x = clustered(m, d, seed=1)
@@ -210,7 +223,7 @@ print(base, peak)
           f"above the loaded data (limit: 1 GiB)", flush=True)
 
 
-BENCHES = {"greedy": bench_greedy, "threshold": bench_threshold, "entropy": bench_entropy, "score": bench_score,
+BENCHES = {"greedy": bench_greedy, "greedy_hard": bench_greedy_hard, "threshold": bench_threshold, "entropy": bench_entropy, "score": bench_score,
            "memory": bench_memory}
 
 
