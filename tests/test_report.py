@@ -41,12 +41,13 @@ def test_report_has_every_figure(runs):
     assert "<script" not in text
 
 
-def test_report_projects_every_measured_feature_space(runs):
+def test_report_shows_every_measured_feature_space(runs):
     from model_collapse.rundir import read_metrics
 
     out = write_report([runs / "b"], runs / "b" / "report.html")
     names = _imgs(out.read_text())
     assert "projection.png" in names and "projection_domain.png" in names
+    assert "entropy_vs_generalization_domain.png" in names and "In domain space: Pearson r" in out.read_text()
     assert (runs / "b" / "figures" / "projection_domain.png").stat().st_size > 1000
     assert "projection_domain.png" not in _imgs(write_report([runs / "a"], runs / "a-only.html").read_text())
     rows = read_metrics(runs / "b" / "metrics.jsonl")

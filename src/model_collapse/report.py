@@ -151,7 +151,7 @@ def entropy_generalization(arms: list[Arm], space: str = "pixel") -> dict:
     return out
 
 
-def fig_correlation(arms: list[Arm], colours, corr: dict) -> bytes:
+def fig_correlation(arms: list[Arm], colours, corr: dict, space: str = "pixel") -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -162,13 +162,12 @@ def fig_correlation(arms: list[Arm], colours, corr: dict) -> bytes:
     if corr["pearson_r"] is not None:
         xs = np.linspace(min(corr["x"]), max(corr["x"]), 50)
         ax.plot(xs, corr["slope"] * xs + corr["intercept"], "k--", lw=1)
-        ax.text(0.03, 0.95, f"Pearson r = {corr['pearson_r']:.3f}  (n = {corr['n']})", transform=ax.transAxes,
-                va="top", fontsize=11, bbox=dict(fc="white", ec="0.7"))
-    ax.set_xlabel("training-set entropy (nats, pixel space)")
-    ax.set_ylabel("log generalization score (log pixel L2)")
-    ax.set_title("Entropy of the training set predicts generalization")
+        ax.plot([], [], "k--", lw=1, label=f"least squares, Pearson r = {corr['pearson_r']:.3f} (n = {corr['n']})")
+    ax.set_xlabel(f"training-set entropy (nats, {space} space)")
+    ax.set_ylabel(f"log generalization score (log L2 in {space} space)")
+    ax.set_title(f"Training-set entropy against generalization, {space} space")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")  # placed where it hides the fewest points
     fig.tight_layout()
     return _png(fig)
 
@@ -367,6 +366,14 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     add("Metrics over iterations", "curves.png", fig_curves(arms, colours))
     corr = entropy_generalization(arms)
     add("Entropy vs generalization", "entropy_vs_generalization.png", fig_correlation(arms, colours, corr))
+    space_corr = {}  # the same relation in every other measured space
+    for space in sorted({k[len("train_entropy_"):] for a in arms for r in a.rows for k in r
+                         if k.startswith("train_entropy_")} - {"pixel"}):
+        c = entropy_generalization(arms, space)
+        if c["n"]:
+            space_corr[space] = c
+            add("Entropy vs generalization", f"entropy_vs_generalization_{space}.png",
+                fig_correlation(arms, colours, c, space))
     for i, a in enumerate(arms):
         add("Sample grids", f"samples_{i:02d}.png", fig_samples(a))
     for i, a in enumerate(arms):
@@ -407,6 +414,10 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     if corr["pearson_r"] is not None:
         parts.append(f"<p>Entropy vs log generalization score: Pearson r = <b>{corr['pearson_r']:.3f}</b> over "
                      f"{corr['n']} (arm, iteration) points (the paper reports 0.91).</p>")
+    for space, c in space_corr.items():
+        if c["pearson_r"] is not None:
+            parts.append(f"<p>In {html.escape(space)} space: Pearson r = <b>{c['pearson_r']:.3f}</b> over {c['n']} "
+                         f"points.</p>")
     section = None
     for sec, name, png in figures:
         if sec != section:
