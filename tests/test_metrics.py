@@ -13,6 +13,7 @@ from model_collapse.metrics import (
     frechet_distance_features,
     gaussian_stats,
     generalization_score,
+    kernel_inception_distance,
     kl_entropy,
     precision_recall,
     total_variance,
@@ -140,3 +141,24 @@ def test_precision_recall_against_brute_force(rng, k):
         assert res["recall"] == np.mean((dx.T <= rf[None]).any(1))
         assert res["density"] == pytest.approx((dx <= rr[None]).sum(1).mean() / k, rel=1e-12)
         assert res["coverage"] == np.mean((dx <= rr[None]).any(0))
+
+
+def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel(rng):
+    """With subsets as large as both sets, every subset is the whole set: KID is the full unbiased MMD^2, which a
+    double loop over pairs computes straightforwardly."""
+    a, b = rng.normal(size=(30, 5)), rng.normal(size=(30, 5)) + 0.3
+
+    def k(x, y):
+        return (x @ y / 5 + 1) ** 3
+
+    n = len(a)
+    xx = sum(k(a[i], a[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(b[i], b[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(a[i], b[j]) for i in range(n) for j in range(n)) / (n * n)
+    kid, std = kernel_inception_distance(a, b, subsets=7, subset_size=30)
+    assert kid == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std < 1e-10
+    same, _ = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(400, 5)), subsets=20,
+                                        subset_size=200)
+    far, _ = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(400, 5)) + 1.0, subsets=20,
+                                       subset_size=200)
+    assert abs(same) < 0.2 * far and far > 0

@@ -98,6 +98,8 @@ def fig_curves(arms: list[Arm], colours) -> bytes:
     keys = list(CURVES)
     fd = sorted({k for a in arms for r in a.rows for k in r if k.startswith("fd_")})
     keys += [(k, f"Frechet distance, {k[3:]} space") for k in fd]
+    kid = sorted({k for a in arms for r in a.rows for k in r if k.startswith("kid_") and not k.startswith("kid_std_")})
+    keys += [(k, f"KID (unbiased), {k[4:]} space") for k in kid]
     extra = sorted({k for a in arms for r in a.rows for k in r
                     if k.startswith(("train_entropy_", "gen_score_")) and not k.endswith("_pixel")
                     and not k.startswith("gen_score_ratio_")})
