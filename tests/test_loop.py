@@ -85,7 +85,7 @@ def test_metrics_rows_and_paradigms(tmp_path):
         expect = precision_recall(ref, pixel_vectors(z["images"][:24]), k=5)
     assert {k: fresh[2][f"{k}_pixel"] for k in expect} == expect
     assert all(0 <= r["precision_pixel"] <= 1 and 0 <= r["recall_pixel"] <= 1 for r in rows)
-    assert all(np.isfinite(r["kid_pixel"]) and r["kid_std_pixel"] >= 0 for r in rows)
+    assert all(np.isfinite(r["kid_pixel"]) and r["kid_std_pixel"] > 0 for r in rows)  # subsets differ
 
 
 def test_second_process_is_refused_while_first_runs(tmp_path):

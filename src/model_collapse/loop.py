@@ -333,9 +333,11 @@ def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
         if min(len(fg), len(ref)) > PR_K:  # against as many real images: k-NN manifolds of equal sample sizes
             for key, v in precision_recall(ref, fg, k=PR_K, device=cfg.device).items():
                 m[f"{key}_{s}"] = v
-        if min(len(fg), len(ref)) >= 2:  # unbiased at any sample size, unlike the Frechet distance
+        if min(len(fg), len(ref)) >= 4:  # unbiased at any sample size, unlike the Frechet distance
+            # subsets of half the samples (at most 1,000): with subsets as large as the sets, every subset would
+            # be the whole set and the spread over subsets would say nothing
             m[f"kid_{s}"], m[f"kid_std_{s}"] = kernel_inception_distance(
-                fg, ref, subsets=100, subset_size=min(1000, len(fg), len(ref)),
+                fg, ref, subsets=100, subset_size=min(1000, min(len(fg), len(ref)) // 2),
                 seed=derive_seed(cfg.seed, "kid", arm.label() if arm else "shared", t, s))
         if s == "pixel":  # `nearest` indexes the training set's distinct rows (metrics.distinct_rows)
             atomic_save_npz(d / "neighbours_pixel.npz", nearest=sc.nearest, d1=sc.d1, d2=sc.d2)
