@@ -23,6 +23,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _image_set_options(p: argparse.ArgumentParser, precision: bool = False) -> None:
+    """What every command on image sets takes: the feature space, where weights are, output and progress."""
+    p.add_argument("--space", default="pixel")
+    p.add_argument("--feature-dir", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    if precision:
+        p.add_argument("--precision", choices=("float32", "float64"), default="float32",
+                       help="working precision of the kNN products (answers are exact either way)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Study and prevent model collapse in self-consuming diffusion loops.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,43 +51,27 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("pool")
     s.add_argument("--n", type=int, required=True)
     s.add_argument("--method", default="greedy")
-    s.add_argument("--space", default="pixel")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tau0", type=float, default=None, help="threshold: first radius (default: from the pool)")
     s.add_argument("--decay", type=float, default=0.95, help="threshold: radius factor per pass")
     s.add_argument("--per-class", action="store_true", help="select within classes, keeping their shares")
     s.add_argument("--out", required=True, help="output .npz (images, labels, indices, method, seed, ...)")
-    s.add_argument("--feature-dir", default=None)
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _image_set_options(s)
 
     e = sub.add_parser("entropy", help="Kozachenko-Leonenko kNN entropy of an image set")
     e.add_argument("data")
     e.add_argument("--k", type=int, default=1)
-    e.add_argument("--precision", choices=("float32", "float64"), default="float32",
-                   help="working precision of the kNN products (answers are exact either way)")
-    e.add_argument("--space", default="pixel")
-    e.add_argument("--feature-dir", default=None)
-    e.add_argument("--json", action="store_true")
-    e.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _image_set_options(e, precision=True)
 
     c = sub.add_parser("score", help="generalization score and memorization of generated images")
     c.add_argument("generated")
     c.add_argument("--train", required=True)
-    c.add_argument("--precision", choices=("float32", "float64"), default="float32",
-                   help="working precision of the kNN products (answers are exact either way)")
-    c.add_argument("--space", default="pixel")
-    c.add_argument("--feature-dir", default=None)
-    c.add_argument("--json", action="store_true")
-    c.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _image_set_options(c, precision=True)
 
     f = sub.add_parser("fid", help="Frechet distance (FID in the inception space), KID, precision/recall")
     f.add_argument("generated")
     f.add_argument("--ref", required=True)
-    f.add_argument("--space", default="pixel")
-    f.add_argument("--feature-dir", default=None)
-    f.add_argument("--json", action="store_true")
-    f.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _image_set_options(f)
 
     rp = sub.add_parser("report", help="an HTML report of one or more run directories")
     rp.add_argument("run_dirs", nargs="+")

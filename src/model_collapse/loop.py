@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,11 +36,13 @@ from model_collapse.metrics import (
     precision_recall,
     total_variance,
 )
+from model_collapse.neighbours import knn
 from model_collapse.rng import derive_seed, numpy_rng
 from model_collapse.rundir import RunDir, atomic_save_npz, atomic_write_json, load_npz, read_json, read_metrics
 from model_collapse.selection import select
 
 SHARED = "shared"  # the arm coordinate of iteration 0, which all arms share
+PR_K = 5  # neighbours that define the real and generated manifolds of precision/recall, density/coverage
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -56,7 +58,7 @@ class Study:
     spec: D.UNetSpec
     num_classes: int | None
     ctx: SpaceContext
-    _real_stats: dict | None = None
+    _cache: dict = field(default_factory=dict)  # see _cached
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -70,36 +72,44 @@ class Study:
     def n_eval(self) -> int:
         return self.cfg.n_eval or self.cfg.n_train
 
-    def real_stats(self, space: str):
-        """Mean and covariance of the real data's features, cached in RUN_DIR/features/ (named by space)."""
-        if self._real_stats is None:
-            self._real_stats = {}
-        if space not in self._real_stats:
-            path = Path(self.ctx.run_dir) / "features" / f"real_stats_{space}.npz" if self.ctx.run_dir else None
+    def _cached(self, name: str, compute: Callable[[], dict]) -> dict:
+        """Arrays computed once per run: kept in memory, and in RUN_DIR/features/<name>.npz for the other
+        processes and for resumes."""
+        if name not in self._cache:
+            path = Path(self.ctx.run_dir) / "features" / f"{name}.npz" if self.ctx.run_dir else None
             if path is not None and path.exists():
-                z = load_npz(path)
-                self._real_stats[space] = (z["mu"], z["sigma"])
+                self._cache[name] = load_npz(path)
             else:
-                mu, sigma = gaussian_stats(extract(space, self.data.images, self.ctx))
+                arrays = compute()
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_save_npz(path, mu=mu, sigma=sigma)
-                self._real_stats[space] = (mu, sigma)
-        return self._real_stats[space]
+                    atomic_save_npz(path, **arrays)
+                self._cache[name] = arrays
+        return self._cache[name]
 
-    def real_reference(self, space: str) -> np.ndarray:
+    def real_stats(self, space: str) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and covariance of the real data's features."""
+        z = self._cached(f"real_stats_{space}",
+                         lambda: dict(zip(("mu", "sigma"), gaussian_stats(extract(space, self.data.images, self.ctx)))))
+        return z["mu"], z["sigma"]
+
+    def real_reference(self, space: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Features of a seeded subset of the real data, as many images as are measured per iteration (at most
-        the whole data): the reference of precision/recall. Cached in RUN_DIR/features/ for learned spaces."""
-        path = Path(self.ctx.run_dir) / "features" / f"real_reference_{space}.npz" if self.ctx.run_dir else None
-        if space != "pixel" and path is not None and path.exists():
-            return load_npz(path)["features"]
-        n = min(self.n_eval, len(self.data))
-        pick = np.sort(numpy_rng(self.cfg.seed, "pr-reference").choice(len(self.data), n, replace=False))
-        feats = extract(space, self.data.images[pick], self.ctx)
-        if space != "pixel" and path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save_npz(path, features=feats)
-        return feats
+        the whole data): the reference of precision/recall and KID; and their PR_K-th nearest-neighbour radii
+        (None when the subset is too small), computed once per process."""
+        def compute():
+            n = min(self.n_eval, len(self.data))
+            pick = np.sort(numpy_rng(self.cfg.seed, "pr-reference").choice(len(self.data), n, replace=False))
+            return {"features": extract(space, self.data.images[pick], self.ctx)}
+
+        feats = self._cached(f"real_reference_{space}", compute)["features"]
+        key = f"real_reference_radii_{space}"
+        if key not in self._cache:
+            radii = None
+            if len(feats) > PR_K:
+                radii = knn(feats, None, PR_K, device=self.cfg.device).distances[:, -1]
+            self._cache[key] = radii
+        return feats, self._cache[key]
 
     def train_settings(self) -> D.TrainSettings:
         c = self.cfg
@@ -299,9 +309,6 @@ def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=No
             (d / f"samples.part{r}.npz").unlink()
 
 
-PR_K = 5  # neighbours that define the real and generated manifolds of precision/recall, density/coverage
-
-
 def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
     """Per-(arm, iteration) metrics of the training set and of the model's first n_eval samples, every space."""
     cfg = study.cfg
@@ -329,16 +336,16 @@ def measure(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> dict:
         m[f"copy_fraction_{s}"] = sc.copy_fraction
         m[f"variance_{s}"] = total_variance(fg)
         m[f"fd_{s}"] = frechet_distance(*gaussian_stats(fg), *study.real_stats(s))
-        ref = study.real_reference(s)
+        ref, ref_radii = study.real_reference(s)
         if min(len(fg), len(ref)) > PR_K:  # against as many real images: k-NN manifolds of equal sample sizes
-            for key, v in precision_recall(ref, fg, k=PR_K, device=cfg.device).items():
+            for key, v in precision_recall(ref, fg, k=PR_K, real_radii=ref_radii, device=cfg.device).items():
                 m[f"{key}_{s}"] = v
         if min(len(fg), len(ref)) >= 4:  # unbiased at any sample size, unlike the Frechet distance
             # subsets of half the samples (at most 1,000): with subsets as large as the sets, every subset would
             # be the whole set and the spread over subsets would say nothing
             m[f"kid_{s}"], m[f"kid_std_{s}"] = kernel_inception_distance(
                 fg, ref, subsets=100, subset_size=min(1000, min(len(fg), len(ref)) // 2),
-                seed=derive_seed(cfg.seed, "kid", arm.label() if arm else "shared", t, s))
+                seed=derive_seed(cfg.seed, "kid", arm.label() if arm else SHARED, t, s))
         if s == "pixel":  # `nearest` indexes the training set's distinct rows (metrics.distinct_rows)
             atomic_save_npz(d / "neighbours_pixel.npz", nearest=sc.nearest, d1=sc.d1, d2=sc.d2)
     if study.num_classes is not None:
@@ -485,6 +492,7 @@ def _iteration0(study: Study, rd: RunDir, show: bool) -> None:
     if dist.is_main():
         for s in ["pixel"] + list(study.cfg.spaces):
             study.real_stats(s)
+            study.real_reference(s)
     run_stage(study, rd, None, 0, show=show)  # shared by every arm: one row per arm points at it
     for arm in study.cfg.arms:
         if own_iteration0(study.cfg, arm):

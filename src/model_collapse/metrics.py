@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.special import digamma, gammaln
 
-from model_collapse.neighbours import knn
+from model_collapse.neighbours import knn, rounding_gamma
 
 
 @dataclass(frozen=True)
@@ -188,49 +189,54 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, 
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5, **knn_kw) -> dict:
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5, *, real_radii: np.ndarray | None = None,
+                     **knn_kw) -> dict:
     """Improved precision/recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al. 2020).
 
-    Each set's k-NN radii come from the shared exact kernel. Membership (distance to a point of the other set at
-    most its radius) is decided tile by tile (no n x m matrix in memory) from float64 products with a rigorous
-    rounding bound; the pairs within that bound of a radius, such as copies of a point whose radius is zero,
-    are decided on exact distances computed like the kernel's."""
+    Each set's k-NN radii come from the shared exact kernel (`real_radii` may pass the real set's when already
+    known). Membership (distance to a point of the other set at most its radius) is decided tile by tile (no
+    n x m matrix in memory) from one float64 product per tile with a rigorous rounding bound; the pairs within
+    that bound of a radius, such as copies of a point whose radius is zero, are decided on exact distances
+    computed like the kernel's."""
     real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
-    r_real = knn(real, None, k, **knn_kw).distances[:, k - 1]
+    r_real = knn(real, None, k, **knn_kw).distances[:, k - 1] if real_radii is None else real_radii
     r_fake = knn(fake, None, k, **knn_kw).distances[:, k - 1]
     prec_hits = np.zeros(len(fake), bool)
     density_count = np.zeros(len(fake))
     cov_hits = np.zeros(len(real), bool)
     rec_hits = np.zeros(len(real), bool)
+    gamma = rounding_gamma(real.shape[1] + 4, np.float64)
     block = 1024
     for a in range(0, len(fake), block):
-        f = fake[a : a + block]
+        f = fake[a : a + block].astype(np.float64)
         for b in range(0, len(real), block):
-            r = real[b : b + block]
-            inside_real = _within(f, r, r_real[None, b : b + block])
+            tile = _Tile(f, real[b : b + block].astype(np.float64), gamma)
+            inside_real = tile.within(r_real[None, b : b + block])
             prec_hits[a : a + block] |= inside_real.any(1)
             density_count[a : a + block] += inside_real.sum(1)
             cov_hits[b : b + block] |= inside_real.any(0)
-            rec_hits[b : b + block] |= _within(f, r, r_fake[a : a + block, None]).any(0)
+            rec_hits[b : b + block] |= tile.within(r_fake[a : a + block, None]).any(0)
     return {"precision": float(prec_hits.mean()), "recall": float(rec_hits.mean()),
             "density": float(density_count.mean() / k), "coverage": float(cov_hits.mean())}
 
 
-def _within(f: np.ndarray, r: np.ndarray, radius: np.ndarray) -> np.ndarray:
-    """(len(f), len(r)): is |f_i - r_j| <= radius (broadcast to that shape), decided exactly."""
-    import torch
+class _Tile:
+    """Squared distances between two blocks of rows from one float64 product, and its rounding bound."""
 
-    f64, r64 = f.astype(np.float64), r.astype(np.float64)
-    fsq, rsq = (f64**2).sum(1), (r64**2).sum(1)
-    sq = fsq[:, None] + rsq[None] - 2 * f64 @ r64.T
-    u = 2.0**-53
-    err = 2 * (f.shape[1] + 4) * u * (np.sqrt(fsq)[:, None] + np.sqrt(rsq)[None]) ** 2  # bound on |sq - exact|
-    rad = np.broadcast_to(radius, sq.shape)
-    r2 = rad * rad
-    out = sq <= r2
-    amb = np.abs(sq - r2) <= err + 4 * u * r2
-    if amb.any():
-        i, j = np.nonzero(amb)
-        d = ((torch.from_numpy(r64[j]) - torch.from_numpy(f64[i])) ** 2).sum(-1).sqrt().numpy()
-        out[i, j] = d <= rad[i, j]
-    return out
+    def __init__(self, f: np.ndarray, r: np.ndarray, gamma: float):
+        fsq, rsq = (f**2).sum(1), (r**2).sum(1)
+        self.f, self.r = f, r
+        self.sq = fsq[:, None] + rsq[None] - 2 * f @ r.T
+        self.err = gamma * (np.sqrt(fsq)[:, None] + np.sqrt(rsq)[None]) ** 2
+
+    def within(self, radius: np.ndarray) -> np.ndarray:
+        """Is |f_i - r_j| <= radius (broadcast to the tile), decided exactly."""
+        rad = np.broadcast_to(radius, self.sq.shape)
+        r2 = rad * rad
+        out = self.sq <= r2
+        amb = np.abs(self.sq - r2) <= self.err + 2.0**-50 * r2  # also covers the rounding of r2
+        if amb.any():
+            i, j = np.nonzero(amb)
+            d = ((torch.from_numpy(self.r[j]) - torch.from_numpy(self.f[i])) ** 2).sum(-1).sqrt().numpy()
+            out[i, j] = d <= rad[i, j]
+        return out

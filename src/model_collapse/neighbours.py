@@ -44,13 +44,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _unit_roundoff(dtype: torch.dtype) -> float:
-    return {torch.float32: 2.0**-24, torch.float64: 2.0**-53}[dtype]
-
-
-def _gamma(n: int, dtype: torch.dtype) -> float:
-    nu = n * _unit_roundoff(dtype)
-    return 2.0 * nu / (1.0 - nu)  # a factor 2 of slack over the textbook bound
+def rounding_gamma(n: int, dtype) -> float:
+    """gamma_n = n u / (1 - n u) (Higham 3.1) with a factor 2 of slack, u the unit roundoff of a float32 or float64
+    dtype (torch or numpy): the relative error bound of a sum of n products in that precision. Every
+    approximate-then-exact decision in this package (kNN, selection, precision/recall) bounds its products with
+    gamma_(d+4) (|x| + |y|)^2."""
+    bits = torch.finfo(dtype).bits if isinstance(dtype, torch.dtype) else np.finfo(dtype).bits
+    nu = n * {32: 2.0**-24, 64: 2.0**-53}[bits]
+    return 2.0 * nu / (1.0 - nu)
 
 
 def _as_tensor(x, device) -> torch.Tensor:
@@ -236,7 +237,7 @@ def knn(
     Yc = Xc if symmetric else _Centred(Y, centre, dtype)
     # bound on |approx - exact| of every pair of a query: rounding of the product, the norms and the centring
     xn, ymax = Xc.sq.double() * 1.001, float(Yc.sq.max()) * 1.001
-    err = _gamma(d + 4, dtype) * (xn.sqrt() + math.sqrt(ymax)) ** 2
+    err = rounding_gamma(d + 4, dtype) * (xn.sqrt() + math.sqrt(ymax)) ** 2
 
     out_d = torch.empty((n, k), dtype=torch.float64, device=dev)
     out_i = torch.empty((n, k), dtype=torch.int64, device=dev)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
+from model_collapse.neighbours import knn, rounding_gamma
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -166,12 +167,10 @@ class _GramBound:
     rigorous bound on their rounding (gamma_(d+4) (|x| + |c|)^2, as in the kNN kernel)."""
 
     def __init__(self, X: np.ndarray):
-        from model_collapse.neighbours import _gamma
-
         self.X = X
         self.sq = np.einsum("ij,ij->i", X, X)  # working precision, as the product
         self.norm = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64)) * 1.001
-        self.gamma = _gamma(X.shape[1] + 4, {np.dtype(np.float32): torch.float32}.get(X.dtype, torch.float64))
+        self.gamma = rounding_gamma(X.shape[1] + 4, X.dtype)
 
     def may_be_below(self, rows: np.ndarray, c: int, limit: np.ndarray) -> np.ndarray:
         """For each row: can its exact squared distance to row c be below `limit`?"""
@@ -242,19 +241,12 @@ def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048, progress: Pro
     A first pass at that radius keeps only points well apart from each other; each further pass lowers tau by
     `decay` until N points are accepted, so the result starts as sparse as the pool allows.
     """
-    from model_collapse.neighbours import knn
-
     if len(x) <= sample:
         return 2.0 * float(np.median(knn(x, None, 1, progress=progress).distances[:, 0]))
     pick = np.sort(numpy_rng(seed, "tau0-sample").choice(len(x), sample, replace=False))
     # a pool point's first neighbour in the pool is itself, at distance 0
     d = knn(x[pick], x, 2, progress=progress).distances
     return 2.0 * float(np.median(d[:, 1]))
-
-
-def _gamma32(d: int) -> float:
-    nu = (d + 4) * 2.0**-24
-    return 2.0 * nu / (1.0 - nu)
 
 
 def select_threshold(
@@ -276,7 +268,7 @@ def select_threshold(
     X = Xc.float()
     sq = (Xc**2).sum(1)
     norms = sq.sqrt()
-    gamma = _gamma32(d)
+    gamma = rounding_gamma(d + 4, np.float32)
     n_distinct = len(np.unique(np.ascontiguousarray(x), axis=0))
     if n_distinct < n:
         raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
