@@ -222,3 +222,25 @@ def test_sigkilled_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
     again = subprocess.run(cmd(tmp_path / "crash"), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert read_metrics(tmp_path / "crash" / "metrics.jsonl") == read_metrics(tmp_path / "whole" / "metrics.jsonl")
+
+
+def test_an_arm_that_fails_stops_the_run_within_seconds(tmp_path):
+    """One arm fails at its first selection (its space needs weights that are not here) while the other would
+    train for minutes: the run stops within 30 s, names the failed arm, and leaves no worker behind."""
+    import shutil
+    import time
+
+    import multiprocessing as mp
+
+    run_loop(tiny_cfg("iterations=2"), tmp_path / "small", show=False)  # iteration 0, reused below
+    cfg = tiny_cfg("iterations=2", "train_steps=200000", "workers=2",
+                   'arms=[{selector="random"}, {selector="greedy", pool_factor=2, space="dinov2-small"}]')
+    RunDir.open(tmp_path / "big", cfg).close()
+    shutil.copytree(tmp_path / "small" / "iter_000", tmp_path / "big" / "iter_000")
+    shutil.copytree(tmp_path / "small" / "features", tmp_path / "big" / "features")
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="arm replace-greedy-k2-dinov2-small"):
+        run_loop(cfg, tmp_path / "big", show=False)
+    assert time.perf_counter() - t0 < 30
+    assert not mp.active_children()
+    assert not (tmp_path / "big" / "arms" / "replace-random" / "iter_001" / "model.safetensors").exists()

@@ -119,3 +119,34 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     assert len(widths) >= 7
     assert all(complete and w > 0 for complete, w in widths), widths
     assert (tmp_path / "report.png").stat().st_size > 10000
+
+
+def test_a_report_of_two_runs_leaves_each_runs_own_figures_as_they_were(runs, tmp_path):
+    own = {}
+    for name in ("a", "b"):
+        write_report([runs / name], runs / name / "report.html")
+        own[name] = {p.name: p.read_bytes() for p in (runs / name / "figures").iterdir()}
+        assert "curves.png" in own[name]
+    out = write_report([runs / "a", runs / "b"], tmp_path / "cmp" / "both.html")
+    for name in ("a", "b"):
+        assert {p.name: p.read_bytes() for p in (runs / name / "figures").iterdir()} == own[name]
+    assert (tmp_path / "cmp" / "both_figures" / "curves.png").stat().st_size > 1000
+    assert out.exists()
+
+
+def test_fid_command_and_the_loop_measure_alike(runs, tmp_path, capsys):
+    """The same samples against the same real data: the loop's row and `model-collapse fid` agree on the Frechet
+    distance, KID and its spread, precision/recall and density/coverage (one measurement rule)."""
+    import json
+
+    from model_collapse.cli import main
+    from model_collapse.rundir import read_metrics
+
+    row = [r for r in read_metrics(runs / "a" / "metrics.jsonl") if r["iteration"] == 2][0]
+    with np.load(runs / "a" / "arms" / row["arm"] / "iter_002" / "samples.npz") as z:
+        np.save(tmp_path / "gen.npy", z["images"][: row["n_generated"]])
+    assert main(["fid", str(tmp_path / "gen.npy"), "--ref", "digits", "--seed", "0", "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("fd", "kid", "kid_std", "precision", "recall", "density", "coverage"):
+        assert out[key] == pytest.approx(row[f"{key}_pixel"], rel=1e-12, abs=1e-15), key
+    assert out["kid_std"] > 0  # subsets of half the samples differ

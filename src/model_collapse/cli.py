@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fid", help="Frechet distance (FID in the inception space), KID, precision/recall")
     f.add_argument("generated")
     f.add_argument("--ref", required=True)
+    f.add_argument("--seed", type=int, default=0, help="seed of the size-matched reference subset and KID subsets")
     _image_set_options(f)
 
     rp = sub.add_parser("report", help="an HTML report of one or more run directories")
@@ -191,7 +192,7 @@ def cmd_entropy(args) -> int:
 
 def cmd_score(args) -> int:
     from model_collapse.features import check_space, extract
-    from model_collapse.metrics import generalization_score
+    from model_collapse.measure import memorization
 
     check_space(args.space)
     gen, train = _load(args.generated), _load(args.train)
@@ -200,8 +201,8 @@ def cmd_score(args) -> int:
     bars = _bars(args)
     ctx = _ctx(args, train, bars)
     try:
-        res = generalization_score(extract(args.space, gen.images, ctx), extract(args.space, train.images, ctx),
-                                   progress=bars, precision=args.precision)
+        _, res = memorization(extract(args.space, train.images, ctx), extract(args.space, gen.images, ctx),
+                              progress=bars, precision=args.precision)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = {**res.as_dict(), "space": args.space}
@@ -211,7 +212,7 @@ def cmd_score(args) -> int:
 
 def cmd_fid(args) -> int:
     from model_collapse.features import check_space, extract
-    from model_collapse.metrics import frechet_distance_features, kernel_inception_distance, precision_recall
+    from model_collapse.measure import make_reference, quality
 
     check_space(args.space)
     gen, ref = _load(args.generated), _load(args.ref)
@@ -221,10 +222,8 @@ def cmd_fid(args) -> int:
         raise UserError("the Frechet distance needs at least 2 images in each set")
     ctx = _ctx(args, ref, _bars(args))
     fg, fr = extract(args.space, gen.images, ctx), extract(args.space, ref.images, ctx)
-    out = {"space": args.space, "fd": frechet_distance_features(fg, fr), "n_generated": len(gen), "n_ref": len(ref)}
-    if len(gen) > 5 and len(ref) > 5:
-        kid, kid_std = kernel_inception_distance(fg, fr, subsets=20, subset_size=min(1000, len(gen), len(ref)))
-        out.update({"kid": kid, "kid_std": kid_std, **precision_recall(fr, fg)})
+    out = {"space": args.space, **quality(fg, make_reference(fr, len(fg), args.seed), args.seed),
+           "n_generated": len(gen), "n_ref": len(ref)}
     _emit(out, args.json, "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
 
@@ -236,7 +235,7 @@ def cmd_report(args) -> int:
     for d in dirs:
         if not (d / "config.json").exists() and not (d / "probe_config.json").exists():
             raise UserError(f"{d}: not a run or probe directory (no config.json or probe_config.json)")
-    out = Path(args.out) if args.out else dirs[0] / "report.html"
+    out = Path(args.out) if args.out else dirs[0] / "report.html"  # figures: see report.figures_dir
     path = write_report(dirs, out, show=True)
     print(str(path))
     return 0

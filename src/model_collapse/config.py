@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from model_collapse.errors import UserError
+from model_collapse.registry import MODEL_PRESETS, PARADIGMS, SAMPLERS, SELECTORS, SPACES, check_name
 
-PARADIGMS = ("replace", "accumulate", "fresh")
-SELECTOR_NAMES = ("random", "greedy", "threshold")
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,18 @@ class RunConfig:
 EXECUTION_KEYS = ("workers", "device", "report", "channels_last", "compile")
 
 
+def arm_guidance(cfg: RunConfig, arm: ArmConfig | None) -> float:
+    """The guidance scale an arm samples with (the run's unless the arm sets its own)."""
+    if arm is None or arm.guidance is None:
+        return cfg.guidance
+    return arm.guidance
+
+
+def own_iteration0(cfg: RunConfig, arm: ArmConfig | None) -> bool:
+    """Whether the arm samples the shared iteration-0 model itself (its guidance differs from the run's)."""
+    return arm is not None and arm_guidance(cfg, arm) != cfg.guidance
+
+
 # ---------------------------------------------------------------------------------------------- parsing
 
 _FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
@@ -212,7 +223,7 @@ def load_preset_dict(name: str) -> dict:
     return _read_toml(text, f"preset {name}")
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A --set value: a TOML value when it parses as one (numbers, booleans, lists, inline tables), else a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -227,7 +238,7 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        key, value = key.strip(), _parse_value(text.strip())
+        key, value = key.strip(), parse_value(text.strip())
         if key.startswith("arms."):
             parts = key.split(".")
             if len(parts) != 3:
@@ -272,9 +283,6 @@ def resolve_config(source: str | None, overrides: list[str] | None = None) -> Ru
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no data; data-dependent checks (n_train vs data size, model shape) come when loading."""
-    from model_collapse.diffusion import MODEL_PRESETS, SAMPLERS
-    from model_collapse.features import check_space
-
     def need(ok: bool, msg: str):
         if not ok:
             raise UserError(msg)
@@ -301,18 +309,18 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
     need(len(cfg.arms) >= 1, "at least one arm is needed")
     for s in cfg.spaces:
-        check_space(s)
+        check_name("space", s, SPACES)
     labels = [a.label() for a in cfg.arms]
     need(len(set(labels)) == len(labels), f"arm names must be unique, got {labels}")
     for a in cfg.arms:
         where = f"arm {a.label()}"
         need(a.paradigm in PARADIGMS, f"{where}: unknown paradigm {a.paradigm!r}; paradigms: {', '.join(PARADIGMS)}")
-        need(a.selector in SELECTOR_NAMES,
-             f"{where}: unknown selector {a.selector!r}; selectors: {', '.join(SELECTOR_NAMES)}")
+        need(a.selector in SELECTORS,
+             f"{where}: unknown selector {a.selector!r}; selectors: {', '.join(SELECTORS)}")
         need(a.pool_factor >= 1, f"{where}: pool_factor must be >= 1, got {a.pool_factor:g}")
         need(0 <= a.fresh_fraction <= 1, f"{where}: fresh_fraction must lie in [0, 1]")
         need(a.paradigm == "fresh" or a.fresh_fraction == 0,
              f"{where}: fresh_fraction applies to the fresh paradigm only")
-        check_space(a.space)
+        check_name("space", a.space, SPACES)
         need(a.guidance is None or cfg.conditional, f"{where}: guidance needs conditional = true")
     need(cfg.guidance == 0 or cfg.conditional, "guidance needs conditional = true")

@@ -20,34 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from model_collapse.errors import UserError
+from model_collapse.registry import MODEL_PRESETS, SAMPLERS, UNetSpec, check_name
 from model_collapse.rng import torch_generator
 
+__all__ = ["MODEL_PRESETS", "SAMPLERS", "UNetSpec"]  # the registry's names, re-exported for library users
+
 # ---------------------------------------------------------------------------------------------- model presets
-
-
-@dataclass(frozen=True)
-class UNetSpec:
-    channels: tuple[int, ...]
-    layers_per_block: int
-    norm_groups: int
-    attention_levels: tuple[int, ...] = ()  # 1-based levels with self-attention
-
-
-def paper_unet(c: int, norm_groups: int = 32) -> UNetSpec:
-    """The paper's UNet: channels (c, c, 2c, 2c, 4c, 4c), attention at level 5, 2 layers per block."""
-    return UNetSpec((c, c, 2 * c, 2 * c, 4 * c, 4 * c), 2, norm_groups, (5,))
-
-
-MODEL_PRESETS: dict[str, UNetSpec] = {
-    # CPU demo on 8x8 digits: 0.27M parameters, about 20 training steps/s at batch 64 on one core
-    "tiny": UNetSpec((16, 32, 32), 1, 8),
-    "small": UNetSpec((32, 64, 64), 1, 8),
-    "unet32": paper_unet(32),
-    # 48 is not a multiple of 32 norm groups; 16 divides 48, 96 and 192
-    "unet48": paper_unet(48, norm_groups=16),
-    "unet64": paper_unet(64),
-    "unet128": paper_unet(128),
-}
 
 
 def check_model_shape(spec: UNetSpec, image_side: int, where: str = "model") -> None:
@@ -112,12 +90,8 @@ def _sampler_classes():
     }
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm", "euler", "euler-ancestral", "unipc")
-
-
 def make_sampler(name: str, train_scheduler):
-    if name not in SAMPLERS:
-        raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    check_name("sampler", name, SAMPLERS)
     return _sampler_classes()[name].from_config(train_scheduler.config)
 
 

@@ -22,9 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from model_collapse import registry
 from model_collapse.data import pixel_vectors
 from model_collapse.errors import UserError
 from model_collapse.progress import Progress, or_silent
+from model_collapse.registry import check_name, resolve_device
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def _batches(ctx: SpaceContext, what: str, n: int, size: int):
 
 
 def _device(ctx: SpaceContext) -> torch.device:
-    return torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(resolve_device(ctx.device))
 
 
 _CACHE: dict = {}  # loaded networks, per process, keyed by (space, location)
@@ -286,9 +288,11 @@ SPACES: dict[str, Callable[[np.ndarray, SpaceContext], np.ndarray]] = {
 }
 
 
+assert tuple(SPACES) == registry.SPACES, "features.SPACES and registry.SPACES must name the same spaces"
+
+
 def check_space(name: str) -> None:
-    if name not in SPACES:
-        raise UserError(f"unknown space {name!r}; spaces: {', '.join(SPACES)}")
+    check_name("space", name, registry.SPACES)
 
 
 def extract(name: str, images: np.ndarray, ctx: SpaceContext | None = None) -> np.ndarray:

@@ -10,9 +10,8 @@ loop's falling scores can be read against it.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
-import multiprocessing as mp
+import json
 import os
 import sys
 import time
@@ -22,12 +21,15 @@ from pathlib import Path
 import torch
 
 from model_collapse import diffusion as D
-from model_collapse.config import _parse_value
+from model_collapse.config import parse_value
 from model_collapse.data import load_images, pixel_vectors
 from model_collapse.errors import UserError
-from model_collapse.metrics import frechet_distance, gaussian_stats, generalization_score
+from model_collapse.figures import probe_figure
+from model_collapse.measure import MemorizationSettings, make_reference, memorization, quality
+from model_collapse.registry import MODEL_PRESETS, SAMPLERS, check_name
 from model_collapse.rng import derive_seed, numpy_rng
-from model_collapse.rundir import atomic_write_json, read_json
+from model_collapse.rundir import RunDir, atomic_write_bytes, atomic_write_json, probe_row_path, read_json, read_probe
+from model_collapse.workers import Job, run_jobs
 
 
 @dataclass(frozen=True)
@@ -72,17 +74,15 @@ def resolve_probe(data: str, sizes: str | None, steps: str | None, overrides: li
         k, v = item.split("=", 1)
         if k not in names or k in ("sizes", "steps"):
             raise UserError(f"--set {k}: unknown probe key; valid: {', '.join(n for n in names if n not in ('sizes', 'steps'))}")
-        kw[k] = _parse_value(v)
+        kw[k] = parse_value(v)
     try:
         cfg = ProbeConfig(**kw)
         cfg = dataclasses.replace(cfg, n_eval=int(cfg.n_eval), n_heldout=int(cfg.n_heldout), seed=int(cfg.seed),
                                   batch_size=int(cfg.batch_size), lr=float(cfg.lr))
     except (TypeError, ValueError) as e:
         raise UserError(f"probe config: {e}") from None
-    if cfg.model not in D.MODEL_PRESETS:
-        raise UserError(f"unknown model {cfg.model!r}; models: {', '.join(D.MODEL_PRESETS)}")
-    if cfg.sampler not in D.SAMPLERS:
-        raise UserError(f"unknown sampler {cfg.sampler!r}; samplers: {', '.join(D.SAMPLERS)}")
+    check_name("model", cfg.model, MODEL_PRESETS)
+    check_name("sampler", cfg.sampler, SAMPLERS)
     if min(cfg.sizes) < 3:
         raise UserError("--sizes: each training-set size must be at least 3")
     return cfg
@@ -96,28 +96,23 @@ def _split(cfg: ProbeConfig, n_data: int):
     return perm, perm[-cfg.n_heldout :]
 
 
-def _probe_size(cfg_dict: dict, out: str, size: int, threads: int, show: bool, parent_pid: int | None) -> None:
+def probe_size(cfg_dict: dict, out: str, size: int, show: bool) -> None:
     """Train one size through every step count, evaluating (and saving a row) at each; resumable."""
-    if parent_pid is not None:
-        from model_collapse.loop import _watch_parent
-
-        _watch_parent(parent_pid)
-        torch.set_num_threads(threads)
     cfg = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
     data = load_images(cfg.data)
     perm, held = _split(cfg, len(data))
     train = data.images[perm[:size]]
     ft = pixel_vectors(train)
-    held_stats = gaussian_stats(pixel_vectors(data.images[held]))
-    d = Path(out) / f"size_{size:05d}"
+    held_ref = make_reference(pixel_vectors(data.images[held]), cfg.n_eval, cfg.seed)
+    d = probe_row_path(out, size, 0).parent
     d.mkdir(parents=True, exist_ok=True)
-    spec = D.MODEL_PRESETS[cfg.model]
+    spec = MODEL_PRESETS[cfg.model]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "probe", size, "init"))
         unet = D.build_unet(spec, data.shape[0], data.shape[2])
     ckpt = d / "train_state.safetensors"
     for steps in cfg.steps:
-        row_path = d / f"steps_{steps:07d}.json"
+        row_path = probe_row_path(out, size, steps)
         if row_path.exists():
             continue
         settings = D.TrainSettings(steps, cfg.batch_size, cfg.lr, "constant", cfg.warmup_steps, 1e-6, 0.95, 0.999,
@@ -127,10 +122,10 @@ def _probe_size(cfg_dict: dict, out: str, size: int, threads: int, show: bool, p
         gen = D.generate(unet, cfg.sampler, cfg.sample_steps, range(cfg.n_eval), cfg.seed, ("probe", size, steps),
                          data.shape, batch_size=256)
         fg = pixel_vectors(gen)
-        sc = generalization_score(fg, ft, mem_ratio=cfg.mem_ratio, copy_ratio=cfg.copy_ratio)
-        row = {"size": size, "steps": steps, "gen_score": sc.gen_score, "gen_score_ratio": sc.gen_score_ratio,
-               "mem_fraction": sc.mem_fraction, "copy_fraction": sc.copy_fraction, "train_spacing": sc.train_spacing,
-               "fd_heldout": frechet_distance(*gaussian_stats(fg), *held_stats)}
+        m, _ = memorization(ft, fg, MemorizationSettings(1, cfg.mem_ratio, cfg.copy_ratio))
+        q = quality(fg, held_ref, cfg.seed)
+        row = {"size": size, "steps": steps, **m, "fd_heldout": q.pop("fd"),
+               **{f"{k}_heldout": v for k, v in q.items()}}
         atomic_write_json(row_path, row)
         if show:
             print(f"[probe] size {size} steps {steps}: mem {row['mem_fraction']:.3f} copy {row['copy_fraction']:.3f} "
@@ -138,19 +133,12 @@ def _probe_size(cfg_dict: dict, out: str, size: int, threads: int, show: bool, p
                   file=sys.stderr, flush=True)
 
 
-def read_probe(out: Path) -> list[dict]:
-    rows = [read_json(p) for p in sorted(Path(out).glob("size_*/steps_*.json"))]
-    return sorted(rows, key=lambda r: (r["size"], r["steps"]))
-
-
 def run_probe(cfg: ProbeConfig, out: str | Path, show: bool = True) -> dict:
     """Run (or resume) the probe in `out`; returns its rows and writes probe.json and figures/probe.png."""
-    from model_collapse.rundir import RunDir
-
     out = Path(out)
     data = load_images(cfg.data)
     _split(cfg, len(data))
-    D.check_model_shape(D.MODEL_PRESETS[cfg.model], data.shape[0], where=f"model {cfg.model}")
+    D.check_model_shape(MODEL_PRESETS[cfg.model], data.shape[0], where=f"model {cfg.model}")
     cfg_dict = json_cfg(cfg)
     stored = out / "probe_config.json"
     if stored.exists() and read_json(stored) != cfg_dict:
@@ -166,27 +154,22 @@ def run_probe(cfg: ProbeConfig, out: str | Path, show: bool = True) -> dict:
         workers = cfg.workers or max(1, min(len(cfg.sizes), os.cpu_count() or 1))
         if workers <= 1:
             for size in cfg.sizes:
-                _probe_size(cfg_dict, str(out), size, 0, show, None)
+                probe_size(cfg_dict, str(out), size, show)
         else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                futs = [ex.submit(_probe_size, cfg_dict, str(out), s, threads, show, os.getpid()) for s in cfg.sizes]
-                for f in cf.as_completed(futs):
-                    f.result()
+            run_jobs([Job(f"probe size {s}", probe_size, (cfg_dict, str(out), s, show)) for s in cfg.sizes], workers)
         rows = read_probe(out)
         result = {"out": str(out), "rows": rows, "transition": transition_summary(rows)}
         atomic_write_json(out / "probe.json", result)
-        from model_collapse.report import write_probe_figure
-
-        write_probe_figure(rows, out / "figures" / "probe.png")
+        png = probe_figure(rows)
+        if png is not None:
+            rd.figures_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(rd.figures_dir / "probe.png", png)
         return result
     finally:
         rd.close()
 
 
 def json_cfg(cfg: ProbeConfig) -> dict:
-    import json
-
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 

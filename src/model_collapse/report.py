@@ -8,128 +8,89 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from model_collapse.rundir import atomic_write_bytes, load_npz, read_json, read_metrics
-
-CURVES = [
-    ("train_entropy_pixel", "training-set entropy (nats)"),
-    ("gen_score_pixel", "generalization score (pixel L2)"),
-    ("gen_score_ratio_pixel", "gen. score / training spacing"),
-    ("train_spacing_pixel", "training-set NN spacing (pixel L2)"),
-    ("mem_fraction_pixel", "memorized share (d1/d2 < 1/3)"),
-    ("copy_fraction_pixel", "copy share (d1 < spacing/3)"),
-    ("variance_pixel", "variance of samples (trace)"),
-    ("precision_pixel", "precision (samples on the real manifold)"),
-    ("recall_pixel", "recall (real data on the samples' manifold)"),
-    ("train_duplicates", "exact duplicates in training set"),
-]
-VERDICT_MARKERS = {"stable": "o", "contracting": "v", "copying": "X"}
-
+from model_collapse.config import ArmConfig, RunConfig, config_from_dict
+from model_collapse.data import load_images, pixel_vectors
+from model_collapse.figures import (
+    fig_correlation,
+    fig_curves,
+    fig_pairs,
+    fig_projection,
+    fig_samples,
+    finite,
+    palette,
+    probe_figure,
+)
+from model_collapse.metrics import distinct_index
+from model_collapse.rundir import RunDir, atomic_write_bytes, load_npz, read_json, read_metrics, read_probe
 
 @dataclass
 class Arm:
+    """One arm of one run, as the report reads it: its rows, and where its files are (asked of the run
+    directory's layout, `rundir.RunDir`)."""
+
     label: str
-    run: Path
-    name: str  # arm name inside its run
+    rd: RunDir
+    cfg: RunConfig
+    arm: ArmConfig
     rows: list[dict] = field(default_factory=list)
 
     def iter_dir(self, t: int) -> Path:
-        """Where the arm's samples and measurements of iteration t are (see RunDir.sample_dir)."""
-        own = self.run / "arms" / self.name / f"iter_{t:03d}"
-        return own if (t > 0 or own.exists()) else self.run / "iter_000"
+        """Where the arm's samples and measurements of iteration t are."""
+        return self.rd.arm_sample_dir(self.cfg, self.arm, t)
 
     def train_dir(self, t: int) -> Path:
-        return self.run / "iter_000" if t == 0 else self.iter_dir(t)
+        return self.rd.iter_dir(self.arm.label(), t)
 
 
 def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
     arms, configs = [], {}
     names = [Path(d).resolve().name for d in run_dirs]
-    for d, nm in zip(run_dirs, names):
-        d = Path(d)
+    for i, (d, nm) in enumerate(zip(run_dirs, names)):
         if names.count(nm) > 1:
-            nm = f"{nm}#{run_dirs.index(d)}"
-        cfg = read_json(d / "config.json")
-        configs[nm] = cfg
-        rows = read_metrics(d / "metrics.jsonl")
-        from model_collapse.config import config_from_dict
-
-        labels = [a.label() for a in config_from_dict(cfg).arms]
-        for lab in labels:
+            nm = f"{nm}#{i}"
+        rd = RunDir(Path(d))
+        stored = read_json(rd.config_path)
+        configs[nm] = stored
+        cfg = config_from_dict(stored)
+        rows = read_metrics(rd.metrics_path)
+        for a in cfg.arms:
+            lab = a.label()
             label = lab if len(run_dirs) == 1 else f"{nm}/{lab}"
-            arms.append(Arm(label, d, lab, sorted((r for r in rows if r["arm"] == lab), key=lambda r: r["iteration"])))
+            arms.append(Arm(label, rd, cfg, a, sorted((r for r in rows if r["arm"] == lab),
+                                                      key=lambda r: r["iteration"])))
     return arms, configs
 
 
-def _colours(n: int):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+def figures_dir(run_dirs: list[Path], out: Path) -> Path:
+    """Where a report's PNG figures go: RUN_DIR/figures for a report of one run written inside that run;
+    otherwise a folder next to the HTML file named after it, so that a comparison never overwrites a run's
+    own figures."""
+    out = Path(out)
+    if len(run_dirs) == 1 and out.resolve().parent == Path(run_dirs[0]).resolve():
+        return RunDir(Path(run_dirs[0])).figures_dir
+    return out.parent / f"{out.stem}_figures"
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _sample_grids(a: Arm) -> list[tuple[int, np.ndarray]]:
+    grids = []
+    for r in a.rows:
+        f = a.iter_dir(r["iteration"]) / "samples.npz"
+        if f.exists():
+            grids.append((r["iteration"], load_npz(f)["images"]))
+    return grids
 
 
-# ---------------------------------------------------------------------------------------------- figures
-
-
-def fig_curves(arms: list[Arm], colours) -> bytes:
-    import matplotlib.pyplot as plt
-
-    keys = list(CURVES)
-    fd = sorted({k for a in arms for r in a.rows for k in r if k.startswith("fd_")})
-    keys += [(k, f"Frechet distance, {k[3:]} space") for k in fd]
-    kid = sorted({k for a in arms for r in a.rows for k in r if k.startswith("kid_") and not k.startswith("kid_std_")})
-    keys += [(k, f"KID (unbiased), {k[4:]} space") for k in kid]
-    extra = sorted({k for a in arms for r in a.rows for k in r
-                    if k.startswith(("train_entropy_", "gen_score_")) and not k.endswith("_pixel")
-                    and not k.startswith("gen_score_ratio_")})
-    keys += [(k, k.replace("_", " ")) for k in extra]
-    ncol = 3
-    nrow = math.ceil(len(keys) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.2 * nrow), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, keys):
-        for a, c in zip(arms, colours):
-            pts = [(r["iteration"], r.get(key), r.get("verdict", "stable")) for r in a.rows if _finite(r.get(key))]
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, label=a.label, lw=1.6)
-            for v, mk in VERDICT_MARKERS.items():
-                sel = [p for p in pts if p[2] == v]
-                if sel:
-                    ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=mk, color=c, s=36, zorder=3)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    from matplotlib.lines import Line2D
-
-    handles += [Line2D([], [], marker=m, color="grey", ls="", label=f"verdict: {v}") for v, m in VERDICT_MARKERS.items()]
-    fig.legend(handles=handles, loc="upper center", ncol=min(4, len(handles)), bbox_to_anchor=(0.5, 1.02 + 0.01 * nrow))
-    fig.tight_layout()
-    return _png(fig)
+def _pairs(a: Arm) -> list[tuple[int, list]]:
+    its = [r["iteration"] for r in a.rows]
+    data = [(t, nearest_pairs(a, t)) for t in (sorted({its[0], its[-1]}) if its else [])]
+    return [(t, p) for t, p in data if p]
 
 
 def entropy_generalization(arms: list[Arm], space: str = "pixel") -> dict:
@@ -139,7 +100,7 @@ def entropy_generalization(arms: list[Arm], space: str = "pixel") -> dict:
     for a in arms:
         for r in a.rows:
             e, g = r.get(f"train_entropy_{space}"), r.get(f"gen_score_{space}")
-            if not (_finite(e) and _finite(g) and g > 0):
+            if not (finite(e) and finite(g) and g > 0):
                 continue
             key = str(a.iter_dir(r["iteration"]))
             if key in seen:  # iteration 0 is shared by the arms of one run: one point
@@ -153,58 +114,8 @@ def entropy_generalization(arms: list[Arm], space: str = "pixel") -> dict:
     return out
 
 
-def fig_correlation(arms: list[Arm], colours, corr: dict, space: str = "pixel") -> bytes:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    cmap = {a.label: c for a, c in zip(arms, colours)}
-    for lab in dict.fromkeys(corr["arm"]):
-        sel = [i for i, w in enumerate(corr["arm"]) if w == lab]
-        ax.scatter([corr["x"][i] for i in sel], [corr["y"][i] for i in sel], color=cmap[lab], label=lab, s=40)
-    if corr["pearson_r"] is not None:
-        xs = np.linspace(min(corr["x"]), max(corr["x"]), 50)
-        ax.plot(xs, corr["slope"] * xs + corr["intercept"], "k--", lw=1)
-        ax.plot([], [], "k--", lw=1, label=f"least squares, Pearson r = {corr['pearson_r']:.3f} (n = {corr['n']})")
-    ax.set_xlabel(f"training-set entropy (nats, {space} space)")
-    ax.set_ylabel(f"log generalization score (log L2 in {space} space)")
-    ax.set_title(f"Training-set entropy against generalization, {space} space")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")  # placed where it hides the fewest points
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _show(ax, img):
-    ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_xticks([]), ax.set_yticks([])
-
-
-def fig_samples(arm: Arm, n_show: int = 12) -> bytes | None:
-    """Sample grid: one row per iteration, the same sample indices 0..n_show-1 in every row."""
-    import matplotlib.pyplot as plt
-
-    its = [r["iteration"] for r in arm.rows if (arm.iter_dir(r["iteration"]) / "samples.npz").exists()]
-    if not its:
-        return None
-    fig, axes = plt.subplots(len(its), n_show, figsize=(0.8 * n_show, 0.85 * len(its) + 0.5), squeeze=False)
-    for row, t in zip(axes, its):
-        imgs = load_npz(arm.iter_dir(t) / "samples.npz")["images"]
-        for i, ax in enumerate(row):
-            if i < len(imgs):
-                _show(ax, imgs[i])
-            else:
-                ax.axis("off")
-        row[0].set_ylabel(f"it {t}", rotation=0, ha="right", va="center")
-    fig.suptitle(f"{arm.label}: samples 0..{n_show - 1} at every iteration")
-    fig.tight_layout()
-    return _png(fig)
-
-
 def nearest_pairs(arm: Arm, t: int, n_pairs: int = 8):
     """The generated samples closest to a training image, with that image and the distance."""
-    from model_collapse.data import pixel_vectors
-    from model_collapse.metrics import distinct_index
-
     d = arm.iter_dir(t)
     if not all((d / f).exists() for f in ("neighbours_pixel.npz", "samples.npz")) or \
             not (arm.train_dir(t) / "train.npz").exists():
@@ -217,81 +128,7 @@ def nearest_pairs(arm: Arm, t: int, n_pairs: int = 8):
     return [(gen[i], train[keep[nb["nearest"][i]]], float(nb["d1"][i]), float(nb["d2"][i])) for i in order]
 
 
-def fig_pairs(arm: Arm) -> bytes | None:
-    import matplotlib.pyplot as plt
-
-    its = [r["iteration"] for r in arm.rows]
-    its = sorted({its[0], its[-1]}) if its else []
-    data = [(t, nearest_pairs(arm, t)) for t in its]
-    data = [(t, p) for t, p in data if p]
-    if not data:
-        return None
-    n = max(len(p) for _, p in data)
-    fig, axes = plt.subplots(2 * len(data), n, figsize=(1.05 * n, 2.5 * len(data) + 0.4), squeeze=False)
-    for k, (t, pairs) in enumerate(data):
-        for j in range(n):
-            top, bottom = axes[2 * k, j], axes[2 * k + 1, j]
-            if j >= len(pairs):
-                top.axis("off"), bottom.axis("off")
-                continue
-            g, tr, d1, d2 = pairs[j]
-            _show(top, g), _show(bottom, tr)
-            top.set_title(f"d={d1:.2f}\nd1/d2={d1 / d2 if d2 else 1:.2f}", fontsize=7)
-        axes[2 * k, 0].set_ylabel(f"it {t}\ngenerated", fontsize=8)
-        axes[2 * k + 1, 0].set_ylabel("nearest\ntraining", fontsize=8)
-    fig.suptitle(f"{arm.label}: closest generated samples (top) and the training image each is nearest to (bottom)",
-                 fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def fig_projection(arms: list[Arm], colours, real: np.ndarray | None, generated_of, what: str) -> bytes | None:
-    """Real and generated vectors on the real data's top two principal directions, with density contours.
-
-    real: (n, d) real vectors; generated_of(arm, t): that iteration's generated vectors, or None."""
-    import matplotlib.pyplot as plt
-    from scipy.stats import gaussian_kde
-
-    if real is None or len(real) < 3:
-        return None
-    rv = np.asarray(real, np.float64)
-    mu = rv.mean(0)
-    _, _, vt = np.linalg.svd(rv - mu, full_matrices=False)
-    P = vt[:2].T
-    rp = (rv - mu) @ P
-    its = sorted({r["iteration"] for a in arms for r in a.rows})
-    if not its or P.shape[1] < 2:
-        return None
-    fig, axes = plt.subplots(len(arms), len(its), figsize=(2.6 * len(its), 2.5 * len(arms)), squeeze=False,
-                             sharex=True, sharey=True)
-    lim = np.percentile(np.abs(rp), 99.5) * 1.3
-    for row, a, c in zip(axes, arms, colours):
-        for ax, t in zip(row, its):
-            ax.scatter(rp[:600, 0], rp[:600, 1], s=2, color="0.75")
-            gv = generated_of(a, t) if any(r["iteration"] == t for r in a.rows) else None
-            if gv is not None:
-                g = (np.asarray(gv, np.float64) - mu) @ P
-                ax.scatter(g[:, 0], g[:, 1], s=3, color=c)
-                try:
-                    kde = gaussian_kde(g.T)
-                    xx, yy = np.meshgrid(np.linspace(-lim, lim, 60), np.linspace(-lim, lim, 60))
-                    zz = kde(np.vstack([xx.ravel(), yy.ravel()])).reshape(xx.shape)
-                    ax.contour(xx, yy, zz, levels=5, colors=[c], linewidths=0.8)
-                except (np.linalg.LinAlgError, ValueError):
-                    pass
-            ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim)
-            if a is arms[0]:
-                ax.set_title(f"iteration {t}", fontsize=9)
-        row[0].set_ylabel(a.label, fontsize=8)
-    fig.suptitle(f"generated (colour) vs real (grey) on the real data's top 2 principal directions ({what})",
-                 fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
-
-
 def _pixel_samples(a: Arm, t: int) -> np.ndarray | None:
-    from model_collapse.data import pixel_vectors
-
     f = a.iter_dir(t) / "samples.npz"
     return pixel_vectors(load_npz(f)["images"]) if f.exists() else None
 
@@ -344,19 +181,17 @@ def _table(arm: Arm) -> str:
 
 
 def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
-    """Write the HTML report of one or more run directories to `out`, and every figure as a PNG under the first
-    run directory's figures/ folder."""
+    """Write the HTML report of one or more run directories to `out`, and every figure as a PNG under
+    `figures_dir(run_dirs, out)`."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from model_collapse.data import load_images
-
     dirs = [Path(d) for d in run_dirs]
     probes = [d for d in dirs if (d / "probe_config.json").exists() and not (d / "config.json").exists()]
     run_dirs = [d for d in dirs if d not in probes]
     arms, configs = _load_arms(run_dirs)
-    colours = _colours(len(arms))
-    figdir = (run_dirs or probes)[0] / "figures"
+    colours = palette(len(arms))
+    figdir = figures_dir(run_dirs or probes, out)
     figdir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str, bytes]] = []  # (section, file name, png)
 
@@ -377,9 +212,9 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
             add("Entropy vs generalization", f"entropy_vs_generalization_{space}.png",
                 fig_correlation(arms, colours, c, space))
     for i, a in enumerate(arms):
-        add("Sample grids", f"samples_{i:02d}.png", fig_samples(a))
+        add("Sample grids", f"samples_{i:02d}.png", fig_samples(a.label, _sample_grids(a)))
     for i, a in enumerate(arms):
-        add("Nearest-neighbour pairs", f"pairs_{i:02d}.png", fig_pairs(a))
+        add("Nearest-neighbour pairs", f"pairs_{i:02d}.png", fig_pairs(a.label, _pairs(a)))
     real = None
     try:
         if not configs:
@@ -389,18 +224,14 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     except Exception as e:  # the report still shows everything else
         print(f"report: no projection figure ({e})", file=sys.stderr)
     if real is not None:
-        from model_collapse.data import pixel_vectors
-
         add("2-D projection", "projection.png", fig_projection(arms, colours, pixel_vectors(real), _pixel_samples,
                                                                  "pixel space"))
     for space in (next(iter(configs.values())).get("spaces", []) if configs else []):
-        ref = run_dirs[0] / "features" / f"real_reference_{space}.npz"
+        ref = RunDir(run_dirs[0]).feature_cache(f"real_reference_{space}")
         if space != "pixel" and ref.exists():  # written by the run when it measured that space
             add("2-D projection", f"projection_{space}.png",
                 fig_projection(arms, colours, load_npz(ref)["features"], _space_samples(space), f"{space} space"))
     for i, p in enumerate(probes):
-        from model_collapse.probe import read_probe
-
         add("Memorization transition (probe)", f"probe_{i:02d}.png", probe_figure(read_probe(p)))
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>model-collapse report</title>"
@@ -442,39 +273,3 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     return out
 
 
-def probe_figure(rows: list[dict]) -> bytes | None:
-    """Memorization (ratio test, copy test) and normalised score against training steps, one line per size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not rows:
-        return None
-    sizes = sorted({r["size"] for r in rows})
-    colours = _colours(len(sizes))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for size, c in zip(sizes, colours):
-        rs = [r for r in rows if r["size"] == size]
-        st = [r["steps"] for r in rs]
-        axes[0].plot(st, [r["mem_fraction"] for r in rs], "o-", color=c, label=f"N = {size}")
-        axes[1].plot(st, [r["copy_fraction"] for r in rs], "o-", color=c, label=f"N = {size}")
-        axes[2].plot(st, [r["gen_score_ratio"] for r in rs], "o-", color=c, label=f"N = {size}")
-    axes[0].set_title("memorized share (d1/d2 < 1/3)")
-    axes[1].set_title("copy share (d1 < training spacing / 3)")
-    axes[2].set_title("gen. score / training-set spacing")
-    for ax in axes:
-        ax.set_xlabel("training steps")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylim(-0.02, 1.02), axes[1].set_ylim(-0.02, 1.02)
-    fig.suptitle("memorization transition of single models: training-set size x training steps")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def write_probe_figure(rows: list[dict], path: Path) -> None:
-    png = probe_figure(rows)
-    if png is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(path), png)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_collapse.config import EXECUTION_KEYS, RunConfig, config_to_dict
+from model_collapse.config import EXECUTION_KEYS, ArmConfig, RunConfig, config_to_dict, own_iteration0
 from model_collapse.errors import UserError
 
 
@@ -108,6 +108,18 @@ class RunDir:
             return self.path / "arms" / arm / "iter_000"
         return self.iter_dir(arm, iteration)
 
+    def arm_sample_dir(self, cfg: RunConfig, arm: ArmConfig | None, iteration: int) -> Path:
+        """sample_dir, with whether the arm samples iteration 0 itself decided from the config."""
+        return self.sample_dir(arm.label() if arm else None, iteration, own_iteration0(cfg, arm))
+
+    def feature_cache(self, name: str) -> Path:
+        """Arrays computed once per run (real statistics, reference features), named by space."""
+        return self.path / "features" / f"{name}.npz"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / "figures"
+
     # -- opening
     @classmethod
     def open(cls, path: Path, cfg: RunConfig) -> "RunDir":
@@ -179,3 +191,16 @@ def config_difference(stored: dict, given: dict) -> str:
     keys = sorted((set(stored) | set(given)) - set(EXECUTION_KEYS))
     diffs = [k for k in keys if stored.get(k) != given.get(k)]
     return ", ".join(f"{k}: {stored.get(k)!r} there, {given.get(k)!r} now" for k in diffs[:3])
+
+
+# ---------------------------------------------------------------------------------------------- probe layout
+
+
+def probe_row_path(out: Path, size: int, steps: int) -> Path:
+    """A probe's row of one training-set size evaluated after `steps` training steps."""
+    return Path(out) / f"size_{size:05d}" / f"steps_{steps:07d}.json"
+
+
+def read_probe(out: Path) -> list[dict]:
+    rows = [read_json(p) for p in sorted(Path(out).glob("size_*/steps_*.json"))]
+    return sorted(rows, key=lambda r: (r["size"], r["steps"]))

@@ -20,9 +20,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from model_collapse import registry
 from model_collapse.errors import UserError
+from model_collapse.linalg import principal_directions
 from model_collapse.neighbours import knn, rounding_gamma
 from model_collapse.progress import Progress, or_silent
+from model_collapse.registry import check_name
 from model_collapse.rng import numpy_rng
 
 
@@ -204,24 +207,10 @@ def _zdist(Z: np.ndarray, zsq: np.ndarray, rows: np.ndarray, c: int, zslack: flo
 
 
 def _projection(X: np.ndarray, seed: int, q: int) -> tuple[np.ndarray, float]:
-    """The pool projected on its top q principal directions (from a seeded sample of 4,096 points), in float64,
+    """The pool projected on its top q principal directions (`linalg.principal_directions`, seeded), in float64,
     and an absolute allowance for the rounding of those projections (far above it: 1e-10 of the largest norm).
-
-    Wide data gets the directions from a seeded randomized SVD (Halko et al. 2011: a Gaussian sketch, two power
-    iterations): a full SVD of the sample takes tens of seconds at d = 3,072. Any orthonormal directions keep the
-    bounds valid; good ones only make them tighter."""
-    mean = X.mean(0, dtype=np.float64)
-    sample = X[np.sort(numpy_rng(seed, "greedy-pca").permutation(len(X))[:4096])].astype(np.float64) - mean
-    sample -= sample.mean(0)
-    width = q + 10
-    if min(sample.shape) <= 2 * width:
-        _, _, vh = np.linalg.svd(sample, full_matrices=False)
-    else:
-        basis = np.linalg.qr(sample @ numpy_rng(seed, "greedy-pca-sketch").normal(size=(sample.shape[1], width)))[0]
-        for _ in range(2):
-            basis = np.linalg.qr(sample @ np.linalg.qr(sample.T @ basis)[0])[0]
-        _, _, vh = np.linalg.svd(basis.T @ sample, full_matrices=False)
-    P = np.ascontiguousarray(vh[:q].T)  # (d, q), orthonormal columns
+    Any orthonormal directions keep the bounds valid; good ones only make them tighter."""
+    mean, P = principal_directions(X, q, seed, "greedy-pca")
     Z = np.empty((len(X), q))
     scale = 0.0
     for a in range(0, len(X), 8192):
@@ -385,9 +374,11 @@ SELECTORS: dict[str, Callable[..., Selection]] = {
 }
 
 
+assert tuple(SELECTORS) == registry.SELECTORS, "selection.SELECTORS and registry.SELECTORS must agree"
+
+
 def check_method(method: str) -> None:
-    if method not in SELECTORS:
-        raise UserError(f"unknown selection method {method!r}; choose one of: {', '.join(SELECTORS)}")
+    check_name("selection method", method, registry.SELECTORS)
 
 
 def select(

@@ -1,0 +1,231 @@
+"""The report's figures: pure functions from rows, images and vectors to PNG bytes (matplotlib, Agg).
+
+An `arm` here is anything with `label`, `rows` (metrics rows sorted by iteration) and `iter_dir(t)`; the report
+module reads run directories into such arms.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from model_collapse.linalg import principal_directions
+
+CURVES = [
+    ("train_entropy_pixel", "training-set entropy (nats)"),
+    ("gen_score_pixel", "generalization score (pixel L2)"),
+    ("gen_score_ratio_pixel", "gen. score / training spacing"),
+    ("train_spacing_pixel", "training-set NN spacing (pixel L2)"),
+    ("mem_fraction_pixel", "memorized share (d1/d2 < 1/3)"),
+    ("copy_fraction_pixel", "copy share (d1 < spacing/3)"),
+    ("variance_pixel", "variance of samples (trace)"),
+    ("precision_pixel", "precision (samples on the real manifold)"),
+    ("recall_pixel", "recall (real data on the samples' manifold)"),
+    ("train_duplicates", "exact duplicates in training set"),
+]
+VERDICT_MARKERS = {"stable": "o", "contracting": "v", "copying": "X"}
+
+def palette(n: int):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fig_curves(arms: list, colours) -> bytes:
+    import matplotlib.pyplot as plt
+
+    keys = list(CURVES)
+    fd = sorted({k for a in arms for r in a.rows for k in r if k.startswith("fd_")})
+    keys += [(k, f"Frechet distance, {k[3:]} space") for k in fd]
+    kid = sorted({k for a in arms for r in a.rows for k in r if k.startswith("kid_") and not k.startswith("kid_std_")})
+    keys += [(k, f"KID (unbiased), {k[4:]} space") for k in kid]
+    extra = sorted({k for a in arms for r in a.rows for k in r
+                    if k.startswith(("train_entropy_", "gen_score_")) and not k.endswith("_pixel")
+                    and not k.startswith("gen_score_ratio_")})
+    keys += [(k, k.replace("_", " ")) for k in extra]
+    ncol = 3
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, keys):
+        for a, c in zip(arms, colours):
+            pts = [(r["iteration"], r.get(key), r.get("verdict", "stable")) for r in a.rows if finite(r.get(key))]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, label=a.label, lw=1.6)
+            for v, mk in VERDICT_MARKERS.items():
+                sel = [p for p in pts if p[2] == v]
+                if sel:
+                    ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=mk, color=c, s=36, zorder=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles += [Line2D([], [], marker=m, color="grey", ls="", label=f"verdict: {v}") for v, m in VERDICT_MARKERS.items()]
+    fig.legend(handles=handles, loc="upper center", ncol=min(4, len(handles)), bbox_to_anchor=(0.5, 1.02 + 0.01 * nrow))
+    fig.tight_layout()
+    return png(fig)
+
+
+def fig_correlation(arms: list, colours, corr: dict, space: str = "pixel") -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    cmap = {a.label: c for a, c in zip(arms, colours)}
+    for lab in dict.fromkeys(corr["arm"]):
+        sel = [i for i, w in enumerate(corr["arm"]) if w == lab]
+        ax.scatter([corr["x"][i] for i in sel], [corr["y"][i] for i in sel], color=cmap[lab], label=lab, s=40)
+    if corr["pearson_r"] is not None:
+        xs = np.linspace(min(corr["x"]), max(corr["x"]), 50)
+        ax.plot(xs, corr["slope"] * xs + corr["intercept"], "k--", lw=1)
+        ax.plot([], [], "k--", lw=1, label=f"least squares, Pearson r = {corr['pearson_r']:.3f} (n = {corr['n']})")
+    ax.set_xlabel(f"training-set entropy (nats, {space} space)")
+    ax.set_ylabel(f"log generalization score (log L2 in {space} space)")
+    ax.set_title(f"Training-set entropy against generalization, {space} space")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")  # placed where it hides the fewest points
+    fig.tight_layout()
+    return png(fig)
+
+
+def _show(ax, img):
+    ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+
+
+def fig_samples(label: str, grids: list[tuple[int, np.ndarray]], n_show: int = 12) -> bytes | None:
+    """Sample grid: one row per (iteration, its samples), the same sample indices 0..n_show-1 in every row."""
+    import matplotlib.pyplot as plt
+
+    if not grids:
+        return None
+    fig, axes = plt.subplots(len(grids), n_show, figsize=(0.8 * n_show, 0.85 * len(grids) + 0.5), squeeze=False)
+    for row, (t, imgs) in zip(axes, grids):
+        for i, ax in enumerate(row):
+            if i < len(imgs):
+                _show(ax, imgs[i])
+            else:
+                ax.axis("off")
+        row[0].set_ylabel(f"it {t}", rotation=0, ha="right", va="center")
+    fig.suptitle(f"{label}: samples 0..{n_show - 1} at every iteration")
+    fig.tight_layout()
+    return png(fig)
+
+
+def fig_pairs(label: str, data: list[tuple[int, list]]) -> bytes | None:
+    """Per iteration, the generated samples closest to a training image (top) above that image (bottom);
+    data: (iteration, [(generated, training image, d1, d2), ...])."""
+    import matplotlib.pyplot as plt
+
+    if not data:
+        return None
+    n = max(len(p) for _, p in data)
+    fig, axes = plt.subplots(2 * len(data), n, figsize=(1.05 * n, 2.5 * len(data) + 0.4), squeeze=False)
+    for k, (t, pairs) in enumerate(data):
+        for j in range(n):
+            top, bottom = axes[2 * k, j], axes[2 * k + 1, j]
+            if j >= len(pairs):
+                top.axis("off"), bottom.axis("off")
+                continue
+            g, tr, d1, d2 = pairs[j]
+            _show(top, g), _show(bottom, tr)
+            top.set_title(f"d={d1:.2f}\nd1/d2={d1 / d2 if d2 else 1:.2f}", fontsize=7)
+        axes[2 * k, 0].set_ylabel(f"it {t}\ngenerated", fontsize=8)
+        axes[2 * k + 1, 0].set_ylabel("nearest\ntraining", fontsize=8)
+    fig.suptitle(f"{label}: closest generated samples (top) and the training image each is nearest to (bottom)",
+                 fontsize=9)
+    fig.tight_layout()
+    return png(fig)
+
+
+def fig_projection(arms: list, colours, real: np.ndarray | None, generated_of, what: str) -> bytes | None:
+    """Real and generated vectors on the real data's top two principal directions, with density contours.
+
+    real: (n, d) real vectors; generated_of(arm, t): that iteration's generated vectors, or None."""
+    import matplotlib.pyplot as plt
+    from scipy.stats import gaussian_kde
+
+    if real is None or len(real) < 3:
+        return None
+    rv = np.asarray(real, np.float64)
+    mu, P = principal_directions(rv, 2, 0, "report-projection")
+    rp = (rv - mu) @ P
+    its = sorted({r["iteration"] for a in arms for r in a.rows})
+    if not its or P.shape[1] < 2:
+        return None
+    fig, axes = plt.subplots(len(arms), len(its), figsize=(2.6 * len(its), 2.5 * len(arms)), squeeze=False,
+                             sharex=True, sharey=True)
+    lim = np.percentile(np.abs(rp), 99.5) * 1.3
+    for row, a, c in zip(axes, arms, colours):
+        for ax, t in zip(row, its):
+            ax.scatter(rp[:600, 0], rp[:600, 1], s=2, color="0.75")
+            gv = generated_of(a, t) if any(r["iteration"] == t for r in a.rows) else None
+            if gv is not None:
+                g = (np.asarray(gv, np.float64) - mu) @ P
+                ax.scatter(g[:, 0], g[:, 1], s=3, color=c)
+                try:
+                    kde = gaussian_kde(g.T)
+                    xx, yy = np.meshgrid(np.linspace(-lim, lim, 60), np.linspace(-lim, lim, 60))
+                    zz = kde(np.vstack([xx.ravel(), yy.ravel()])).reshape(xx.shape)
+                    ax.contour(xx, yy, zz, levels=5, colors=[c], linewidths=0.8)
+                except (np.linalg.LinAlgError, ValueError):
+                    pass
+            ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim)
+            if a is arms[0]:
+                ax.set_title(f"iteration {t}", fontsize=9)
+        row[0].set_ylabel(a.label, fontsize=8)
+    fig.suptitle(f"generated (colour) vs real (grey) on the real data's top 2 principal directions ({what})",
+                 fontsize=9)
+    fig.tight_layout()
+    return png(fig)
+
+
+def probe_figure(rows: list[dict]) -> bytes | None:
+    """Memorization (ratio test, copy test) and normalised score against training steps, one line per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return None
+    sizes = sorted({r["size"] for r in rows})
+    colours = palette(len(sizes))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for size, c in zip(sizes, colours):
+        rs = [r for r in rows if r["size"] == size]
+        st = [r["steps"] for r in rs]
+        axes[0].plot(st, [r["mem_fraction"] for r in rs], "o-", color=c, label=f"N = {size}")
+        axes[1].plot(st, [r["copy_fraction"] for r in rs], "o-", color=c, label=f"N = {size}")
+        axes[2].plot(st, [r["gen_score_ratio"] for r in rs], "o-", color=c, label=f"N = {size}")
+    axes[0].set_title("memorized share (d1/d2 < 1/3)")
+    axes[1].set_title("copy share (d1 < training spacing / 3)")
+    axes[2].set_title("gen. score / training-set spacing")
+    for ax in axes:
+        ax.set_xlabel("training steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(-0.02, 1.02), axes[1].set_ylim(-0.02, 1.02)
+    fig.suptitle("memorization transition of single models: training-set size x training steps")
+    fig.tight_layout()
+    return png(fig)

@@ -1,0 +1,145 @@
+"""What every stage of a run needs, built once per process: the config, the data, the model shape, the feature
+context, and the real reference of every measured space (computed once per run and cached on disk).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from model_collapse.config import ArmConfig, RunConfig
+from model_collapse.data import ImageSet, load_images
+from model_collapse.diffusion import TrainSettings, check_model_shape
+from model_collapse.errors import UserError
+from model_collapse.features import SpaceContext, extract
+from model_collapse.measure import MemorizationSettings, Reference, reference_indices, reference_radii
+from model_collapse.metrics import gaussian_stats
+from model_collapse.registry import MODEL_PRESETS, UNetSpec, resolve_device
+from model_collapse.rng import numpy_rng
+from model_collapse.rundir import RunDir, atomic_save_npz, load_npz
+
+SHARED = "shared"  # the arm coordinate of iteration 0, which all arms share
+
+
+@dataclass
+class Study:
+    """A run's fixed parts; `_cache` holds arrays computed once per run (see `_cached`)."""
+
+    cfg: RunConfig
+    data: ImageSet
+    real_idx: np.ndarray  # the iteration-0 training subset (indices into data)
+    spec: UNetSpec
+    num_classes: int | None
+    ctx: SpaceContext
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data.shape
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.cfg.device)
+
+    @property
+    def n_eval(self) -> int:
+        return self.cfg.n_eval or self.cfg.n_train
+
+    @property
+    def memorization_settings(self) -> MemorizationSettings:
+        c = self.cfg
+        return MemorizationSettings(c.entropy_k, c.mem_ratio, c.copy_ratio, c.device)
+
+    def train_settings(self) -> TrainSettings:
+        c = self.cfg
+        return TrainSettings(c.train_steps, c.batch_size, c.lr, c.lr_schedule, c.warmup_steps, c.weight_decay,
+                             c.adam_beta1, c.adam_beta2, c.ema_decay, c.label_dropout, c.checkpoint_every,
+                             c.grad_clip)
+
+    def _cached(self, name: str, compute: Callable[[], dict]) -> dict:
+        """Arrays computed once per run: kept in memory, and in RUN_DIR/features/<name>.npz for the other
+        processes and for resumes."""
+        if name not in self._cache:
+            path = RunDir(Path(self.ctx.run_dir)).feature_cache(name) if self.ctx.run_dir else None
+            if path is not None and path.exists():
+                self._cache[name] = load_npz(path)
+            else:
+                arrays = compute()
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_save_npz(path, **arrays)
+                self._cache[name] = arrays
+        return self._cache[name]
+
+    def reference(self, space: str) -> Reference:
+        """The real data as every iteration is measured against it: statistics of all real images, and the
+        seeded size-matched subset (`measure.reference_indices`) with its k-NN radii."""
+        stats = self._cached(f"real_stats_{space}",
+                             lambda: dict(zip(("mu", "sigma"), gaussian_stats(extract(space, self.data.images,
+                                                                                      self.ctx)))))
+
+        def subset():
+            pick = reference_indices(len(self.data), self.n_eval, self.cfg.seed)
+            return {"features": extract(space, self.data.images[pick], self.ctx)}
+
+        feats = self._cached(f"real_reference_{space}", subset)["features"]
+        key = f"real_reference_radii_{space}"
+        if key not in self._cache:
+            self._cache[key] = reference_radii(feats, self.cfg.device)
+        return Reference(stats["mu"], stats["sigma"], feats, self._cache[key])
+
+
+def model_spec(cfg: RunConfig) -> UNetSpec:
+    base = MODEL_PRESETS[cfg.model]
+    return UNetSpec(
+        cfg.channels or base.channels,
+        cfg.layers_per_block or base.layers_per_block,
+        cfg.norm_groups or base.norm_groups,
+        cfg.attention_levels if cfg.attention_levels is not None else base.attention_levels,
+    )
+
+
+def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
+    """Load and check the data against the config; raises UserError before anything is written."""
+    data = load_images(cfg.data, cfg.data_root, cfg.data_download, cfg.image_size)
+    n, h, w, c = data.images.shape
+    if cfg.n_train > n:
+        raise UserError(f"n_train = {cfg.n_train} is larger than the data ({n} images in {cfg.data})")
+    if h != w:
+        raise UserError(f"{cfg.data}: images are {h}x{w}; the UNet needs square images (set image_size)")
+    spec = model_spec(cfg)
+    check_model_shape(spec, h, where=f"model {cfg.model}")
+    num_classes = None
+    if cfg.conditional:
+        if data.labels is None:
+            raise UserError(f"conditional = true needs labels, and {cfg.data} has none")
+        num_classes = int(data.labels.max()) + 1
+    for a in cfg.arms:
+        if a.per_class and data.labels is None:
+            raise UserError(f"arm {a.label()}: per_class selection needs labels, and {cfg.data} has none")
+    real_idx = numpy_rng(cfg.seed, "real-subset").choice(n, cfg.n_train, replace=False)
+    ctx = SpaceContext(cfg.feature_dir, run_dir, data.images, data.labels, cfg.seed, cfg.domain_steps, cfg.device)
+    return Study(cfg, data, np.sort(real_idx), spec, num_classes, ctx)
+
+
+def pool_size(cfg: RunConfig, arm: ArmConfig) -> int:
+    return int(math.ceil(arm.pool_factor * cfg.n_train))
+
+
+def n_samples(study: Study, arm: ArmConfig | None, t: int) -> int:
+    """Samples drawn at iteration t: the next iteration's pool (none after the last) and the evaluation set."""
+    cfg = study.cfg
+    need = study.n_eval
+    if t < cfg.iterations - 1:
+        arms = cfg.arms if arm is None else (arm,)
+        need = max(need, max(pool_size(cfg, a) for a in arms))
+    return need
+
+
+def arm_label(arm: ArmConfig | None) -> str:
+    """The arm coordinate of seeds and progress: the arm's label, or SHARED for iteration 0."""
+    return arm.label() if arm else SHARED
