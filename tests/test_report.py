@@ -74,7 +74,7 @@ def test_report_on_partial_run(runs, tmp_path):
 def test_pearson_r_of_the_correlation_figure():
     class A:  # a minimal arm: rows and where each iteration's samples are
         def __init__(self, label, rows, run="r"):
-            self.label, self.rows, self.run = label, rows, Path(run)
+            self.label, self.rows, self.all_rows, self.run = label, rows, rows, Path(run)
 
         def iter_dir(self, t):
             return self.run / self.label / str(t)

@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable); arms.<index or name>.<key>=VALUE changes one arm")
     r.add_argument("--out", default=None, help="run directory (default: runs/<preset or config name>)")
+    r.add_argument("--only", default=None, metavar="SEED[/ARM] | @I",
+                   help="run one slice of the study into the shared RUN_DIR: a seed, a seed and an arm (label or "
+                        "index), or @I, the I-th (seed, arm) slice (for a scheduler's job array); the summary and "
+                        "report merge whatever slices are complete")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     r.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -54,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tau0", type=float, default=None, help="threshold: first radius (default: from the pool)")
     s.add_argument("--decay", type=float, default=0.95, help="threshold: radius factor per pass")
+    s.add_argument("--decay-when", choices=("every_pass", "empty_pass"), default="every_pass",
+                   help="threshold: decay after every pass (the authors' code) or only after a pass that accepted "
+                        "nothing (the paper's Algorithm 2); both choose the same images")
     s.add_argument("--per-class", action="store_true", help="select within classes, keeping their shares")
     s.add_argument("--out", required=True, help="output .npz (images, labels, indices, method, seed, ...)")
     _image_set_options(s)
@@ -120,15 +127,17 @@ def cmd_run(args) -> int:
     from model_collapse.config import config_to_dict, resolve_config
 
     cfg = resolve_config(args.config, args.overrides)
+    from model_collapse.loop import parse_slice, run_loop
+
+    only = parse_slice(cfg, args.only) if args.only is not None else None
     if args.dry_run:
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
-    from model_collapse.loop import run_loop
     from model_collapse.summary import format_summary
 
     name = Path(args.config).stem if args.config else "demo"
     out = args.out or os.path.join("runs", name)
-    summary = run_loop(cfg, out, show=not args.quiet)
+    summary = run_loop(cfg, out, show=not args.quiet, only=only)
     _emit(summary, args.json, format_summary(summary))
     return 0
 
@@ -158,7 +167,7 @@ def cmd_select(args) -> int:
     bars = _bars(args)
     feats = extract(args.space, pool.images, _ctx(args, pool, bars))
     sel = select(feats, args.n, args.method, args.seed, labels=pool.labels, per_class=args.per_class,
-                 tau0=args.tau0, decay=args.decay, progress=bars)
+                 tau0=args.tau0, decay=args.decay, decay_when=args.decay_when, progress=bars)
     extra = {k: v for k, v in sel.params.items() if isinstance(v, (int, float, np.generic))}
     order = sel.params.get("order")
     atomic_save_npz(Path(args.out), images=pool.images[sel.indices],

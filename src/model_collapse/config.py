@@ -27,6 +27,10 @@ class ArmConfig:
     paradigm: str = "replace"  # replace | accumulate | fresh
     selector: str = "random"  # random (the vanilla loop) | greedy | threshold
     pool_factor: float = 1.0  # k: generate ceil(k * N) candidates, select N (the paper uses 2 and 5)
+    train_factor: float = 1.0  # training sets after iteration 0 hold round(train_factor * N) images (2 = the
+    #                            paper's "vanilla 2N" ablation with pool_factor 2); at most pool_factor
+    accumulate_mix: str = "union"  # accumulate + random: "union" = N drawn uniformly from the union of real and
+    #                                all earlier samples; "equal_share" = an equal share from each source (paper)
     fresh_fraction: float = 0.0  # lambda, share of each training set drawn fresh from the real data (fresh only)
     space: str = "pixel"  # feature space the selector measures distances in
     per_class: bool = False  # select within each class, keeping the pool's class shares (needs labels)
@@ -39,6 +43,10 @@ class ArmConfig:
         base = f"{self.paradigm}-{self.selector}"
         if self.pool_factor != 1:
             base += f"-k{self.pool_factor:g}"
+        if self.train_factor != 1:
+            base += f"-x{self.train_factor:g}"
+        if self.accumulate_mix != "union":
+            base += f"-{self.accumulate_mix}"
         if self.paradigm == "fresh":
             base += f"-lam{self.fresh_fraction:g}"
         if self.space != "pixel" and self.selector != "random":
@@ -57,7 +65,8 @@ class RunConfig:
     image_size: int | None = None  # resize to this square side when loading; None = keep
     n_train: int = 128  # N, the training-set size of every iteration
     iterations: int = 5  # iterations 0 .. iterations-1; iteration 0 trains on real data
-    seed: int = 0
+    seed: int = 0  # the study's seed (with `seeds`: unused by the studies, each takes its own)
+    seeds: tuple[int, ...] | None = None  # replicates: one whole independent study per seed; None = just `seed`
     # model (preset, then optional overrides; None = the preset's value)
     model: str = "tiny"
     channels: tuple[int, ...] | None = None
@@ -87,8 +96,10 @@ class RunConfig:
     # selection
     tau0: float | None = None  # threshold selector's first radius; None = 2 x the pool's median NN distance
     decay: float = 0.95  # threshold selector's radius factor per pass
+    threshold_decay: str = "every_pass"  # every_pass (the authors' code) | empty_pass (the paper's Algorithm 2)
     # metrics
     n_eval: int | None = None  # generated samples measured per iteration; None = n_train
+    quality_metric: str = "kid_pixel"  # the headline quality metric of the claims (a metrics-row key)
     spaces: tuple[str, ...] = ("pixel",)  # feature spaces to measure in (pixel is always measured)
     entropy_k: int = 1
     mem_ratio: float = 1.0 / 3.0  # nearest/second-nearest ratio below which a sample counts as memorized
@@ -114,6 +125,18 @@ class RunConfig:
 
 
 EXECUTION_KEYS = ("workers", "device", "report", "channels_last", "compile")
+ACCUMULATE_MIXES = ("union", "equal_share")
+THRESHOLD_DECAYS = ("every_pass", "empty_pass")
+
+
+def study_seeds(cfg: RunConfig) -> tuple[int, ...]:
+    """The seeds of the independent studies of a run."""
+    return cfg.seeds if cfg.seeds is not None else (cfg.seed,)
+
+
+def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
+    """The config of one seed's study: every random choice of it derives from `seed`."""
+    return dataclasses.replace(cfg, seed=seed, seeds=None)
 
 
 def arm_guidance(cfg: RunConfig, arm: ArmConfig | None) -> float:
@@ -308,6 +331,12 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.workers is None or cfg.workers >= 1, "workers must be >= 1")
     need(cfg.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
     need(len(cfg.arms) >= 1, "at least one arm is needed")
+    need(cfg.seeds is None or (len(cfg.seeds) >= 1 and len(set(cfg.seeds)) == len(cfg.seeds)
+                               and min(cfg.seeds) >= 0),
+         f"seeds must be distinct non-negative integers, got {cfg.seeds}")
+    need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    need(cfg.threshold_decay in THRESHOLD_DECAYS,
+         f"threshold_decay must be one of {', '.join(THRESHOLD_DECAYS)}, got {cfg.threshold_decay!r}")
     for s in cfg.spaces:
         check_name("space", s, SPACES)
     labels = [a.label() for a in cfg.arms]
@@ -318,6 +347,10 @@ def validate(cfg: RunConfig) -> None:
         need(a.selector in SELECTORS,
              f"{where}: unknown selector {a.selector!r}; selectors: {', '.join(SELECTORS)}")
         need(a.pool_factor >= 1, f"{where}: pool_factor must be >= 1, got {a.pool_factor:g}")
+        need(0 < a.train_factor <= a.pool_factor,
+             f"{where}: train_factor must lie in (0, pool_factor = {a.pool_factor:g}], got {a.train_factor:g}")
+        need(a.accumulate_mix in ACCUMULATE_MIXES,
+             f"{where}: accumulate_mix must be one of {', '.join(ACCUMULATE_MIXES)}, got {a.accumulate_mix!r}")
         need(0 <= a.fresh_fraction <= 1, f"{where}: fresh_fraction must lie in [0, 1]")
         need(a.paradigm == "fresh" or a.fresh_fraction == 0,
              f"{where}: fresh_fraction applies to the fresh paradigm only")

@@ -23,6 +23,7 @@ CURVES = [
     ("variance_pixel", "variance of samples (trace)"),
     ("precision_pixel", "precision (samples on the real manifold)"),
     ("recall_pixel", "recall (real data on the samples' manifold)"),
+    ("train_real_fraction", "share of real images in the training set"),
     ("train_duplicates", "exact duplicates in training set"),
 ]
 VERDICT_MARKERS = {"stable": "o", "contracting": "v", "copying": "X"}
@@ -48,30 +49,44 @@ def finite(v) -> bool:
 
 
 def fig_curves(arms: list, colours) -> bytes:
+    """Every metric over iterations, one line per arm: the mean over seeds with its 95% interval as a band
+    (`arm.stats`: metric -> one interval dict per iteration); verdict markers where the arm has one seed
+    (`arm.verdicts`). The real share of the training set gets the 1/(t+1) line of vanilla accumulate."""
     import matplotlib.pyplot as plt
 
     keys = list(CURVES)
-    fd = sorted({k for a in arms for r in a.rows for k in r if k.startswith("fd_")})
+    names = {k for a in arms for k in a.stats}
+    fd = sorted(k for k in names if k.startswith("fd_"))
     keys += [(k, f"Frechet distance, {k[3:]} space") for k in fd]
-    kid = sorted({k for a in arms for r in a.rows for k in r if k.startswith("kid_") and not k.startswith("kid_std_")})
+    kid = sorted(k for k in names if k.startswith("kid_") and not k.startswith("kid_std_"))
     keys += [(k, f"KID (unbiased), {k[4:]} space") for k in kid]
-    extra = sorted({k for a in arms for r in a.rows for k in r
-                    if k.startswith(("train_entropy_", "gen_score_")) and not k.endswith("_pixel")
-                    and not k.startswith("gen_score_ratio_")})
+    extra = sorted(k for k in names if k.startswith(("train_entropy_", "gen_score_")) and not k.endswith("_pixel")
+                   and not k.startswith("gen_score_ratio_"))
     keys += [(k, k.replace("_", " ")) for k in extra]
+    keys = [(k, t) for k, t in keys if k in names]
     ncol = 3
     nrow = math.ceil(len(keys) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.2 * nrow), squeeze=False)
     for ax, (key, title) in zip(axes.flat, keys):
         for a, c in zip(arms, colours):
-            pts = [(r["iteration"], r.get(key), r.get("verdict", "stable")) for r in a.rows if finite(r.get(key))]
+            pts = [(t, iv) for t, iv in enumerate(a.stats.get(key, [])) if iv["n"] and finite(iv["mean"])]
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=c, label=a.label, lw=1.6)
+            ax.plot([t for t, _ in pts], [iv["mean"] for _, iv in pts], "-", color=c, label=a.label, lw=1.6)
+            band = [(t, iv) for t, iv in pts if iv["ci_low"] is not None]
+            if band:
+                ax.fill_between([t for t, _ in band], [iv["ci_low"] for _, iv in band],
+                                [iv["ci_high"] for _, iv in band], color=c, alpha=0.15, lw=0)
             for v, mk in VERDICT_MARKERS.items():
-                sel = [p for p in pts if p[2] == v]
+                sel = [(t, iv) for t, iv in pts if a.verdicts and t < len(a.verdicts) and a.verdicts[t] == v]
                 if sel:
-                    ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=mk, color=c, s=36, zorder=3)
+                    ax.scatter([t for t, _ in sel], [iv["mean"] for _, iv in sel], marker=mk, color=c, s=36,
+                               zorder=3)
+        if key == "train_real_fraction":
+            its = sorted({t for a in arms for t, iv in enumerate(a.stats.get(key, [])) if iv["n"]})
+            if its:
+                ax.plot(its, [1 / (t + 1) for t in its], "k:", lw=1, label="1/(t+1): vanilla accumulate")
+                ax.legend(fontsize=7, loc="upper right")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

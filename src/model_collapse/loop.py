@@ -12,11 +12,20 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
 from model_collapse import dist
-from model_collapse.config import ArmConfig, RunConfig, config_from_dict, config_to_dict, own_iteration0
+from model_collapse.config import (
+    ArmConfig,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    own_iteration0,
+    seed_config,
+    study_seeds,
+)
 from model_collapse.errors import UserError
 from model_collapse.paradigms import build_training_set
 from model_collapse.registry import resolve_device
@@ -95,124 +104,175 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
     return m
 
 
-def arm_iterations(cfg_dict: dict, out: str, arm_index: int, show: bool) -> None:
-    """One arm's iterations 1.. (a worker job; the parent holds the run directory's lock)."""
-    cfg = config_from_dict(cfg_dict)
-    study = prepare(cfg, out)
-    rd = RunDir(Path(out))
-    for t in range(1, cfg.iterations):
-        run_stage(study, rd, cfg.arms[arm_index], t, show=show, position=arm_index)
-
-
-class Rows:
-    """metrics.jsonl as the run goes: a row is appended, with its verdict, once every row before it exists
-    (rows go in (iteration, arm) order)."""
-
-    def __init__(self, study: Study, rd: RunDir):
-        self.study, self.rd = study, rd
-        self.history = read_metrics(rd.metrics_path)
-        self.done = {(r["arm"], r["iteration"]) for r in self.history}
-
-    def flush(self) -> None:
-        cfg, rows = self.study.cfg, []
+def flush_rows(cfg: RunConfig, rd: RunDir) -> None:
+    """Append to a seed's metrics.jsonl, with its verdict, every row whose rows before it all exist (rows go in
+    (iteration, arm) order). Under the seed's rows lock, so that processes running its slices may all call it."""
+    with rd.hold("rows"):
+        history = read_metrics(rd.metrics_path)
+        done = {(r["arm"], r["iteration"]) for r in history}
+        rows = []
         for t in range(cfg.iterations):
             for arm in cfg.arms:
-                if (arm.label(), t) in self.done:
+                if (arm.label(), t) in done:
                     continue
-                f = self.rd.arm_sample_dir(cfg, arm, t) / "metrics.json"
+                f = rd.arm_sample_dir(cfg, arm, t) / "metrics.json"
                 if not f.exists():
-                    return self._append(rows)
-                row = {"arm": arm.label(), "iteration": t, "paradigm": arm.paradigm, "selector": arm.selector,
-                       "pool_factor": arm.pool_factor, **read_json(f)}
-                add_verdict(row, self.history, cfg)
-                self.history.append(row)
-                self.done.add((arm.label(), t))
+                    break
+                row = {"seed": cfg.seed, "arm": arm.label(), "iteration": t, "paradigm": arm.paradigm,
+                       "selector": arm.selector, "pool_factor": arm.pool_factor, **read_json(f)}
+                add_verdict(row, history, cfg)
+                history.append(row)
                 rows.append(row)
-        self._append(rows)
-
-    def _append(self, rows: list[dict]) -> None:
+            else:
+                continue
+            break
         if rows:
-            self.rd.append_metrics(rows)
+            rd.append_metrics(rows)
 
 
-def default_workers(cfg: RunConfig) -> int:
-    if cfg.workers is not None:
-        return min(cfg.workers, len(cfg.arms))
-    if resolve_device(cfg.device).startswith("cuda"):
-        return 1
-    return max(1, min(len(cfg.arms), os.cpu_count() or 1))
+def merge_rows(cfg: RunConfig, root: RunDir) -> None:
+    """A run with `seeds`: RUN_DIR/metrics.jsonl as every seed's rows, seed by seed (rewritten whole)."""
+    if cfg.seeds is None:
+        return
+    with root.hold("merge"):
+        root.write_metrics([r for s in cfg.seeds for r in read_metrics(root.study_dir(cfg, s).metrics_path)])
 
 
 def _iteration0(study: Study, rd: RunDir, show: bool) -> None:
-    """Real-data references of every space (learned spaces are trained here, once, before any worker starts),
-    the shared iteration 0, and the arms that sample the shared model with their own guidance."""
-    if dist.is_main():
-        for s in ["pixel"] + list(study.cfg.spaces):
-            study.reference(s)
-    run_stage(study, rd, None, 0, show=show)  # shared by every arm: one row per arm points at it
-    for arm in study.cfg.arms:
-        if own_iteration0(study.cfg, arm):
-            run_stage(study, rd, arm, 0, show=show)
+    """Real-data references of every space (learned spaces are trained here, once per seed), the shared
+    iteration 0, and the arms that sample the shared model with their own guidance. Under the seed's lock: the
+    first process to get here runs it, any other waits and finds it done."""
+    with rd.hold("iteration0"):
+        if dist.is_main():
+            for s in ["pixel"] + list(study.cfg.spaces):
+                study.reference(s)
+        run_stage(study, rd, None, 0, show=show)  # shared by every arm: one row per arm points at it
+        for arm in study.cfg.arms:
+            if own_iteration0(study.cfg, arm):
+                run_stage(study, rd, arm, 0, show=show)
 
 
-def _run_distributed(cfg: RunConfig, study: Study, out: Path, show: bool) -> dict:
-    """Under `accelerate launch`: arms one after another, every stage with all processes (training data
-    parallel, sampling split by index), selection and metrics on the main process, which holds the lock."""
-    rd, error = None, None
+def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] | None, show: bool,
+             on_checkpoint: Callable | None = None) -> None:
+    """One seed's study, or some of its arms (a slice): iteration 0, then each arm's iterations 1.. (a worker
+    job, or called in the process that holds the run directory's lock)."""
+    cfg = config_from_dict(cfg_dict)
+    rd = RunDir(Path(out)).study_dir(cfg, seed)
+    scfg = seed_config(cfg, seed)
+    study = prepare(scfg, str(rd.path))
+    _iteration0(study, rd, show)
+    flush_rows(scfg, rd)
+    for i in range(len(cfg.arms)) if arm_indices is None else arm_indices:
+        for t in range(1, cfg.iterations):
+            run_stage(study, rd, cfg.arms[i], t, show=show, position=i, on_checkpoint=on_checkpoint)
+            flush_rows(scfg, rd)
+
+
+def default_workers(cfg: RunConfig, jobs: int) -> int:
+    if cfg.workers is not None:
+        return min(cfg.workers, jobs)
+    if resolve_device(cfg.device).startswith("cuda"):
+        return 1
+    return max(1, min(jobs, os.cpu_count() or 1))
+
+
+def parse_slice(cfg: RunConfig, text: str) -> list[tuple[int, int | None]]:
+    """`--only SEED`, `--only SEED/ARM` (an arm label or index) or `--only @I` (the I-th of every (seed, arm)
+    slice, seed by seed, for a scheduler's job array) as [(seed, arm index or None)]."""
+    seeds, labels = study_seeds(cfg), [a.label() for a in cfg.arms]
+    slices = [(s, i) for s in seeds for i in range(len(labels))]
+    if text.startswith("@"):
+        if not text[1:].isdigit() or int(text[1:]) >= len(slices):
+            raise UserError(f"--only {text}: expected @I with 0 <= I < {len(slices)} (seeds x arms)")
+        return [slices[int(text[1:])]]
+    seed_text, _, arm_text = text.partition("/")
+    if not seed_text.lstrip("-").isdigit() or int(seed_text) not in seeds:
+        raise UserError(f"--only {text}: seed {seed_text!r} is not one of the run's seeds {list(seeds)}")
+    if not arm_text:
+        return [(int(seed_text), None)]
+    if arm_text.isdigit() and int(arm_text) < len(labels):
+        return [(int(seed_text), int(arm_text))]
+    if arm_text not in labels:
+        raise UserError(f"--only {text}: no arm {arm_text!r}; arms: {', '.join(labels)} (or an index)")
+    return [(int(seed_text), labels.index(arm_text))]
+
+
+def _run_distributed(cfg: RunConfig, out: Path, show: bool) -> dict:
+    """Under `accelerate launch`: seeds and arms one after another, every stage with all processes (training
+    data parallel, sampling split by index), selection and metrics on the main process, which holds the lock."""
+    root, error = None, None
     if dist.is_main():
         try:
-            rd = RunDir.open(out, cfg)
+            root = RunDir.open(out, cfg)
         except UserError as e:
             error = str(e)
     error = dist.share(error)
     if error:
         raise UserError(error)
-    rd = rd or RunDir(out)
+    root = root or RunDir(out)
     try:
-        rows = Rows(study, rd) if dist.is_main() else None
-        _iteration0(study, rd, show)
-        for t in range(1, cfg.iterations):
-            for arm in cfg.arms:
-                run_stage(study, rd, arm, t, show=show)
-                if rows:
-                    rows.flush()
-        summary = {}
-        if rows:
-            rows.flush()
-            summary = _finish(cfg, rd, show)
+        for seed in study_seeds(cfg):
+            rd, scfg = root.study_dir(cfg, seed), seed_config(cfg, seed)
+            study = prepare(scfg, str(rd.path))
+            _iteration0(study, rd, show)
+            for t in range(1, cfg.iterations):
+                for arm in cfg.arms:
+                    run_stage(study, rd, arm, t, show=show)
+                    if dist.is_main():
+                        flush_rows(scfg, rd)
+            if dist.is_main():
+                flush_rows(scfg, rd)
+        summary = _finish(cfg, root, show) if dist.is_main() else {}
         dist.barrier()
         return summary
     finally:
-        rd.close()
+        root.close()
 
 
-def _finish(cfg: RunConfig, rd: RunDir, show: bool) -> dict:
-    summary = summarize(read_metrics(rd.metrics_path), cfg, str(rd.path))
-    atomic_write_json(rd.path / "summary.json", summary)
-    if cfg.report:
-        summary["report"] = str(write_report([rd.path], rd.path / "report.html", show=show))
+def _finish(cfg: RunConfig, root: RunDir, show: bool) -> dict:
+    merge_rows(cfg, root)
+    summary = summarize(read_metrics(root.metrics_path), cfg, str(root.path))
+    with root.hold("merge"):
+        atomic_write_json(root.path / "summary.json", summary)
+        if cfg.report:
+            summary["report"] = str(write_report([root.path], root.path / "report.html", show=show))
     return summary
 
 
-def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoint: Callable | None = None) -> dict:
-    """Run (or resume) a study in RUN_DIR `out`; returns the summary (also written to summary.json)."""
+def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoint: Callable | None = None,
+             only: list[tuple[int, int | None]] | None = None) -> dict:
+    """Run (or resume) a study in RUN_DIR `out`, every seed and arm or only the given (seed, arm index or None
+    = every arm) slices; returns the summary of whatever slices are complete (also written to summary.json)."""
     out = Path(out)
-    study = prepare(cfg, str(out))
+    prepare(cfg)  # the data and model checks, before anything is written
     if dist.world() > 1:
-        return _run_distributed(cfg, study, out, show)
-    with RunDir.open(out, cfg) as rd:
-        rows = Rows(study, rd)
-        _iteration0(study, rd, show)
-        rows.flush()
-        workers = default_workers(cfg)
+        if only is not None:
+            raise UserError("--only runs one slice per process; under accelerate launch run the whole study")
+        return _run_distributed(cfg, out, show)
+    with RunDir.open(out, cfg, shared=only is not None) as root, ExitStack() as held:
+        plan = [(s, None) for s in study_seeds(cfg)] if only is None else only
+        arm_slices = [(s, j) for s, i in plan for j in (range(len(cfg.arms)) if i is None else [i])]
+        if only is not None:  # a slice refuses to run beside another process running the same (seed, arm)
+            for s, j in arm_slices:
+                held.enter_context(root.study_dir(cfg, s).hold(f"slice-{cfg.arms[j].label()}", wait=False))
+        workers = default_workers(cfg, len(arm_slices))
+        cfg_dict = config_to_dict(cfg)
         if workers <= 1 or cfg.iterations == 1:
-            for t in range(1, cfg.iterations):
-                for arm in cfg.arms:
-                    run_stage(study, rd, arm, t, show=show, on_checkpoint=on_checkpoint)
-                    rows.flush()
+            for s, i in plan:
+                run_seed(cfg_dict, str(out), s, None if i is None else (i,), show, on_checkpoint)
+                merge_rows(cfg, root)
         else:
-            jobs = [Job(f"arm {a.label()}", arm_iterations, (config_to_dict(cfg), str(out), i, show))
-                    for i, a in enumerate(cfg.arms)]
-            run_jobs(jobs, workers, on_tick=rows.flush)
-        rows.flush()
-        return _finish(cfg, rd, show)
+            seeds = list(dict.fromkeys(s for s, _ in plan))
+            if len(seeds) > 1:  # iteration 0 of several seeds side by side
+                run_jobs([Job(f"seed {s}, iteration 0", run_seed, (cfg_dict, str(out), s, (), show)) for s in seeds],
+                         min(workers, len(seeds)))
+            # arms side by side; arm-major order, so that the first jobs are of different seeds
+            jobs = [Job(f"arm {cfg.arms[j].label()}" + (f", seed {s}" if cfg.seeds is not None else ""),
+                        run_seed, (cfg_dict, str(out), s, (j,), show))
+                    for j in range(len(cfg.arms)) for s, jj in arm_slices if jj == j]
+            if len(seeds) == 1:  # one seed: its iteration 0 here, with every core
+                run_seed(cfg_dict, str(out), seeds[0], (), show)
+            run_jobs(jobs, workers, on_tick=lambda: merge_rows(cfg, root))
+        for s in dict.fromkeys(s for s, _ in plan):
+            flush_rows(seed_config(cfg, s), root.study_dir(cfg, s))
+        return _finish(cfg, root, show)

@@ -4,7 +4,10 @@
 * accumulate: the real training set plus every earlier model's samples;
 * fresh: the previous model's samples, and a share `fresh_fraction` of each training set drawn fresh from the
   real data.
-The arm's selector then picks the training set from the pool (random = the vanilla loop). Every image of a
+The arm's selector then picks the training set from the pool (random = the vanilla loop). A vanilla accumulate
+arm with `accumulate_mix = "equal_share"` instead draws an equal share from each source (the real set and each
+earlier iteration's samples), as the paper's vanilla accumulate does. After iteration 0 a training set holds
+round(train_factor * N) images. Every image of a
 training set records where it came from (source iteration, -1 for real data, and its index there), and every
 selection records the pool indices it chose and what decided them.
 """
@@ -19,7 +22,7 @@ from model_collapse.config import ArmConfig
 from model_collapse.features import extract
 from model_collapse.rng import derive_seed, numpy_rng
 from model_collapse.rundir import RunDir, atomic_save_npz, load_npz
-from model_collapse.selection import select
+from model_collapse.selection import Selection, select
 from model_collapse.study import Study, pool_size
 
 
@@ -51,6 +54,29 @@ def candidate_pool(study: Study, rd: RunDir, arm: ArmConfig, t: int) -> Pool:
     return Pool(np.concatenate(imgs), labels, np.concatenate(src_it), np.concatenate(src_ix))
 
 
+def training_size(n_train: int, arm: ArmConfig) -> int:
+    """Images in the arm's training sets after iteration 0."""
+    return int(round(arm.train_factor * n_train))
+
+
+def select_equal_share(sources: np.ndarray, n: int, seed: int) -> Selection:
+    """N pool indices with an equal share from each source (largest remainder to the earliest sources), drawn
+    at random within each source; the paper's vanilla accumulate."""
+    names = np.unique(sources)
+    quotas = np.full(len(names), n // len(names))
+    quotas[: n - quotas.sum()] += 1
+    rng = numpy_rng(seed, "equal-share")
+    parts = []
+    for src, q in zip(names, quotas):
+        where = np.flatnonzero(sources == src)
+        parts.append(rng.choice(where, min(q, len(where)), replace=False))
+    idx = np.concatenate(parts).astype(np.int64)
+    if len(idx) < n:  # a source smaller than its share: the rest uniformly from what is left
+        rest = np.setdiff1d(np.arange(len(sources)), idx)
+        idx = np.concatenate([idx, rng.choice(rest, n - len(idx), replace=False)])
+    return Selection(idx, "equal_share", seed, {"sources": len(names)})
+
+
 def build_training_set(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) -> None:
     """Write train.npz (images, labels, source_iteration, source_index) and, after iteration 0, selection.npz."""
     cfg, data = study.cfg, study.data
@@ -61,11 +87,16 @@ def build_training_set(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) 
                         source_iteration=np.full(cfg.n_train, -1), source_index=study.real_idx)
         return
     label = arm.label()
-    n_fresh = int(round(arm.fresh_fraction * cfg.n_train)) if arm.paradigm == "fresh" else 0
+    n_train = training_size(cfg.n_train, arm)
+    n_fresh = int(round(arm.fresh_fraction * n_train)) if arm.paradigm == "fresh" else 0
     pool = candidate_pool(study, rd, arm, t)
     seed = derive_seed(cfg.seed, label, t, "select")
-    sel = select(extract(arm.space, pool.images, study.ctx), cfg.n_train - n_fresh, arm.selector, seed,
-                 labels=pool.labels, per_class=arm.per_class, tau0=cfg.tau0, decay=cfg.decay)
+    if arm.paradigm == "accumulate" and arm.selector == "random" and arm.accumulate_mix == "equal_share":
+        sel = select_equal_share(pool.source_iteration, n_train - n_fresh, seed)
+    else:
+        sel = select(extract(arm.space, pool.images, study.ctx), n_train - n_fresh, arm.selector, seed,
+                     labels=pool.labels, per_class=arm.per_class, tau0=cfg.tau0, decay=cfg.decay,
+                     decay_when=cfg.threshold_decay)
     idx = sel.indices
     images, labels = pool.images[idx], pool.labels[idx] if pool.labels is not None else None
     source_iteration, source_index = pool.source_iteration[idx], pool.source_index[idx]

@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from model_collapse.config import ArmConfig, RunConfig, config_from_dict
+from model_collapse.config import ArmConfig, RunConfig, config_from_dict, study_seeds
 from model_collapse.data import load_images, pixel_vectors
 from model_collapse.figures import (
     fig_correlation,
@@ -29,17 +30,29 @@ from model_collapse.figures import (
 )
 from model_collapse.metrics import distinct_index
 from model_collapse.rundir import RunDir, atomic_write_bytes, load_npz, read_json, read_metrics, read_probe
+from model_collapse.summary import arm_statistics, check_claims
 
 @dataclass
 class Arm:
-    """One arm of one run, as the report reads it: its rows, and where its files are (asked of the run
+    """One arm of one run, as the report reads it: the rows of its first seed (whose files the grids, pairs and
+    projections show), the statistics over all its seeds, and where its files are (asked of the run
     directory's layout, `rundir.RunDir`)."""
 
     label: str
-    rd: RunDir
+    rd: RunDir  # the first seed's study directory
     cfg: RunConfig
     arm: ArmConfig
-    rows: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # first seed's rows, by iteration
+    all_rows: list[dict] = field(default_factory=list)  # every seed's rows
+    stats: dict = field(default_factory=dict)  # metric -> interval per iteration (summary.arm_statistics)
+
+    @property
+    def verdicts(self) -> list | None:
+        """The verdict per iteration where the arm has one seed (with several, each seed has its own)."""
+        if len({r.get("seed") for r in self.all_rows}) > 1:
+            return None
+        v = {r["iteration"]: r.get("verdict") for r in self.rows}
+        return [v.get(t) for t in range(self.cfg.iterations)]
 
     def iter_dir(self, t: int) -> Path:
         """Where the arm's samples and measurements of iteration t are."""
@@ -55,16 +68,20 @@ def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
     for i, (d, nm) in enumerate(zip(run_dirs, names)):
         if names.count(nm) > 1:
             nm = f"{nm}#{i}"
-        rd = RunDir(Path(d))
-        stored = read_json(rd.config_path)
+        root = RunDir(Path(d))
+        stored = read_json(root.config_path)
         configs[nm] = stored
         cfg = config_from_dict(stored)
-        rows = read_metrics(rd.metrics_path)
+        rows = read_metrics(root.metrics_path)
+        first = study_seeds(cfg)[0]
+        stats = arm_statistics(rows, cfg)
         for a in cfg.arms:
             lab = a.label()
             label = lab if len(run_dirs) == 1 else f"{nm}/{lab}"
-            arms.append(Arm(label, rd, cfg, a, sorted((r for r in rows if r["arm"] == lab),
-                                                      key=lambda r: r["iteration"])))
+            mine = [r for r in rows if r["arm"] == lab]
+            arms.append(Arm(label, root.study_dir(cfg, first), cfg, a,
+                            sorted((r for r in mine if r.get("seed", first) == first), key=lambda r: r["iteration"]),
+                            mine, stats.get(lab, {})))
     return arms, configs
 
 
@@ -94,16 +111,16 @@ def _pairs(a: Arm) -> list[tuple[int, list]]:
 
 
 def entropy_generalization(arms: list[Arm], space: str = "pixel") -> dict:
-    """Training-set entropy against log generalization score over all (arm, iteration) points: least-squares line
-    and Pearson r (the paper's headline relation, r = 0.91 there)."""
+    """Training-set entropy against log generalization score over all (seed, arm, iteration) points:
+    least-squares line and Pearson r (the paper's headline relation, r = 0.91 there)."""
     seen, xs, ys, who = set(), [], [], []
     for a in arms:
-        for r in a.rows:
+        for r in a.all_rows:
             e, g = r.get(f"train_entropy_{space}"), r.get(f"gen_score_{space}")
             if not (finite(e) and finite(g) and g > 0):
                 continue
-            key = str(a.iter_dir(r["iteration"]))
-            if key in seen:  # iteration 0 is shared by the arms of one run: one point
+            key = (r.get("seed"), str(a.iter_dir(r["iteration"])))
+            if key in seen:  # iteration 0 is shared by the arms of one seed: one point
                 continue
             seen.add(key)
             xs.append(e), ys.append(math.log(g)), who.append(a.label)
@@ -149,11 +166,32 @@ h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:6px 0}
 .verdict-copying{color:#b00;font-weight:bold}.verdict-contracting{color:#a60}
+.claim-holds{background:#e3f5e1}.claim-fails{background:#fbe0e0}.claim-inconclusive{background:#fff6d6}
+.claim-skipped{color:#888}
 pre{background:#f7f7f7;padding:8px;font-size:11px;overflow:auto}.note{color:#555;font-size:13px}"""
 
-TABLE_KEYS = ["iteration", "n_train", "train_entropy_pixel", "train_duplicates", "train_spacing_pixel",
+TABLE_KEYS = ["seed", "iteration", "n_train", "train_entropy_pixel", "train_duplicates", "train_spacing_pixel",
               "gen_score_pixel", "gen_score_ratio_pixel", "mem_fraction_pixel", "copy_fraction_pixel",
               "variance_pixel", "fd_pixel", "train_real_fraction", "verdict"]
+
+
+def _claims_table(run: str, claims: list[dict], cfg: RunConfig) -> str:
+    """The claims first, colour-coded by verdict."""
+    seeds = study_seeds(cfg)
+    head = (f"<h2>Claims{' of ' + html.escape(run) if run else ''}</h2><p class='note'>Each effect is a mean over "
+            f"{len(seeds)} seed(s) with its 95% Student-t interval (paired within seeds where two arms are "
+            f"compared); quality = {html.escape(cfg.quality_metric)}. holds: the interval lies on the claimed "
+            f"side of the threshold; fails: on the other side; inconclusive: it straddles the threshold.</p>")
+    rows = []
+    for c in claims:
+        ci = "" if c["ci_low"] is None else f"[{c['ci_low']:.4g}, {c['ci_high']:.4g}]"
+        eff = "" if c["effect"] is None else f"{c['effect']:.4g}"
+        rows.append(f"<tr class='claim-{c['verdict']}'><td>{html.escape(c['id'])}</td>"
+                    f"<td style='text-align:left'>{html.escape(c['claim'])}</td><td>{eff}</td><td>{ci}</td>"
+                    f"<td>{html.escape(c['direction'])} {c['threshold']:g}</td><td>{c['n_seeds']}</td>"
+                    f"<td><b>{html.escape(c['verdict'])}</b> {html.escape(c.get('reason', ''))}</td></tr>")
+    return (head + "<table><tr><th>id</th><th>claim</th><th>effect</th><th>95% CI</th><th>holds if</th>"
+            "<th>seeds</th><th>verdict</th></tr>" + "".join(rows) + "</table>")
 
 
 def _cell(v) -> str:
@@ -165,11 +203,11 @@ def _cell(v) -> str:
 
 
 def _table(arm: Arm) -> str:
-    keys = TABLE_KEYS + sorted({k for r in arm.rows for k in r} - set(TABLE_KEYS)
+    keys = TABLE_KEYS + sorted({k for r in arm.all_rows for k in r} - set(TABLE_KEYS)
                                - {"arm", "verdict_evidence", "paradigm", "selector", "pool_factor", "n_generated"})
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = []
-    for r in arm.rows:
+    for r in sorted(arm.all_rows, key=lambda r: (r.get("seed", 0), r["iteration"])):
         cells = []
         for k in keys:
             v = r.get(k, "")
@@ -242,8 +280,12 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
         its = [r["iteration"] for r in a.rows]
         status.append(f"{html.escape(a.label)}: iterations {its[0]}..{its[-1]}" if its else
                       f"{html.escape(a.label)}: no iteration finished yet")
-    parts.append(f"<p class='note'>{'; '.join(status)}. Verdict markers on the curves: circle stable, triangle "
-                 f"contracting, cross copying.</p>")
+    parts.append(f"<p class='note'>{'; '.join(status)}. Curves: mean over seeds, band: 95% t interval over "
+                 f"seeds. Verdict markers (one seed only): circle stable, triangle contracting, cross copying.</p>")
+    for nm, stored in configs.items():
+        cfg = config_from_dict(stored)
+        rows = read_metrics(RunDir(run_dirs[list(configs).index(nm)]).metrics_path)
+        parts.insert(2, _claims_table(nm if len(configs) > 1 else "", check_claims(rows, cfg), cfg))
     if corr["pearson_r"] is not None:
         parts.append(f"<p>Entropy vs log generalization score: Pearson r = <b>{corr['pearson_r']:.3f}</b> over "
                      f"{corr['n']} (arm, iteration) points (the paper reports 0.91).</p>")

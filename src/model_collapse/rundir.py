@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,26 @@ class RunDir:
             return self.path / "arms" / arm / "iter_000"
         return self.iter_dir(arm, iteration)
 
+    def study_dir(self, cfg: RunConfig, seed: int) -> "RunDir":
+        """The directory of one seed's study: the run directory itself for a run without `seeds`, else
+        RUN_DIR/seed_<seed>/, each laid out like a one-seed run (iter_000, arms/, features/, metrics.jsonl)."""
+        return self if cfg.seeds is None else RunDir(self.path / f"seed_{seed:03d}")
+
+    @contextmanager
+    def hold(self, name: str, wait: bool = True):
+        """An exclusive lock named `name` in this directory (iteration 0 of a seed, its metrics rows, one
+        slice), held for the `with` block; without `wait`, a lock held elsewhere is a one-line error."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / f".lock-{name}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise UserError(f"{self.path}: {name} is being run by another model-collapse process") from None
+            yield
+        finally:
+            os.close(fd)
+
     def arm_sample_dir(self, cfg: RunConfig, arm: ArmConfig | None, iteration: int) -> Path:
         """sample_dir, with whether the arm samples iteration 0 itself decided from the config."""
         return self.sample_dir(arm.label() if arm else None, iteration, own_iteration0(cfg, arm))
@@ -122,8 +143,10 @@ class RunDir:
 
     # -- opening
     @classmethod
-    def open(cls, path: Path, cfg: RunConfig) -> "RunDir":
-        """Create or reopen RUN_DIR for this config; refuse a different config or a second process."""
+    def open(cls, path: Path, cfg: RunConfig, shared: bool = False) -> "RunDir":
+        """Create or reopen RUN_DIR for this config; refuse a different config or a second process. With
+        `shared`, other shared openers (processes running other slices of the study) are let in; a whole run
+        still excludes every other process."""
         rd = cls(path)
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -143,20 +166,21 @@ class RunDir:
         elif path.exists() and any(p.name != ".lock" for p in path.iterdir()):
             raise UserError(f"{path}: exists, is not empty, and holds no run (no config.json); choose another --out")
         path.mkdir(parents=True, exist_ok=True)
-        rd._lock()
+        rd._lock(shared)
         if not existing.exists():
             atomic_write_json(existing, config_to_dict(cfg))
         return rd
 
-    def _lock(self) -> None:
+    def _lock(self, shared: bool = False) -> None:
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise UserError(f"{self.path} is in use by another model-collapse process; wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
     def close(self) -> None:
@@ -172,6 +196,10 @@ class RunDir:
         self.close()
 
     # -- metrics
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Replace metrics.jsonl with these rows (the merged file of a run with several seeds)."""
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(_clean(r)) + "\n" for r in rows).encode())
+
     def append_metrics(self, rows: list[dict]) -> None:
         """Append rows; first drop a partial trailing line left by a crash."""
         p = self.metrics_path

@@ -240,9 +240,14 @@ def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048, progress: Pro
 
 def select_threshold(
     x: np.ndarray, n: int, seed: int, *, tau0: float | None = None, decay: float = 0.95, chunk: int = 1024,
-    progress: Progress | None = None, **_
+    decay_when: str = "every_pass", progress: Progress | None = None, **_
 ) -> Selection:
     """Threshold decay filter, batched: exactly the sequential definition, a chunk of the visiting order at a time.
+
+    `decay_when`: "every_pass" multiplies tau by `decay` after every full pass (the authors' released code);
+    "empty_pass" only after a pass that accepted nothing (the paper's Algorithm 2). Both choose the same points:
+    a point rejected in a pass lies within tau of a point accepted by then, the accepted set only grows, so a
+    second pass at the same tau accepts nothing and then decays. Only the number of passes differs.
 
     For each chunk, distances to the points accepted so far come from one float32 matrix product, with a
     rigorous rounding bound; only pairs within that bound of tau^2 are recomputed exactly. Survivors are then
@@ -277,11 +282,14 @@ def select_threshold(
     # points accepted since are folded in: about one M x N product in all, not one per pass.
     near = torch.full((m,), math.inf, dtype=torch.float64)
     upto = np.zeros(m, dtype=np.int64)
+    if decay_when not in ("every_pass", "empty_pass"):
+        raise UserError(f"decay_when must be every_pass or empty_pass, got {decay_when!r}")
     tau = float(tau0)
     passes = 0
     progress.start(f"threshold selection, {n} of {m}", n)
     while len(accepted) < n:
         passes += 1
+        at_start = len(accepted)
         t2 = tau * tau
         for a in range(0, m, chunk):
             idx = order[a : a + chunk]
@@ -330,10 +338,12 @@ def select_threshold(
             if len(accepted) == n:
                 break
         else:
-            tau *= decay
+            if decay_when == "every_pass" or len(accepted) == at_start:
+                tau *= decay
     progress.close()
     return Selection(np.asarray(accepted, dtype=np.int64), "threshold", seed,
-                     {"tau0": float(tau0), "decay": float(decay), "tau_final": tau, "passes": passes,
+                     {"tau0": float(tau0), "decay": float(decay), "decay_when": decay_when, "tau_final": tau,
+                      "passes": passes,
                       "order": order.astype(np.int64)})
 
 
@@ -391,6 +401,7 @@ def select(
     per_class: bool = False,
     tau0: float | None = None,
     decay: float = 0.95,
+    decay_when: str = "every_pass",
     progress: Progress | None = None,
 ) -> Selection:
     """Choose N of the pool's rows with a registered method; with per_class, each class keeps its pool share.
@@ -408,7 +419,7 @@ def select(
     if not np.isfinite(x).all():
         raise UserError("selection input contains NaN or inf")
     if not per_class or labels is None:
-        return SELECTORS[method](x, n, seed, tau0=tau0, decay=decay, progress=progress)
+        return SELECTORS[method](x, n, seed, tau0=tau0, decay=decay, decay_when=decay_when, progress=progress)
     quotas = class_quotas(labels, n)
     parts, params = [], {"per_class": True, "quotas": {int(c): int(q) for c, q in quotas.items()}}
     for c, q in quotas.items():
@@ -416,7 +427,7 @@ def select(
             continue
         where = np.flatnonzero(labels == c)
         sub = SELECTORS[method](x[where], q, seed + 7919 * (int(c) + 1), tau0=tau0, decay=decay,
-                                progress=progress)
+                                decay_when=decay_when, progress=progress)
         parts.append(where[sub.indices])
     return Selection(np.concatenate(parts).astype(np.int64), method, seed, params)
 

@@ -1,13 +1,20 @@
-"""The end-of-run summary: a table per arm, and the comparisons the study is about."""
+"""The end-of-run summary: per arm and iteration the mean of every metric over seeds with its 95% t interval,
+the paired difference of every pair of arms at the last iteration, and the reference study's claims checked
+(`claims`)."""
 
 from __future__ import annotations
 
 import math
+from itertools import combinations
+
+from model_collapse.claims import check_claims
+from model_collapse.config import study_seeds
+from model_collapse.stats import mean_ci, paired_difference
 
 COLUMNS = [
     ("iteration", "it", "{:d}"),
     ("train_entropy_pixel", "entropy", "{:8.2f}"),
-    ("train_duplicates", "dup", "{:d}"),
+    ("train_duplicates", "dup", "{:.0f}"),
     ("train_spacing_pixel", "spacing", "{:.3f}"),
     ("gen_score_pixel", "gen score", "{:.3f}"),
     ("gen_score_ratio_pixel", "ratio", "{:.2f}"),
@@ -15,6 +22,8 @@ COLUMNS = [
     ("copy_fraction_pixel", "copy", "{:.3f}"),
     ("variance_pixel", "variance", "{:.2f}"),
     ("fd_pixel", "fd", "{:.3f}"),
+    ("kid_pixel", "kid", "{:.4f}"),
+    ("train_real_fraction", "real", "{:.2f}"),
     ("verdict", "verdict", "{}"),
 ]
 
@@ -28,56 +37,100 @@ def _fmt(v, fmt):
         return str(v)
 
 
-def summarize(rows: list[dict], cfg, run_dir: str) -> dict:
-    """Per-arm series of the main metrics and the study's comparisons (vanilla vs selection arms)."""
-    arms: dict[str, list[dict]] = {}
+def numeric_metrics(rows: list[dict]) -> list[str]:
+    """Every metric key holding a number in some row (not the coordinates)."""
+    keys = {k for r in rows for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return sorted(keys - {"seed", "iteration", "pool_factor"})
+
+
+def by_arm_seed(rows: list[dict]) -> dict[str, dict[int, dict[int, dict]]]:
+    """arm -> seed -> iteration -> row."""
+    out: dict = {}
     for r in rows:
-        arms.setdefault(r["arm"], []).append(r)
-    for v in arms.values():
-        v.sort(key=lambda r: r["iteration"])
-    extra = sorted({k for r in rows for k in r if k.startswith(("fd_", "train_entropy_", "gen_score_"))
-                    and not k.endswith("_pixel")})
-    keys = [c[0] for c in COLUMNS[1:]] + extra
-    series = {a: {k: [r.get(k) for r in v] for k in ["iteration"] + keys} for a, v in arms.items()}
-    checks = []
-    vanilla = next((a.label() for a in cfg.arms if a.paradigm == "replace" and a.selector == "random"), None)
-    complete = {a: len(v) == cfg.iterations for a, v in arms.items()}
-    if vanilla and complete.get(vanilla):
-        ent = series[vanilla]["train_entropy_pixel"]
-        gs = series[vanilla]["gen_score_pixel"]
-        falls = all(b < a for a, b in zip(ent, ent[1:]))
-        checks.append({"check": f"{vanilla}: training-set entropy falls at every iteration", "ok": falls,
-                       "values": ent})
-        checks.append({"check": f"{vanilla}: generalization score lower at the last iteration than at iteration 0",
-                       "ok": gs[-1] < gs[0], "values": [gs[0], gs[-1]]})
-        for a in cfg.arms:
-            lab = a.label()
-            if lab == vanilla or not complete.get(lab) or a.selector == "random":
-                continue
-            for key, name in (("train_entropy_pixel", "training-set entropy"), ("gen_score_pixel", "generalization score")):
-                mine, theirs = series[lab][key][-1], series[vanilla][key][-1]
-                checks.append({"check": f"{lab}: {name} above {vanilla}'s at the last iteration",
-                               "ok": mine > theirs, "values": [mine, theirs]})
-    return {"run_dir": run_dir, "iterations": cfg.iterations, "arms": series, "checks": checks,
-            "complete": all(complete.values()) and len(complete) == len(cfg.arms)}
+        out.setdefault(r["arm"], {}).setdefault(r.get("seed", 0), {})[r["iteration"]] = r
+    return out
+
+
+def arm_statistics(rows: list[dict], cfg) -> dict:
+    """arm -> metric -> one interval (mean, ci_low, ci_high, n, sd over seeds) per iteration."""
+    grid, metrics = by_arm_seed(rows), numeric_metrics(rows)
+    out = {}
+    for arm, seeds in grid.items():
+        out[arm] = {m: [mean_ci([seeds[s][t].get(m) for s in seeds if t in seeds[s]]).as_dict()
+                        for t in range(cfg.iterations)] for m in metrics}
+    return out
+
+
+def paired_statistics(rows: list[dict], cfg) -> dict:
+    """'A - B' -> metric -> the paired difference over seeds at the last iteration."""
+    grid, metrics, last = by_arm_seed(rows), numeric_metrics(rows), cfg.iterations - 1
+    out = {}
+    labels = [a.label() for a in cfg.arms if a.label() in grid]
+    for a, b in combinations(labels, 2):
+        va = {s: r[last] for s, r in grid[a].items() if last in r}
+        vb = {s: r[last] for s, r in grid[b].items() if last in r}
+        out[f"{a} - {b}"] = {m: paired_difference({s: r.get(m) for s, r in va.items()},
+                                                  {s: r.get(m) for s, r in vb.items()}).as_dict()
+                             for m in metrics}
+    return out
+
+
+def summarize(rows: list[dict], cfg, run_dir: str) -> dict:
+    """Per-arm series (means over seeds), their intervals, paired differences, and the claims."""
+    stats = arm_statistics(rows, cfg)
+    keys = [c[0] for c in COLUMNS[1:-1]] + sorted(
+        {k for r in rows for k in r if k.startswith(("fd_", "kid_", "train_entropy_", "gen_score_"))
+         and not k.endswith("_pixel") and not k.startswith("kid_std")})
+    series = {}
+    for arm, per in stats.items():
+        s = {"iteration": list(range(cfg.iterations))}
+        for k in keys:
+            s[k] = [iv["mean"] if iv["n"] else None for iv in per.get(k, [{"n": 0}] * cfg.iterations)]
+        series[arm] = s
+    seeds = study_seeds(cfg)
+    if len(seeds) == 1:  # one seed: the verdict of each row as well
+        for arm, per in by_arm_seed(rows).items():
+            one = per.get(seeds[0], {})
+            series[arm]["verdict"] = [one.get(t, {}).get("verdict") for t in range(cfg.iterations)]
+    grid = by_arm_seed(rows)
+    complete = all(len(grid.get(a.label(), {}).get(s, {})) == cfg.iterations for a in cfg.arms for s in seeds)
+    return {"run_dir": run_dir, "iterations": cfg.iterations, "seeds": list(seeds),
+            "quality_metric": cfg.quality_metric, "arms": series, "stats": stats,
+            "paired": paired_statistics(rows, cfg), "claims": check_claims(rows, cfg), "complete": complete}
+
+
+VERDICT_MARK = {"holds": "HOLDS", "fails": "FAILS", "inconclusive": "incon", "skipped": "skip "}
+
+
+def format_claims(claims: list[dict]) -> list[str]:
+    lines = []
+    for c in claims:
+        if c["verdict"] == "skipped":
+            lines.append(f"  [{VERDICT_MARK['skipped']}] {c['id']}: {c['reason']}")
+            continue
+        ci = (f"[{_fmt(c['ci_low'], '{:.4g}')}, {_fmt(c['ci_high'], '{:.4g}')}]" if c["ci_low"] is not None
+              else "(no interval)")
+        lines.append(f"  [{VERDICT_MARK[c['verdict']]}] {c['id']}: effect {_fmt(c['effect'], '{:.4g}')} "
+                     f"{ci}, {c['direction']} {c['threshold']:g}, {c['n_seeds']} seed(s); {c['metric']}")
+    return lines
 
 
 def format_summary(summary: dict) -> str:
+    seeds = summary.get("seeds", [])
     lines = [f"run: {summary['run_dir']}"]
+    if len(seeds) > 1:
+        lines.append(f"seeds: {', '.join(map(str, seeds))} (tables: means over seeds; summary.json has every "
+                     "interval)")
     for arm, s in summary["arms"].items():
         lines.append("")
         lines.append(f"arm {arm}")
-        head = "  ".join(f"{c[1]:>9}" for c in COLUMNS)
-        lines.append(head)
+        cols = [c for c in COLUMNS if c[0] in s]
+        lines.append("  ".join(f"{c[1]:>9}" for c in cols))
         for i in range(len(s["iteration"])):
-            cells = []
-            for key, _, fmt in COLUMNS:
-                cells.append(f"{_fmt(s[key][i], fmt):>9}")
-            lines.append("  ".join(cells))
-    if summary["checks"]:
+            lines.append("  ".join(f"{_fmt(s[key][i], fmt):>9}" for key, _, fmt in cols))
+    if summary.get("claims"):
         lines.append("")
-        lines.append("comparisons:")
-        for c in summary["checks"]:
-            vals = ", ".join(_fmt(v, "{:.3f}") for v in c["values"])
-            lines.append(f"  [{'yes' if c['ok'] else 'NO '}] {c['check']}  ({vals})")
+        lines.append(f"claims (95% t intervals over seeds; quality = {summary.get('quality_metric')}):")
+        lines += format_claims(summary["claims"])
     return "\n".join(lines)
