@@ -244,3 +244,72 @@ def test_an_arm_that_fails_stops_the_run_within_seconds(tmp_path):
     assert time.perf_counter() - t0 < 30
     assert not mp.active_children()
     assert not (tmp_path / "big" / "arms" / "replace-random" / "iter_001" / "model.safetensors").exists()
+
+
+SEEDED = TINY[:1] + ["iterations=2"] + TINY[2:] + ["seeds=[0, 1]"]
+
+
+def test_seeds_are_independent_studies_and_resume_to_identical_metrics(tmp_path):
+    cfg = resolve_config("smoke", SEEDED)
+    whole = run_loop(cfg, tmp_path / "whole", show=False)
+
+    def crash(arm, t, step):
+        if t == 1 and step == 16 and arm == "replace-greedy-k2":
+            raise Crash()
+
+    run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=None, only=[(0, None)])
+    with pytest.raises(Crash):  # seed 1 crashes mid-training
+        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash)
+    again = run_loop(cfg, tmp_path / "resumed", show=False)
+    a = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert a == b and [(r["seed"], r["iteration"]) for r in a] == [(s, t) for s in (0, 1) for t in (0, 0, 1, 1)]
+    assert whole["claims"] == again["claims"] and whole["complete"]
+    for s in (0, 1):
+        assert (tmp_path / "whole" / f"seed_{s:03d}" / "iter_000" / "model.safetensors").exists()
+    # each seed its own real subset, models and samples
+    with np.load(tmp_path / "whole" / "seed_000" / "iter_000" / "train.npz") as z0, \
+            np.load(tmp_path / "whole" / "seed_001" / "iter_000" / "train.npz") as z1:
+        assert not np.array_equal(z0["source_index"], z1["source_index"])
+    # a seed's study equals a one-seed run with that seed
+    single = run_loop(resolve_config("smoke", SEEDED[:-1] + ["seed=1"]), tmp_path / "single", show=False)
+    assert [dict(r, verdict_evidence=None) for r in a if r["seed"] == 1] == \
+        [dict(r, verdict_evidence=None) for r in read_metrics(tmp_path / "single" / "metrics.jsonl")]
+    assert single["claims"][0]["verdict"] == "inconclusive"  # one seed: no interval
+    st = whole["stats"]["replace-random"]["train_entropy_pixel"][1]
+    vals = [r["train_entropy_pixel"] for r in a if r["arm"] == "replace-random" and r["iteration"] == 1]
+    assert st["n"] == 2 and st["mean"] == pytest.approx(np.mean(vals)) and st["ci_low"] < st["mean"] < st["ci_high"]
+
+
+def test_slices_run_into_a_shared_run_dir_and_merge(tmp_path):
+    """A scheduler's job array: each (seed, arm) slice in its own process into one RUN_DIR; the same slice
+    twice at once is refused; the merged rows equal a whole run's."""
+    cfg = resolve_config("smoke", SEEDED)
+    run_loop(cfg, tmp_path / "whole", show=False)
+    base = [sys.executable, "-m", "model_collapse", "run", "smoke", "--out", str(tmp_path / "sl"), "--quiet",
+            "--json", *sum([["--set", s] for s in SEEDED], [])]
+    RunDir.open(tmp_path / "sl", cfg).close()
+    held = RunDir(tmp_path / "sl" / "seed_001")
+    with held.hold("slice-replace-random"):
+        p = subprocess.run(base + ["--only", "1/replace-random"], capture_output=True, text=True)
+        assert p.returncode == 2 and "being run by another" in p.stderr and "Traceback" not in p.stderr
+    procs = [subprocess.Popen(base + ["--only", f"@{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    assert read_metrics(tmp_path / "sl" / "metrics.jsonl") == read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert json.loads((tmp_path / "sl" / "summary.json").read_text())["complete"]
+    bad = subprocess.run(base + ["--only", "7"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not one of the run's seeds" in bad.stderr
+
+
+def test_train_factor_and_equal_share_arms(tmp_path):
+    cfg = tiny_cfg('arms=[{selector="random", pool_factor=2, train_factor=2}, '
+                   '{paradigm="accumulate", selector="random", accumulate_mix="equal_share"}]')
+    run_loop(cfg, tmp_path / "r", show=False)
+    rows = {(r["arm"], r["iteration"]): r for r in read_metrics(tmp_path / "r" / "metrics.jsonl")}
+    assert rows[("replace-random-k2-x2", 1)]["n_train"] == 48 and rows[("replace-random-k2-x2", 0)]["n_train"] == 24
+    with np.load(tmp_path / "r" / "arms" / "accumulate-random-equal_share" / "iter_002" / "train.npz") as z:
+        assert sorted(np.bincount(z["source_iteration"] + 1).tolist()) == [8, 8, 8]
+    with pytest.raises(UserError, match="train_factor"):
+        tiny_cfg('arms=[{selector="random", train_factor=2}]')

@@ -197,3 +197,57 @@ def test_greedy_equals_reference_on_degenerate_and_clustered_pools(rng):
             for n in (2, len(x) // 4, len(x)):
                 np.testing.assert_array_equal(select_greedy(x, n, seed=seed).indices, greedy_reference(x, n, seed),
                                               err_msg=f"pool {i}, seed {seed}, n {n}")
+
+
+def threshold_algorithm2_reference(x, n, seed, tau0, decay):
+    """The paper's Algorithm 2, straightforwardly: sweep the pool in the seeded order, accepting points farther
+    than tau from every accepted one; shrink tau only after a sweep that accepted nothing."""
+    X = np.asarray(x, np.float64)
+    order = numpy_rng(seed, "threshold-order").permutation(len(X))
+    acc, tau, sweeps = [], tau0, 0
+    while len(acc) < n:
+        sweeps += 1
+        added = 0
+        for p in order:
+            if p in acc:
+                continue
+            if not acc or (((X[acc] - X[p]) ** 2).sum(1) > tau * tau).all():
+                acc.append(int(p))
+                added += 1
+                if len(acc) == n:
+                    break
+        if len(acc) < n and added == 0:
+            tau *= decay
+    return np.array(acc), sweeps
+
+
+def test_threshold_decay_after_an_empty_pass_matches_algorithm_2_and_chooses_as_every_pass(rng):
+    """The paper's Algorithm 2 (decay after an empty pass) and the authors' code (after every pass) choose the
+    same points; only the number of passes differs."""
+    for i in range(4):
+        x = np.round(rng.normal(size=(160, 3)) * 2) / 2  # ties and duplicates
+        x[10:20] = x[0]
+        for tau0 in (0.5, 3.0):
+            fast = select_threshold(x, 40, seed=i, tau0=tau0, decay=0.8, chunk=16, decay_when="empty_pass")
+            ref, sweeps = threshold_algorithm2_reference(x, 40, i, tau0, 0.8)
+            np.testing.assert_array_equal(fast.indices, ref)
+            assert fast.params["passes"] == sweeps and fast.params["decay_when"] == "empty_pass"
+            every = select_threshold(x, 40, seed=i, tau0=tau0, decay=0.8, chunk=16)
+            np.testing.assert_array_equal(every.indices, fast.indices)
+            assert every.params["passes"] <= fast.params["passes"]
+    with pytest.raises(UserError, match="decay_when"):
+        select_threshold(x, 5, seed=0, tau0=1.0, decay_when="sometimes")
+
+
+def test_equal_share_draws_the_same_number_from_each_source():
+    from model_collapse.paradigms import select_equal_share
+
+    sources = np.repeat([-1, 0, 1, 2], [64, 64, 64, 10])  # the last source is smaller than its share
+    sel = select_equal_share(sources, 64, seed=3)
+    idx = sel.indices
+    assert len(idx) == 64 and len(set(idx.tolist())) == 64
+    counts = {s: int((sources[idx] == s).sum()) for s in (-1, 0, 1, 2)}
+    assert counts[2] == 10 and min(counts[-1], counts[0], counts[1]) >= 16
+    np.testing.assert_array_equal(select_equal_share(sources, 64, seed=3).indices, idx)
+    even = select_equal_share(np.repeat([-1, 0, 1], 50), 31, seed=0).indices
+    assert sorted(np.bincount(np.repeat([-1, 0, 1], 50)[even] + 1).tolist()) == [10, 10, 11]

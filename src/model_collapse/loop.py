@@ -111,21 +111,15 @@ def flush_rows(cfg: RunConfig, rd: RunDir) -> None:
         history = read_metrics(rd.metrics_path)
         done = {(r["arm"], r["iteration"]) for r in history}
         rows = []
-        for t in range(cfg.iterations):
-            for arm in cfg.arms:
-                if (arm.label(), t) in done:
-                    continue
-                f = rd.arm_sample_dir(cfg, arm, t) / "metrics.json"
-                if not f.exists():
-                    break
-                row = {"seed": cfg.seed, "arm": arm.label(), "iteration": t, "paradigm": arm.paradigm,
-                       "selector": arm.selector, "pool_factor": arm.pool_factor, **read_json(f)}
-                add_verdict(row, history, cfg)
-                history.append(row)
-                rows.append(row)
-            else:
-                continue
-            break
+        for t, arm in [(t, a) for t in range(cfg.iterations) for a in cfg.arms if (a.label(), t) not in done]:
+            f = rd.arm_sample_dir(cfg, arm, t) / "metrics.json"
+            if not f.exists():
+                break
+            row = {"seed": cfg.seed, "arm": arm.label(), "iteration": t, "paradigm": arm.paradigm,
+                   "selector": arm.selector, "pool_factor": arm.pool_factor, **read_json(f)}
+            add_verdict(row, history, cfg)
+            history.append(row)
+            rows.append(row)
         if rows:
             rd.append_metrics(rows)
 
