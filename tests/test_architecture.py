@@ -77,3 +77,11 @@ def test_reading_a_config_imports_no_network_library():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_registry_name_has_a_builder():
+    from model_collapse import diffusion, features, registry, selection
+
+    assert tuple(diffusion._sampler_classes()) == registry.SAMPLERS
+    assert tuple(features.SPACES) == registry.SPACES
+    assert tuple(selection.SELECTORS) == registry.SELECTORS

@@ -69,6 +69,7 @@ def rows_for(cfg, flip: str | None = None):
                              "gen_score_pixel": math.exp(0.03 * e + 0.8) * (3 + (g1 - 3) * f) / 3,
                              "variance_pixel": 4 - 0.1 * f + rng.normal(0, 0.01),
                              "kid_domain": 0.1 + (q1 - 0.1) * f + offset * 0.01 + rng.normal(0, 0.002),
+                             "kid_std_domain": 0.001 * (s + 1),
                              "train_real_fraction": 1 + (real1 - 1) * f + rng.normal(0, 0.01) * f})
     return rows
 
@@ -82,6 +83,8 @@ def test_every_role_is_found_and_every_claim_holds_on_data_that_show_it():
         assert c["verdict"] == "holds", c
         assert c["n_seeds"] == len(SEEDS) and c["ci_low"] <= c["effect"] <= c["ci_high"]
         assert {"id", "claim", "metric", "effect", "ci_low", "ci_high", "n_seeds", "verdict"} <= set(c)
+        if c["metric"] == "kid_domain":  # the measurement's own spread: the mean of the rows' kid_std
+            assert c["sampling_sd"] == pytest.approx(0.003)
 
 
 def test_a_claim_the_data_contradict_fails():

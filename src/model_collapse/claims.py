@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from model_collapse.config import ArmConfig, RunConfig, arm_guidance, own_iteration0
 from model_collapse.stats import Interval, correlation_ci, mean_ci, paired_difference, pearson_r, verdict
 
@@ -223,7 +225,11 @@ def check_claims(rows: list[dict], cfg: RunConfig) -> list[dict]:
             continue
         v = verdict(iv, c.threshold, c.direction)
         entry = {**res, "effect": iv.mean, "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n_seeds": iv.n,
-                 "verdict": v}
+                 "verdict": v, "seed_sd": iv.sd}
+        if c.metric.startswith("kid_"):  # the measurement's own noise, beside the spread over seeds
+            spread = [_at(rows, last, "kid_std_" + c.metric[4:]) for r in c.arms for rows in values[r].values()]
+            entry["sampling_sd"] = float(np.mean([x for x in spread if x is not None])) if any(
+                x is not None for x in spread) else None
         if iv.n < 2:
             entry["reason"] = "one seed: no interval"
         out.append(entry)

@@ -91,6 +91,7 @@ def _sampler_classes():
 
 
 def make_sampler(name: str, train_scheduler):
+    """The named diffusers scheduler (`registry.SAMPLERS`), configured like the training scheduler."""
     check_name("sampler", name, SAMPLERS)
     return _sampler_classes()[name].from_config(train_scheduler.config)
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from model_collapse.progress import NO_PROGRESS, Progress, or_silent
+from model_collapse.registry import resolve_device
 
 DEFAULT_TILE = 2048
 DEFAULT_EXTRA = 4
@@ -38,10 +39,6 @@ class KnnResult:
     distances: np.ndarray  # float64 (n, k), ascending per row
     indices: np.ndarray  # int64 (n, k)
     rechecked: int = 0  # queries whose first candidate set could not be certified
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def rounding_gamma(n: int, dtype) -> float:
@@ -219,7 +216,7 @@ def knn(
     """
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    dev = torch.device(device) if device is not None else default_device()
+    dev = torch.device(resolve_device(device))
     dtype = torch.float32 if precision == "float32" else torch.float64
     symmetric = refs is None
     X = _as_tensor(queries, dev)

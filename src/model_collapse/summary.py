@@ -111,8 +111,9 @@ def format_claims(claims: list[dict]) -> list[str]:
             continue
         ci = (f"[{_fmt(c['ci_low'], '{:.4g}')}, {_fmt(c['ci_high'], '{:.4g}')}]" if c["ci_low"] is not None
               else "(no interval)")
+        noise = f", sampling sd {c['sampling_sd']:.2g}" if c.get("sampling_sd") is not None else ""
         lines.append(f"  [{VERDICT_MARK[c['verdict']]}] {c['id']}: effect {_fmt(c['effect'], '{:.4g}')} "
-                     f"{ci}, {c['direction']} {c['threshold']:g}, {c['n_seeds']} seed(s); {c['metric']}")
+                     f"{ci}, {c['direction']} {c['threshold']:g}, {c['n_seeds']} seed(s); {c['metric']}{noise}")
     return lines
 
 
