@@ -25,6 +25,8 @@ ARMS = {
     "greedy_replace_guided": {"paradigm": "replace", "selector": "greedy", "pool_factor": 2, "guidance": 2.0},
     "threshold_replace_guided": {"paradigm": "replace", "selector": "threshold", "pool_factor": 2,
                                  "guidance": 2.0},
+    **{f"{sel}_{par}": {"paradigm": par, "selector": sel, "pool_factor": 2}
+       for sel in ("gated", "herding") for par in ("replace", "accumulate")},
 }
 
 # role -> (entropy at the last iteration, gen score at the last, quality at the last, real share at the last)
@@ -39,6 +41,10 @@ LAST = {
     "vanilla_replace_guided": (-5.0, 1.5, 0.35, 0.0),
     "greedy_replace_guided": (5.0, 2.5, 0.25, 0.0),
     "threshold_replace_guided": (4.0, 2.4, 0.26, 0.0),
+    "gated_replace": (7.5, 2.8, 0.15, 0.0),
+    "herding_replace": (7.0, 2.7, 0.17, 0.0),
+    "gated_accumulate": (8.0, 2.8, 0.17, 0.55),
+    "herding_accumulate": (8.0, 2.8, 0.12, 0.70),
 }
 
 
@@ -85,6 +91,19 @@ def test_every_role_is_found_and_every_claim_holds_on_data_that_show_it():
         assert {"id", "claim", "metric", "effect", "ci_low", "ci_high", "n_seeds", "verdict"} <= set(c)
         if c["metric"] == "kid_domain":  # the measurement's own spread: the mean of the rows' kid_std
             assert c["sampling_sd"] == pytest.approx(0.003)
+
+
+def test_the_best_selector_is_named_and_compared_with_greedy():
+    cfg = config()
+    claims = {c["id"]: c for c in check_claims(rows_for(cfg), cfg)}
+    labels = role_arms(cfg)
+    assert claims["best_selector_beats_greedy"]["arms"] == [labels["gated_replace"], labels["greedy_replace"]]
+    assert claims["best_selector_beats_greedy_accumulate"]["arms"] == [labels["herding_accumulate"],
+                                                                       labels["greedy_accumulate"]]
+    assert claims["best_selector_beats_greedy"]["effect"] == pytest.approx(-0.05, abs=0.01)
+    without = config({r: a for r, a in ARMS.items() if r not in ("gated_replace", "herding_replace")})
+    c = next(c for c in check_claims(rows_for(without), without) if c["id"] == "best_selector_beats_greedy")
+    assert c["verdict"] == "skipped" and "gated_replace or herding_replace" in c["reason"]
 
 
 def test_a_claim_the_data_contradict_fails():

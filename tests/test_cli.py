@@ -117,6 +117,26 @@ def test_select_writes_images_indices_and_parameters(capsys, tmp_path, pool_npz)
                 assert float(z["tau0"]) > 0 and float(z["decay"]) == 0.95 and len(z["order"]) == 60
 
 
+def test_select_with_a_reference(capsys, tmp_path, pool_npz):
+    from model_collapse.data import pixel_vectors
+    from model_collapse.selection import select
+
+    p, images, labels = pool_npz
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images=images[:30], labels=labels[:30])
+    for method in ("gated", "herding"):
+        out = tmp_path / f"sel-{method}.npz"
+        rc, stdout, err = run_cli(capsys, "select", str(p), "--n", "10", "--method", method, "--reference",
+                                  str(ref), "--out", str(out), "--json")
+        assert rc == 0, err
+        with np.load(out, allow_pickle=False) as z:
+            expect = select(pixel_vectors(images[..., None]), 10, method, 0,
+                            reference=pixel_vectors(images[:30][..., None])).indices
+            np.testing.assert_array_equal(z["indices"], expect)
+        rc, _, err = run_cli(capsys, "select", str(p), "--n", "10", "--method", method, "--out", str(out))
+        assert rc == 2 and "needs --reference" in err and len(err.strip().splitlines()) == 1
+
+
 def test_select_per_class(capsys, tmp_path, pool_npz):
     p, images, labels = pool_npz
     out = tmp_path / "pc.npz"

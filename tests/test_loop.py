@@ -313,3 +313,26 @@ def test_train_factor_and_equal_share_arms(tmp_path):
         assert sorted(np.bincount(z["source_iteration"] + 1).tolist()) == [8, 8, 8]
     with pytest.raises(UserError, match="train_factor"):
         tiny_cfg('arms=[{selector="random", train_factor=2}]')
+
+
+def test_reference_selectors_in_the_loop_and_in_a_feature_space(tmp_path):
+    """gated in replace and herding in accumulate (here in the domain feature space) measure candidates against
+    the real training set."""
+    from model_collapse.data import pixel_vectors
+    from model_collapse.selection import select
+
+    cfg = tiny_cfg("iterations=2", 'spaces=["pixel", "domain"]', "domain_steps=20",
+                   'arms=[{selector="gated", pool_factor=2}, '
+                   '{paradigm="accumulate", selector="herding", pool_factor=2, space="domain"}]')
+    run_loop(cfg, tmp_path / "r", show=False)
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert {r["arm"] for r in rows} == {"replace-gated-k2", "accumulate-herding-k2-domain"} and len(rows) == 4
+    it1 = tmp_path / "r" / "arms" / "replace-gated-k2" / "iter_001"
+    with np.load(it1 / "selection.npz") as z, np.load(tmp_path / "r" / "iter_000" / "samples.npz") as s, \
+            np.load(tmp_path / "r" / "iter_000" / "train.npz") as real:
+        assert str(z["method"]) == "gated"
+        pool = pixel_vectors(s["images"][:48])
+        expect = select(pool, 24, "gated", int(z["seed"]), reference=pixel_vectors(real["images"])).indices
+        np.testing.assert_array_equal(z["indices"], expect)
+    with np.load(tmp_path / "r" / "arms" / "accumulate-herding-k2-domain" / "iter_001" / "selection.npz") as z:
+        assert str(z["method"]) == "herding" and float(z["bandwidth"]) > 0

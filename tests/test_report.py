@@ -69,6 +69,8 @@ def test_report_on_partial_run(runs, tmp_path):
     shutil.rmtree(part / "arms" / "replace-greedy-k2" / "iter_002")
     text = write_report([part], part / "r.html").read_text()
     assert "curves.png" in _imgs(text)
+    (part / "metrics.jsonl").write_text("")  # started, no row yet: the report still writes
+    assert "Claims" in write_report([part], part / "r.html").read_text()
 
 
 def test_pearson_r_of_the_correlation_figure():

@@ -19,6 +19,8 @@ import numpy as np
 from model_collapse.config import ArmConfig, RunConfig, arm_guidance, own_iteration0
 from model_collapse.stats import Interval, correlation_ci, mean_ci, paired_difference, pearson_r, verdict
 
+CURATION = ("gated", "herding")  # the selectors that measure candidates against a reference (`curation`)
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -29,7 +31,8 @@ class Claim:
     threshold: float
     direction: str  # the claim holds when the effect lies "above" or "below" the threshold
     arms: tuple[str, ...]  # roles of the arms it needs (see ROLES)
-    compute: Callable  # (values: {role: {seed: {iteration: row}}}, last: int) -> Interval
+    compute: Callable  # (values: {role: {seed: {iteration: row}}}, last: int) -> Interval, or (Interval, roles)
+    any_of: tuple[str, ...] = ()  # it also needs at least one arm of these roles
 
 
 # ---------------------------------------------------------------------------------------------- arm roles
@@ -38,9 +41,11 @@ class Claim:
 def _is(arm: ArmConfig, cfg: RunConfig, paradigm: str, selector: str, guided: bool | None = False,
         train_factor: float = 1.0) -> bool:
     w = arm_guidance(cfg, arm)
+    # a vanilla arm trains on its whole pool (pool_factor 1, or the 2N ablation); a selection arm has a pool to
+    # choose from. Vanilla accumulate may mix its sources uniformly or by equal shares (`accumulate_mix`).
+    pool_ok = arm.pool_factor == train_factor if selector == "random" else arm.pool_factor > train_factor
     return (arm.paradigm == paradigm and arm.selector == selector and arm.train_factor == train_factor
-            and arm.accumulate_mix == "union" and (guided is None or (w > 0) == guided)
-            and (selector != "random" or train_factor != 1.0 or arm.pool_factor == 1))
+            and (guided is None or (w > 0) == guided) and pool_ok)
 
 
 ROLES: dict[str, Callable[[ArmConfig, RunConfig], bool]] = {
@@ -54,6 +59,8 @@ ROLES: dict[str, Callable[[ArmConfig, RunConfig], bool]] = {
     "vanilla_replace_guided": lambda a, c: _is(a, c, "replace", "random", guided=True),
     "greedy_replace_guided": lambda a, c: _is(a, c, "replace", "greedy", guided=True),
     "threshold_replace_guided": lambda a, c: _is(a, c, "replace", "threshold", guided=True),
+    **{f"{sel}_{par}": (lambda a, c, sel=sel, par=par: _is(a, c, par, sel))
+       for sel in CURATION for par in ("replace", "accumulate")},
 }
 
 
@@ -129,6 +136,27 @@ def _correlation(v, last) -> Interval:
     return correlation_ci(rs)
 
 
+def _best_beats(par: str, metric: str):
+    """Per seed: the final metric of the reference-based selector with the lowest mean over seeds (chosen after
+    seeing the data, which the claim says) minus greedy's."""
+    def f(v, last):
+        greedy = {s: _at(rows, last, metric) for s, rows in v[f"greedy_{par}"].items()}
+        best = None
+        for role in (f"{sel}_{par}" for sel in CURATION):
+            if role not in v:
+                continue
+            mine = {s: _at(rows, last, metric) for s, rows in v[role].items()}
+            m = mean_ci(list(mine.values()))
+            if m.n and (best is None or m.mean < best[0]):
+                best = (m.mean, role, mine)
+        if best is None:
+            return mean_ci([]), ()
+        iv = paired_difference({s: x for s, x in best[2].items() if x is not None},
+                               {s: x for s, x in greedy.items() if x is not None})
+        return iv, (best[1], f"greedy_{par}")
+    return f
+
+
 def _claims(quality: str) -> list[Claim]:
     out = [
         Claim("vanilla_entropy_falls", "In the vanilla replace loop the training set's entropy falls.",
@@ -176,6 +204,12 @@ def _claims(quality: str) -> list[Claim]:
                   (f"{sel}_replace", "vanilla_replace_2n"),
                   _paired(f"{sel}_replace", "vanilla_replace_2n", quality)),
         ]
+    for par, sfx in (("replace", ""), ("accumulate", "_accumulate")):
+        out.append(Claim(f"best_selector_beats_greedy{sfx}", f"The reference-based selector ({', '.join(CURATION)}) "
+                         f"with the best mean final {quality} beats greedy on it ({par}; the best is chosen after "
+                         "seeing the data).", quality, "best selector minus greedy at the last iteration", 0.0,
+                         "below", (f"greedy_{par}",), _best_beats(par, quality),
+                         any_of=tuple(f"{sel}_{par}" for sel in CURATION)))
     out += [
         Claim("guidance_lowers_entropy", "Classifier-free guidance lowers the training set's entropy (vanilla "
               "replace, guided minus unguided).", "train_entropy_pixel", "guided minus unguided at the last "
@@ -212,13 +246,19 @@ def check_claims(rows: list[dict], cfg: RunConfig) -> list[dict]:
         res = {"id": c.id, "claim": c.claim, "metric": c.metric, "effect_is": c.effect, "threshold": c.threshold,
                "direction": c.direction, "arms": [roles.get(r) for r in c.arms]}
         missing = [r for r in c.arms if r not in roles]
+        if c.any_of and not any(r in roles for r in c.any_of):
+            missing.append(" or ".join(c.any_of))
         if missing:
             out.append({**res, "effect": None, "ci_low": None, "ci_high": None, "n_seeds": 0,
                         "verdict": "skipped", "reason": f"the run has no {' and no '.join(missing)} arm"})
             continue
-        values = {r: by_arm.get(roles[r], {}) for r in c.arms}
+        values = {r: by_arm.get(roles[r], {}) for r in roles}
         values["*"] = per_seed
         iv = c.compute(values, last)
+        used = c.arms
+        if isinstance(iv, tuple):  # the claim chose its arms from the data
+            iv, used = iv
+            res["arms"] = [roles.get(r) for r in used]
         if iv.n == 0:
             out.append({**res, "effect": None, "ci_low": None, "ci_high": None, "n_seeds": 0,
                         "verdict": "skipped", "reason": "no seed has finished the rows it needs yet"})
@@ -227,7 +267,7 @@ def check_claims(rows: list[dict], cfg: RunConfig) -> list[dict]:
         entry = {**res, "effect": iv.mean, "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n_seeds": iv.n,
                  "verdict": v, "seed_sd": iv.sd}
         if c.metric.startswith("kid_"):  # the measurement's own noise, beside the spread over seeds
-            spread = [_at(rows, last, "kid_std_" + c.metric[4:]) for r in c.arms for rows in values[r].values()]
+            spread = [_at(rows, last, "kid_std_" + c.metric[4:]) for r in used for rows in values[r].values()]
             entry["sampling_sd"] = float(np.mean([x for x in spread if x is not None])) if any(
                 x is not None for x in spread) else None
         if iv.n < 2:

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    s = sub.add_parser("select", help="select N images from a pool (greedy, threshold or random)")
+    s = sub.add_parser("select", help="select N images from a pool (greedy, threshold, gated, herding, random)")
     s.add_argument("pool")
     s.add_argument("--n", type=int, required=True)
     s.add_argument("--method", default="greedy")
@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--decay-when", choices=("every_pass", "empty_pass"), default="every_pass",
                    help="threshold: decay after every pass (the authors' code) or only after a pass that accepted "
                         "nothing (the paper's Algorithm 2); both choose the same images")
+    s.add_argument("--reference", default=None,
+                   help="gated, herding: images (or a data set) of what good data look like, in the same --space")
     s.add_argument("--per-class", action="store_true", help="select within classes, keeping their shares")
     s.add_argument("--out", required=True, help="output .npz (images, labels, indices, method, seed, ...)")
     _image_set_options(s)
@@ -124,15 +126,14 @@ def _ctx(args, real=None, progress=None):
 
 
 def cmd_run(args) -> int:
-    from model_collapse.config import config_to_dict, resolve_config
+    from model_collapse.config import config_to_dict, parse_slice, resolve_config
 
     cfg = resolve_config(args.config, args.overrides)
-    from model_collapse.loop import parse_slice, run_loop
-
     only = parse_slice(cfg, args.only) if args.only is not None else None
     if args.dry_run:
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
+    from model_collapse.loop import run_loop
     from model_collapse.summary import format_summary
 
     name = Path(args.config).stem if args.config else "demo"
@@ -147,7 +148,7 @@ def cmd_select(args) -> int:
 
     from model_collapse.features import check_space, extract
     from model_collapse.rundir import atomic_save_npz
-    from model_collapse.selection import check_method, select
+    from model_collapse.selection import NEEDS_REFERENCE, check_method, select
 
     check_method(args.method)
     check_space(args.space)
@@ -164,10 +165,18 @@ def cmd_select(args) -> int:
         raise UserError(f"{args.pool}: the pool has {len(pool)} images, fewer than --n {args.n}")
     if args.per_class and pool.labels is None:
         raise UserError(f"{args.pool}: --per-class needs labels in the pool (.npz with 'labels' or class folders)")
+    reference = _load(args.reference) if args.reference is not None else None
+    if reference is not None and reference.shape != pool.shape:
+        raise UserError(f"--reference images are {reference.shape} (H, W, C) but the pool's are {pool.shape}")
+    if args.method in NEEDS_REFERENCE and reference is None:
+        raise UserError(f"--method {args.method} needs --reference (images of what good data look like)")
     bars = _bars(args)
-    feats = extract(args.space, pool.images, _ctx(args, pool, bars))
+    ctx = _ctx(args, pool, bars)
+    feats = extract(args.space, pool.images, ctx)
     sel = select(feats, args.n, args.method, args.seed, labels=pool.labels, per_class=args.per_class,
-                 tau0=args.tau0, decay=args.decay, decay_when=args.decay_when, progress=bars)
+                 tau0=args.tau0, decay=args.decay, decay_when=args.decay_when, progress=bars,
+                 reference=None if reference is None else extract(args.space, reference.images, ctx),
+                 reference_labels=None if reference is None else reference.labels)
     extra = {k: v for k, v in sel.params.items() if isinstance(v, (int, float, np.generic))}
     order = sel.params.get("order")
     atomic_save_npz(Path(args.out), images=pool.images[sel.indices],
@@ -244,7 +253,10 @@ def cmd_report(args) -> int:
     for d in dirs:
         if not (d / "config.json").exists() and not (d / "probe_config.json").exists():
             raise UserError(f"{d}: not a run or probe directory (no config.json or probe_config.json)")
-    out = Path(args.out) if args.out else dirs[0] / "report.html"  # figures: see report.figures_dir
+    # one run: its own report.html; several: a comparison beside the first run, never over a run's own report
+    default = dirs[0] / "report.html" if len(dirs) == 1 else \
+        dirs[0].parent / ("compare-" + "-".join(d.resolve().name for d in dirs) + ".html")
+    out = Path(args.out) if args.out else default  # figures: see report.figures_dir
     path = write_report(dirs, out, show=True)
     print(str(path))
     return 0

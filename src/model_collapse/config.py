@@ -335,6 +335,11 @@ def validate(cfg: RunConfig) -> None:
                                and min(cfg.seeds) >= 0),
          f"seeds must be distinct non-negative integers, got {cfg.seeds}")
     need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    measured = ["pixel"] + [s for s in cfg.spaces if s != "pixel"]
+    quality = [f"{m}_{s}" for m in ("kid", "fd") for s in measured]
+    need(cfg.quality_metric in quality,
+         f"quality_metric must be KID or a Frechet distance of a measured space (lower is better): one of "
+         f"{', '.join(quality)}; got {cfg.quality_metric!r}")
     need(cfg.threshold_decay in THRESHOLD_DECAYS,
          f"threshold_decay must be one of {', '.join(THRESHOLD_DECAYS)}, got {cfg.threshold_decay!r}")
     for s in cfg.spaces:
@@ -357,3 +362,24 @@ def validate(cfg: RunConfig) -> None:
         check_name("space", a.space, SPACES)
         need(a.guidance is None or cfg.conditional, f"{where}: guidance needs conditional = true")
     need(cfg.guidance == 0 or cfg.conditional, "guidance needs conditional = true")
+
+
+def parse_slice(cfg: RunConfig, text: str) -> list[tuple[int, int | None]]:
+    """`--only SEED`, `--only SEED/ARM` (an arm label or index) or `--only @I` (the I-th of every (seed, arm)
+    slice, seed by seed, for a scheduler's job array) as [(seed, arm index or None)]."""
+    seeds, labels = study_seeds(cfg), [a.label() for a in cfg.arms]
+    slices = [(s, i) for s in seeds for i in range(len(labels))]
+    if text.startswith("@"):
+        if not text[1:].isdigit() or int(text[1:]) >= len(slices):
+            raise UserError(f"--only {text}: expected @I with 0 <= I < {len(slices)} (seeds x arms)")
+        return [slices[int(text[1:])]]
+    seed_text, _, arm_text = text.partition("/")
+    if not seed_text.lstrip("-").isdigit() or int(seed_text) not in seeds:
+        raise UserError(f"--only {text}: seed {seed_text!r} is not one of the run's seeds {list(seeds)}")
+    if not arm_text:
+        return [(int(seed_text), None)]
+    if arm_text.isdigit() and int(arm_text) < len(labels):
+        return [(int(seed_text), int(arm_text))]
+    if arm_text not in labels:
+        raise UserError(f"--only {text}: no arm {arm_text!r}; arms: {', '.join(labels)} (or an index)")
+    return [(int(seed_text), labels.index(arm_text))]

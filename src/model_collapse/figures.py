@@ -48,7 +48,7 @@ def finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def fig_curves(arms: list, colours) -> bytes:
+def fig_curves(arms: list, colours) -> bytes | None:
     """Every metric over iterations, one line per arm: the mean over seeds with its 95% interval as a band
     (`arm.stats`: metric -> one interval dict per iteration); verdict markers where the arm has one seed
     (`arm.verdicts`). The real share of the training set gets the 1/(t+1) line of vanilla accumulate."""
@@ -64,6 +64,8 @@ def fig_curves(arms: list, colours) -> bytes:
                    and not k.startswith("gen_score_ratio_"))
     keys += [(k, k.replace("_", " ")) for k in extra]
     keys = [(k, t) for k, t in keys if k in names]
+    if not keys:  # no row yet
+        return None
     ncol = 3
     nrow = math.ceil(len(keys) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.2 * nrow), squeeze=False)

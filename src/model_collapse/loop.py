@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -105,16 +105,20 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
 
 
 def flush_rows(cfg: RunConfig, rd: RunDir) -> None:
-    """Append to a seed's metrics.jsonl, with its verdict, every row whose rows before it all exist (rows go in
-    (iteration, arm) order). Under the seed's rows lock, so that processes running its slices may all call it."""
+    """Append to a seed's metrics.jsonl, with its verdict, every finished row whose arm's earlier rows are all
+    there (in (iteration, arm) order; an arm waits for no other arm, so a finished slice shows at once). Under
+    the seed's rows lock, so that processes running its slices may all call it."""
     with rd.hold("rows"):
         history = read_metrics(rd.metrics_path)
         done = {(r["arm"], r["iteration"]) for r in history}
-        rows = []
-        for t, arm in [(t, a) for t in range(cfg.iterations) for a in cfg.arms if (a.label(), t) not in done]:
+        rows, blocked = [], set()
+        for t, arm in [(t, a) for t in range(cfg.iterations) for a in cfg.arms]:
+            if (arm.label(), t) in done or arm.label() in blocked:
+                continue
             f = rd.arm_sample_dir(cfg, arm, t) / "metrics.json"
             if not f.exists():
-                break
+                blocked.add(arm.label())
+                continue
             row = {"seed": cfg.seed, "arm": arm.label(), "iteration": t, "paradigm": arm.paradigm,
                    "selector": arm.selector, "pool_factor": arm.pool_factor, **read_json(f)}
             add_verdict(row, history, cfg)
@@ -125,18 +129,27 @@ def flush_rows(cfg: RunConfig, rd: RunDir) -> None:
 
 
 def merge_rows(cfg: RunConfig, root: RunDir) -> None:
-    """A run with `seeds`: RUN_DIR/metrics.jsonl as every seed's rows, seed by seed (rewritten whole)."""
-    if cfg.seeds is None:
-        return
-    with root.hold("merge"):
+    """A run with `seeds`: RUN_DIR/metrics.jsonl as every seed's rows, seed by seed (rewritten whole); the
+    caller holds the run's merge lock."""
+    if cfg.seeds is not None:
         root.write_metrics([r for s in cfg.seeds for r in read_metrics(root.study_dir(cfg, s).metrics_path)])
+
+
+def _merge_now(cfg: RunConfig, root: RunDir) -> None:
+    """Merge while the run goes, unless another process is writing the merged files right now."""
+    try:
+        with root.hold("merge", wait=False):
+            merge_rows(cfg, root)
+    except UserError:
+        pass
 
 
 def _iteration0(study: Study, rd: RunDir, show: bool) -> None:
     """Real-data references of every space (learned spaces are trained here, once per seed), the shared
     iteration 0, and the arms that sample the shared model with their own guidance. Under the seed's lock: the
     first process to get here runs it, any other waits and finds it done."""
-    with rd.hold("iteration0"):
+    # under accelerate every process runs every stage (the main one holds the run's exclusive lock)
+    with rd.hold("iteration0") if dist.world() == 1 else nullcontext():
         if dist.is_main():
             for s in ["pixel"] + list(study.cfg.spaces):
                 study.reference(s)
@@ -156,8 +169,8 @@ def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] |
     study = prepare(scfg, str(rd.path))
     _iteration0(study, rd, show)
     flush_rows(scfg, rd)
-    for i in range(len(cfg.arms)) if arm_indices is None else arm_indices:
-        for t in range(1, cfg.iterations):
+    for t in range(1, cfg.iterations):
+        for i in range(len(cfg.arms)) if arm_indices is None else arm_indices:
             run_stage(study, rd, cfg.arms[i], t, show=show, position=i, on_checkpoint=on_checkpoint)
             flush_rows(scfg, rd)
 
@@ -168,27 +181,6 @@ def default_workers(cfg: RunConfig, jobs: int) -> int:
     if resolve_device(cfg.device).startswith("cuda"):
         return 1
     return max(1, min(jobs, os.cpu_count() or 1))
-
-
-def parse_slice(cfg: RunConfig, text: str) -> list[tuple[int, int | None]]:
-    """`--only SEED`, `--only SEED/ARM` (an arm label or index) or `--only @I` (the I-th of every (seed, arm)
-    slice, seed by seed, for a scheduler's job array) as [(seed, arm index or None)]."""
-    seeds, labels = study_seeds(cfg), [a.label() for a in cfg.arms]
-    slices = [(s, i) for s in seeds for i in range(len(labels))]
-    if text.startswith("@"):
-        if not text[1:].isdigit() or int(text[1:]) >= len(slices):
-            raise UserError(f"--only {text}: expected @I with 0 <= I < {len(slices)} (seeds x arms)")
-        return [slices[int(text[1:])]]
-    seed_text, _, arm_text = text.partition("/")
-    if not seed_text.lstrip("-").isdigit() or int(seed_text) not in seeds:
-        raise UserError(f"--only {text}: seed {seed_text!r} is not one of the run's seeds {list(seeds)}")
-    if not arm_text:
-        return [(int(seed_text), None)]
-    if arm_text.isdigit() and int(arm_text) < len(labels):
-        return [(int(seed_text), int(arm_text))]
-    if arm_text not in labels:
-        raise UserError(f"--only {text}: no arm {arm_text!r}; arms: {', '.join(labels)} (or an index)")
-    return [(int(seed_text), labels.index(arm_text))]
 
 
 def _run_distributed(cfg: RunConfig, out: Path, show: bool) -> dict:
@@ -224,9 +216,11 @@ def _run_distributed(cfg: RunConfig, out: Path, show: bool) -> dict:
 
 
 def _finish(cfg: RunConfig, root: RunDir, show: bool) -> dict:
-    merge_rows(cfg, root)
-    summary = summarize(read_metrics(root.metrics_path), cfg, str(root.path))
+    """Merged rows, summary and report from whatever slices are complete, written together under the run's
+    merge lock (so that the last slice to finish writes the newest of all three)."""
     with root.hold("merge"):
+        merge_rows(cfg, root)
+        summary = summarize(read_metrics(root.metrics_path), cfg, str(root.path))
         atomic_write_json(root.path / "summary.json", summary)
         if cfg.report:
             summary["report"] = str(write_report([root.path], root.path / "report.html", show=show))
@@ -254,7 +248,7 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
         if workers <= 1 or cfg.iterations == 1:
             for s, i in plan:
                 run_seed(cfg_dict, str(out), s, None if i is None else (i,), show, on_checkpoint)
-                merge_rows(cfg, root)
+                _merge_now(cfg, root)
         else:
             seeds = list(dict.fromkeys(s for s, _ in plan))
             if len(seeds) > 1:  # iteration 0 of several seeds side by side
@@ -266,7 +260,7 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
                     for j in range(len(cfg.arms)) for s, jj in arm_slices if jj == j]
             if len(seeds) == 1:  # one seed: its iteration 0 here, with every core
                 run_seed(cfg_dict, str(out), seeds[0], (), show)
-            run_jobs(jobs, workers, on_tick=lambda: merge_rows(cfg, root))
+            run_jobs(jobs, workers, on_tick=lambda: _merge_now(cfg, root))
         for s in dict.fromkeys(s for s, _ in plan):
             flush_rows(seed_config(cfg, s), root.study_dir(cfg, s))
         return _finish(cfg, root, show)

@@ -210,7 +210,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5, *, real_rad
     for a in range(0, len(fake), block):
         f = fake[a : a + block].astype(np.float64)
         for b in range(0, len(real), block):
-            tile = _Tile(f, real[b : b + block].astype(np.float64), gamma)
+            tile = DistanceTile(f, real[b : b + block].astype(np.float64), gamma)
             inside_real = tile.within(r_real[None, b : b + block])
             prec_hits[a : a + block] |= inside_real.any(1)
             density_count[a : a + block] += inside_real.sum(1)
@@ -220,7 +220,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5, *, real_rad
             "density": float(density_count.mean() / k), "coverage": float(cov_hits.mean())}
 
 
-class _Tile:
+class DistanceTile:
     """Squared distances between two blocks of rows from one float64 product, and its rounding bound."""
 
     def __init__(self, f: np.ndarray, r: np.ndarray, gamma: float):

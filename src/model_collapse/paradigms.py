@@ -7,9 +7,9 @@
 The arm's selector then picks the training set from the pool (random = the vanilla loop). A vanilla accumulate
 arm with `accumulate_mix = "equal_share"` instead draws an equal share from each source (the real set and each
 earlier iteration's samples), as the paper's vanilla accumulate does. After iteration 0 a training set holds
-round(train_factor * N) images. Every image of a
-training set records where it came from (source iteration, -1 for real data, and its index there), and every
-selection records the pool indices it chose and what decided them.
+round(train_factor * N) images. The reference-based selectors get their reference from `reference_set`. Every
+image of a training set records where it came from (source iteration, -1 for real data, and its index there),
+and every selection records the pool indices it chose and what decided them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from model_collapse.config import ArmConfig
 from model_collapse.features import extract
 from model_collapse.rng import derive_seed, numpy_rng
 from model_collapse.rundir import RunDir, atomic_save_npz, load_npz
-from model_collapse.selection import Selection, select
+from model_collapse.selection import NEEDS_REFERENCE, Selection, select
 from model_collapse.study import Study, pool_size
 
 
@@ -52,6 +52,15 @@ def candidate_pool(study: Study, rd: RunDir, arm: ArmConfig, t: int) -> Pool:
         src_ix.append(np.arange(k))
     labels = np.concatenate(labs) if all(x is not None for x in labs) else None
     return Pool(np.concatenate(imgs), labels, np.concatenate(src_it), np.concatenate(src_ix))
+
+
+def reference_set(study: Study, rd: RunDir, arm: ArmConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the reference-based selectors (`curation`) measure candidates against: the real training set of
+    iteration 0, in every paradigm. In replace no real image enters a training set after iteration 0; the real
+    set only judges which candidates look real. (The iteration-0 samples would be a vacuous reference at
+    iteration 1, where they are the pool itself.)"""
+    z = load_npz(rd.iter_dir(None, 0) / "train.npz")
+    return z["images"], z.get("labels")
 
 
 def training_size(n_train: int, arm: ArmConfig) -> int:
@@ -94,9 +103,12 @@ def build_training_set(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) 
     if arm.paradigm == "accumulate" and arm.selector == "random" and arm.accumulate_mix == "equal_share":
         sel = select_equal_share(pool.source_iteration, n_train - n_fresh, seed)
     else:
+        ref, ref_labels = (reference_set(study, rd, arm) if arm.selector in NEEDS_REFERENCE else (None, None))
         sel = select(extract(arm.space, pool.images, study.ctx), n_train - n_fresh, arm.selector, seed,
                      labels=pool.labels, per_class=arm.per_class, tau0=cfg.tau0, decay=cfg.decay,
-                     decay_when=cfg.threshold_decay)
+                     decay_when=cfg.threshold_decay,
+                     reference=None if ref is None else extract(arm.space, ref, study.ctx),
+                     reference_labels=ref_labels)
     idx = sel.indices
     images, labels = pool.images[idx], pool.labels[idx] if pool.labels is not None else None
     source_iteration, source_index = pool.source_iteration[idx], pool.source_index[idx]

@@ -80,7 +80,7 @@ def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
             label = lab if len(run_dirs) == 1 else f"{nm}/{lab}"
             mine = [r for r in rows if r["arm"] == lab]
             arms.append(Arm(label, root.study_dir(cfg, first), cfg, a,
-                            sorted((r for r in mine if r.get("seed", first) == first), key=lambda r: r["iteration"]),
+                            sorted((r for r in mine if r.get("seed", cfg.seed) == first), key=lambda r: r["iteration"]),
                             mine, stats.get(lab, {})))
     return arms, configs
 
@@ -269,7 +269,7 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
         add("2-D projection", "projection.png", fig_projection(arms, colours, pixel_vectors(real), _pixel_samples,
                                                                  "pixel space"))
     for space in (next(iter(configs.values())).get("spaces", []) if configs else []):
-        ref = RunDir(run_dirs[0]).feature_cache(f"real_reference_{space}")
+        ref = arms[0].rd.feature_cache(f"real_reference_{space}")  # the first seed's, as the samples shown
         if space != "pixel" and ref.exists():  # written by the run when it measured that space
             add("2-D projection", f"projection_{space}.png",
                 fig_projection(arms, colours, load_npz(ref)["features"], _space_samples(space), f"{space} space"))
@@ -286,10 +286,12 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
                       f"{html.escape(a.label)}: no iteration finished yet")
     parts.append(f"<p class='note'>{'; '.join(status)}. Curves: mean over seeds, band: 95% t interval over "
                  f"seeds. Verdict markers (one seed only): circle stable, triangle contracting, cross copying.</p>")
-    for nm, stored in configs.items():
+    tables = []
+    for (nm, stored), d in zip(configs.items(), run_dirs):
         cfg = config_from_dict(stored)
-        rows = read_metrics(RunDir(run_dirs[list(configs).index(nm)]).metrics_path)
-        parts.insert(2, _claims_table(nm if len(configs) > 1 else "", check_claims(rows, cfg), cfg))
+        rows = read_metrics(RunDir(d).metrics_path)
+        tables.append(_claims_table(nm if len(configs) > 1 else "", check_claims(rows, cfg), cfg))
+    parts[2:2] = tables  # the claims first
     if corr["pearson_r"] is not None:
         parts.append(f"<p>Entropy vs log generalization score: Pearson r = <b>{corr['pearson_r']:.3f}</b> over "
                      f"{corr['n']} (arm, iteration) points (the paper reports 0.91).</p>")

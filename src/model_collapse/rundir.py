@@ -163,7 +163,7 @@ class RunDir:
                     f"{path} holds a run with a different config ({diff}); use another --out, or repeat the "
                     f"command that started it"
                 )
-        elif path.exists() and any(p.name != ".lock" for p in path.iterdir()):
+        elif path.exists() and any(not p.name.startswith(".") for p in path.iterdir()):  # locks, temp files
             raise UserError(f"{path}: exists, is not empty, and holds no run (no config.json); choose another --out")
         path.mkdir(parents=True, exist_ok=True)
         rd._lock(shared)
@@ -216,6 +216,10 @@ class RunDir:
 
 def config_difference(stored: dict, given: dict) -> str:
     """'' when two configs describe the same experiment; else the first differing keys."""
+    default = config_to_dict(RunConfig())
+    default_arm = default["arms"][0]
+    fill = lambda d: {**default, **d, "arms": [{**default_arm, **a} for a in d.get("arms", [])]}
+    stored, given = fill(stored), fill(given)  # a key added since a run was written has its default there
     keys = sorted((set(stored) | set(given)) - set(EXECUTION_KEYS))
     diffs = [k for k in keys if stored.get(k) != given.get(k)]
     return ", ".join(f"{k}: {stored.get(k)!r} there, {given.get(k)!r} now" for k in diffs[:3])

@@ -44,17 +44,17 @@ def numeric_metrics(rows: list[dict]) -> list[str]:
     return sorted(keys - {"seed", "iteration", "pool_factor"})
 
 
-def by_arm_seed(rows: list[dict]) -> dict[str, dict[int, dict[int, dict]]]:
-    """arm -> seed -> iteration -> row."""
+def by_arm_seed(rows: list[dict], cfg) -> dict[str, dict[int, dict[int, dict]]]:
+    """arm -> seed -> iteration -> row (a row written before rows had seeds belongs to the config's seed)."""
     out: dict = {}
     for r in rows:
-        out.setdefault(r["arm"], {}).setdefault(r.get("seed", 0), {})[r["iteration"]] = r
+        out.setdefault(r["arm"], {}).setdefault(r.get("seed", cfg.seed), {})[r["iteration"]] = r
     return out
 
 
 def arm_statistics(rows: list[dict], cfg) -> dict:
     """arm -> metric -> one interval (mean, ci_low, ci_high, n, sd over seeds) per iteration."""
-    grid, metrics = by_arm_seed(rows), numeric_metrics(rows)
+    grid, metrics = by_arm_seed(rows, cfg), numeric_metrics(rows)
     out = {}
     for arm, seeds in grid.items():
         out[arm] = {m: [mean_ci([seeds[s][t].get(m) for s in seeds if t in seeds[s]]).as_dict()
@@ -64,7 +64,7 @@ def arm_statistics(rows: list[dict], cfg) -> dict:
 
 def paired_statistics(rows: list[dict], cfg) -> dict:
     """'A - B' -> metric -> the paired difference over seeds at the last iteration."""
-    grid, metrics, last = by_arm_seed(rows), numeric_metrics(rows), cfg.iterations - 1
+    grid, metrics, last = by_arm_seed(rows, cfg), numeric_metrics(rows), cfg.iterations - 1
     out = {}
     labels = [a.label() for a in cfg.arms if a.label() in grid]
     for a, b in combinations(labels, 2):
@@ -90,10 +90,10 @@ def summarize(rows: list[dict], cfg, run_dir: str) -> dict:
         series[arm] = s
     seeds = study_seeds(cfg)
     if len(seeds) == 1:  # one seed: the verdict of each row as well
-        for arm, per in by_arm_seed(rows).items():
+        for arm, per in by_arm_seed(rows, cfg).items():
             one = per.get(seeds[0], {})
             series[arm]["verdict"] = [one.get(t, {}).get("verdict") for t in range(cfg.iterations)]
-    grid = by_arm_seed(rows)
+    grid = by_arm_seed(rows, cfg)
     complete = all(len(grid.get(a.label(), {}).get(s, {})) == cfg.iterations for a in cfg.arms for s in seeds)
     return {"run_dir": run_dir, "iterations": cfg.iterations, "seeds": list(seeds),
             "quality_metric": cfg.quality_metric, "arms": series, "stats": stats,
@@ -120,6 +120,10 @@ def format_claims(claims: list[dict]) -> list[str]:
 def format_summary(summary: dict) -> str:
     seeds = summary.get("seeds", [])
     lines = [f"run: {summary['run_dir']}"]
+    if summary.get("claims"):  # first: what the run says about the study's claims
+        lines.append(f"claims (95% t intervals over seeds; quality = {summary.get('quality_metric')}):")
+        lines += format_claims(summary["claims"])
+        lines.append("")
     if len(seeds) > 1:
         lines.append(f"seeds: {', '.join(map(str, seeds))} (tables: means over seeds; summary.json has every "
                      "interval)")
@@ -130,8 +134,4 @@ def format_summary(summary: dict) -> str:
         lines.append("  ".join(f"{c[1]:>9}" for c in cols))
         for i in range(len(s["iteration"])):
             lines.append("  ".join(f"{_fmt(s[key][i], fmt):>9}" for key, _, fmt in cols))
-    if summary.get("claims"):
-        lines.append("")
-        lines.append(f"claims (95% t intervals over seeds; quality = {summary.get('quality_metric')}):")
-        lines += format_claims(summary["claims"])
     return "\n".join(lines)

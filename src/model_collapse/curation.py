@@ -1,0 +1,154 @@
+"""Selectors that aim at high entropy *on* the data manifold: they take a reference set of what good data look
+like and keep the spread of farthest-point selection without its pull towards off-manifold outliers.
+
+Farthest-point selection maximises spread, and the points farthest from everything are often the ones no real
+image resembles (blurred, noisy or broken samples). Both methods here measure candidates against a reference
+set: in the loop, the real training set of iteration 0 (in replace it only judges candidates, it never enters a
+training set); in `select`, any `--reference`.
+
+* `gated`: the realism gate of improved precision (Kynkaanniemi et al. 2019), then farthest-point. A candidate
+  passes when it lies within the k-NN radius (k = 5) of some reference point, that is inside the reference's k-NN
+  manifold; greedy farthest-point selection then runs on the candidates that pass. When fewer than N pass, all of
+  them are taken (in farthest-point order), then the candidates nearest to the reference.
+* `herding`: kernel herding (Chen, Welling and Smola 2010) towards the reference: pick by pick, the candidate
+  maximising mu(x) - (1 / (t + 1)) sum_{s chosen} k(x, s), where mu(x) is the mean kernel value to the reference
+  and k a Gaussian kernel with the median inter-point distance of the reference as bandwidth. It greedily
+  minimises the MMD between the chosen set and the reference; the second term repels each pick from the earlier
+  ones, so the choice spreads over the reference's support instead of piling up on its densest mode.
+
+Both are exact against their straightforward definitions (tests): the gate decides membership on exact
+distances near each radius; herding brings a candidate's kernel sums up to date only when its upper bound could
+still win (kernel sums only grow), and takes the arg-max over exact float64 scores, scores within 1e-9 of the
+best counting as ties, which go to the lowest pool index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model_collapse.errors import UserError
+from model_collapse.metrics import DistanceTile
+from model_collapse.neighbours import knn, rounding_gamma
+from model_collapse.progress import Progress, or_silent
+from model_collapse.rng import numpy_rng
+from model_collapse.spread import Selection, select_greedy
+
+REALISM_K = 5  # the reference's k-NN manifold, as in improved precision/recall
+TIE = 1e-9  # herding scores (kernel values lie in [0, 1]) closer than this to the best count as ties
+BANDWIDTH_SAMPLE = 1000
+
+
+def _reference(reference: np.ndarray | None, x: np.ndarray, method: str) -> np.ndarray:
+    if reference is None:
+        raise UserError(f"the {method} selector needs a reference set (select --reference, or the loop's)")
+    ref = np.asarray(reference, np.float64)
+    if ref.ndim != 2 or ref.shape[1] != x.shape[1]:
+        raise UserError(f"{method}: reference vectors {ref.shape} do not match the pool's dimension {x.shape[1]}")
+    if len(ref) <= REALISM_K and method == "gated":
+        raise UserError(f"gated: the reference needs more than {REALISM_K} points, has {len(ref)}")
+    if len(ref) < 2:
+        raise UserError(f"{method}: the reference needs at least 2 points, has {len(ref)}")
+    if not np.isfinite(ref).all():
+        raise UserError(f"{method}: the reference contains NaN or inf")
+    return ref
+
+
+def inside_manifold(x: np.ndarray, reference: np.ndarray, k: int = REALISM_K, block: int = 1024) -> np.ndarray:
+    """For each row of x: is it within the k-th nearest-neighbour distance of some reference point of that
+    point (improved precision's test), decided on exact distances near each radius."""
+    ref = np.asarray(reference, np.float64)
+    radii = knn(ref, None, k).distances[:, k - 1]
+    gamma = rounding_gamma(ref.shape[1] + 4, np.float64)
+    inside = np.zeros(len(x), bool)
+    for a in range(0, len(x), block):
+        f = np.asarray(x[a : a + block], np.float64)
+        for b in range(0, len(ref), block):
+            inside[a : a + block] |= DistanceTile(f, ref[b : b + block], gamma).within(radii[None, b : b + block]).any(1)
+    return inside
+
+
+def select_gated(x: np.ndarray, n: int, seed: int, *, reference: np.ndarray | None = None,
+                 progress: Progress | None = None, **_) -> Selection:
+    """Realism-gated farthest-point selection (see the module docstring). Reference: realistic examples.
+    Cost: one kNN of the reference (n_ref^2 d), the pool against the reference (M n_ref d, in float64 tiles),
+    then farthest-point selection on the candidates that pass."""
+    ref = _reference(reference, x, "gated")
+    inside = inside_manifold(x, ref)
+    ins = np.flatnonzero(inside)
+    params = {"inside": int(len(ins)), "k": REALISM_K}
+    if len(ins) >= n:
+        return Selection(ins[select_greedy(x[ins], n, seed, progress=progress).indices], "gated", seed, params)
+    order = ins[select_greedy(x[ins], len(ins), seed).indices] if len(ins) > 1 else ins
+    out = np.flatnonzero(~inside)
+    near = knn(np.asarray(x[out]), ref, 1).distances[:, 0]
+    fill = out[np.lexsort((out, near))][: n - len(ins)]  # nearest the reference first, ties to the lower index
+    return Selection(np.concatenate([order, fill]).astype(np.int64), "gated", seed, params)
+
+
+def bandwidth(reference: np.ndarray, seed: int) -> float:
+    """The median distance between two points of (a seeded sample of at most 1,000 of) the reference."""
+    ref = np.asarray(reference, np.float64)
+    if len(ref) > BANDWIDTH_SAMPLE:
+        ref = ref[np.sort(numpy_rng(seed, "herding-bandwidth").choice(len(ref), BANDWIDTH_SAMPLE, replace=False))]
+    i, j = np.triu_indices(len(ref), 1)
+    d = np.sqrt(((ref[i] - ref[j]) ** 2).sum(1))
+    h = float(np.median(d))
+    return h if h > 0 else 1.0
+
+
+def _kernel_sums(x: np.ndarray, y: np.ndarray, h: float, block: int = 2048) -> np.ndarray:
+    """sum_j exp(-|x_i - y_j|^2 / (2 h^2)) for every row of x, float64, in tiles."""
+    X, Y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    xs, ys = (X * X).sum(1), (Y * Y).sum(1)
+    out = torch.zeros(len(X), dtype=torch.float64)
+    for b in range(0, len(Y), block):
+        d2 = (xs[:, None] + ys[None, b : b + block] - 2.0 * X @ Y[b : b + block].T).clamp_(min=0.0)
+        out += torch.exp(d2 / (-2.0 * h * h)).sum(1)
+    return out.numpy()
+
+
+def select_herding(x: np.ndarray, n: int, seed: int, *, reference: np.ndarray | None = None,
+                   progress: Progress | None = None, **_) -> Selection:
+    """Kernel herding towards the reference (see the module docstring). Reference: samples of the distribution
+    to match. Cost: the pool against the reference (M n_ref d, float64 tiles) once, then per pick only the
+    candidates whose bound could still win are brought up to date (at most M N d in all, far less in practice)."""
+    ref = _reference(reference, x, "herding")
+    X = np.asarray(x, np.float64)
+    m = len(X)
+    h = bandwidth(ref, seed)
+    mu = _kernel_sums(X, ref, h) / len(ref)
+    ksum = np.zeros(m)  # kernel sums to the first upto[i] picks
+    upto = np.zeros(m, dtype=np.int64)
+    chosen = np.empty(n, dtype=np.int64)
+    taken = np.zeros(m, bool)
+    progress = or_silent(progress)
+    progress.start(f"herding selection, {n} of {m}", n)
+    batch = 64
+    for t in range(n):
+        scale = 1.0 / (t + 1)
+        bound = np.where(taken, -np.inf, mu - scale * ksum)  # >= the true score: sums only grow
+        exact = np.zeros(m, bool)
+        look = min(batch, m - t)
+        while True:
+            top = np.argpartition(-bound, look - 1)[:look] if look < m else np.arange(m)
+            stale = top[(~exact[top]) & (upto[top] < t) & ~taken[top]]
+            if len(stale):  # bring them up to date with the picks since
+                for lo in np.unique(upto[stale]):
+                    rows = stale[upto[stale] == lo]
+                    ksum[rows] += _kernel_sums(X[rows], X[chosen[lo:t]], h)
+                    upto[rows] = t
+            exact[top] = True
+            bound[top] = np.where(taken[top], -np.inf, mu[top] - scale * ksum[top])
+            best = bound[top].max()
+            # every candidate that could tie or beat the best must be exact
+            if not ((bound >= best - TIE) & ~exact).any():
+                break
+            look = min(2 * look, m)
+        cand = np.flatnonzero(exact & (bound >= best - TIE))
+        c = int(cand.min())
+        chosen[t] = c
+        taken[c] = True
+        progress.advance(1)
+    progress.close()
+    return Selection(chosen, "herding", seed, {"bandwidth": h})
