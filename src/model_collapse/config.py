@@ -356,6 +356,10 @@ def validate(cfg: RunConfig) -> None:
              f"{where}: train_factor must lie in (0, pool_factor = {a.pool_factor:g}], got {a.train_factor:g}")
         need(a.accumulate_mix in ACCUMULATE_MIXES,
              f"{where}: accumulate_mix must be one of {', '.join(ACCUMULATE_MIXES)}, got {a.accumulate_mix!r}")
+        need(a.accumulate_mix == "union" or (a.paradigm == "accumulate" and a.selector == "random"
+                                             and not a.per_class),
+             f"{where}: accumulate_mix = {a.accumulate_mix} applies to vanilla accumulate arms only "
+             f"(paradigm accumulate, selector random, no per_class)")
         need(0 <= a.fresh_fraction <= 1, f"{where}: fresh_fraction must lie in [0, 1]")
         need(a.paradigm == "fresh" or a.fresh_fraction == 0,
              f"{where}: fresh_fraction applies to the fresh paradigm only")
