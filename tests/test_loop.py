@@ -293,11 +293,18 @@ def test_slices_run_into_a_shared_run_dir_and_merge(tmp_path):
     with held.hold("slice-replace-random"):
         p = subprocess.run(base + ["--only", "1/replace-random"], capture_output=True, text=True)
         assert p.returncode == 2 and "being run by another" in p.stderr and "Traceback" not in p.stderr
+    # one slice alone: its rows show at once, before the other arm of its seed has any
+    part = run_loop(cfg, tmp_path / "sl", show=False, only=[(0, 1)])
+    assert [(r["arm"], r["iteration"]) for r in read_metrics(tmp_path / "sl" / "metrics.jsonl")] == \
+        [("replace-random", 0), ("replace-greedy-k2", 0), ("replace-greedy-k2", 1)]
+    assert not part["complete"]
     procs = [subprocess.Popen(base + ["--only", f"@{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(4)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
-    assert read_metrics(tmp_path / "sl" / "metrics.jsonl") == read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    key = lambda r: (r["seed"], r["iteration"], r["arm"])
+    assert sorted(read_metrics(tmp_path / "sl" / "metrics.jsonl"), key=key) == \
+        sorted(read_metrics(tmp_path / "whole" / "metrics.jsonl"), key=key)
     assert json.loads((tmp_path / "sl" / "summary.json").read_text())["complete"]
     bad = subprocess.run(base + ["--only", "7"], capture_output=True, text=True)
     assert bad.returncode == 2 and "not one of the run's seeds" in bad.stderr
