@@ -17,9 +17,8 @@ training set); in `select`, any `--reference`.
   ones, so the choice spreads over the reference's support instead of piling up on its densest mode.
 
 Both are exact against their straightforward definitions (tests): the gate decides membership on exact
-distances near each radius; herding brings a candidate's kernel sums up to date only when its upper bound could
-still win (kernel sums only grow), and takes the arg-max over exact float64 scores, scores within 1e-9 of the
-best counting as ties, which go to the lowest pool index.
+distances near each radius; herding takes the arg-max over float64 scores, scores within 1e-9 of the best
+counting as ties, which go to the lowest pool index.
 """
 
 from __future__ import annotations
@@ -111,44 +110,29 @@ def _kernel_sums(x: np.ndarray, y: np.ndarray, h: float, block: int = 2048) -> n
 def select_herding(x: np.ndarray, n: int, seed: int, *, reference: np.ndarray | None = None,
                    progress: Progress | None = None, **_) -> Selection:
     """Kernel herding towards the reference (see the module docstring). Reference: samples of the distribution
-    to match. Cost: the pool against the reference (M n_ref d, float64 tiles) once, then per pick only the
-    candidates whose bound could still win are brought up to date (at most M N d in all, far less in practice)."""
+    to match. Cost: the pool against the reference once (M n_ref d, float64 tiles), then one float64
+    matrix-vector product of the pool with each pick (M d per pick): the kernel is broad (median bandwidth), so
+    every candidate's score moves at every pick and there is nothing to skip."""
     ref = _reference(reference, x, "herding")
-    X = np.asarray(x, np.float64)
+    X = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     m = len(X)
     h = bandwidth(ref, seed)
-    mu = _kernel_sums(X, ref, h) / len(ref)
-    ksum = np.zeros(m)  # kernel sums to the first upto[i] picks
-    upto = np.zeros(m, dtype=np.int64)
+    mu = torch.as_tensor(_kernel_sums(X.numpy(), ref, h) / len(ref))
+    sq = (X * X).sum(1)
+    ksum = torch.zeros(m, dtype=torch.float64)  # kernel sums to the picks so far
+    taken = torch.zeros(m, dtype=torch.bool)
     chosen = np.empty(n, dtype=np.int64)
-    taken = np.zeros(m, bool)
     progress = or_silent(progress)
     progress.start(f"herding selection, {n} of {m}", n)
-    batch = 64
     for t in range(n):
-        scale = 1.0 / (t + 1)
-        bound = np.where(taken, -np.inf, mu - scale * ksum)  # >= the true score: sums only grow
-        exact = np.zeros(m, bool)
-        look = min(batch, m - t)
-        while True:
-            top = np.argpartition(-bound, look - 1)[:look] if look < m else np.arange(m)
-            stale = top[(~exact[top]) & (upto[top] < t) & ~taken[top]]
-            if len(stale):  # bring them up to date with the picks since
-                for lo in np.unique(upto[stale]):
-                    rows = stale[upto[stale] == lo]
-                    ksum[rows] += _kernel_sums(X[rows], X[chosen[lo:t]], h)
-                    upto[rows] = t
-            exact[top] = True
-            bound[top] = np.where(taken[top], -np.inf, mu[top] - scale * ksum[top])
-            best = bound[top].max()
-            # every candidate that could tie or beat the best must be exact
-            if not ((bound >= best - TIE) & ~exact).any():
-                break
-            look = min(2 * look, m)
-        cand = np.flatnonzero(exact & (bound >= best - TIE))
-        c = int(cand.min())
+        score = mu - ksum / (t + 1)
+        score[taken] = -np.inf
+        best = float(score.max())
+        c = int(torch.nonzero(score >= best - TIE)[0, 0])  # ties to the lowest index
         chosen[t] = c
         taken[c] = True
+        d2 = (sq + sq[c] - 2.0 * (X @ X[c])).clamp_(min=0.0)
+        ksum += torch.exp(d2 / (-2.0 * h * h))
         progress.advance(1)
     progress.close()
     return Selection(chosen, "herding", seed, {"bandwidth": h})
