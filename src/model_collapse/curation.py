@@ -63,7 +63,8 @@ def inside_manifold(x: np.ndarray, reference: np.ndarray, k: int = REALISM_K, bl
     for a in range(0, len(x), block):
         f = np.asarray(x[a : a + block], np.float64)
         for b in range(0, len(ref), block):
-            inside[a : a + block] |= DistanceTile(f, ref[b : b + block], gamma).within(radii[None, b : b + block]).any(1)
+            tile = DistanceTile(f, ref[b : b + block], gamma)
+            inside[a : a + block] |= tile.within(radii[None, b : b + block]).any(1)
     return inside
 
 

@@ -120,7 +120,8 @@ def fig_correlation(arms: list, colours, corr: dict, space: str = "pixel") -> by
     ax.set_ylabel(f"log generalization score (log L2 in {space} space)")
     ax.set_title(f"Training-set entropy against generalization, {space} space")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")  # placed where it hides the fewest points
+    if ax.get_legend_handles_labels()[0]:  # no point yet (a run that has just started): no legend
+        ax.legend(fontsize=8, loc="best")  # placed where it hides the fewest points
     fig.tight_layout()
     return png(fig)
 

@@ -181,8 +181,9 @@ def _claims_table(run: str, claims: list[dict], cfg: RunConfig) -> str:
     head = (f"<h2>Claims{' of ' + html.escape(run) if run else ''}</h2><p class='note'>Each effect is a mean over "
             f"{len(seeds)} seed(s) with its 95% Student-t interval (paired within seeds where two arms are "
             f"compared); quality = {html.escape(cfg.quality_metric)}. holds: the interval lies on the claimed "
-            f"side of the threshold; fails: on the other side; inconclusive: it straddles the threshold. sd over seeds: of "
-            f"the per-seed effects; sampling sd: the KID's own spread over subsets of one row's samples.</p>")
+            f"side of the threshold; fails: on the other side; inconclusive: it straddles the threshold. sd over "
+            f"seeds: of the per-seed effects; sampling sd: the KID's own spread over subsets of one row's "
+            f"samples.</p>")
     rows = []
     for c in claims:
         ci = "" if c["ci_low"] is None else f"[{c['ci_low']:.4g}, {c['ci_high']:.4g}]"
@@ -193,7 +194,8 @@ def _claims_table(run: str, claims: list[dict], cfg: RunConfig) -> str:
                     f"<td>{_cell(c.get('seed_sd'))}</td><td>{_cell(c.get('sampling_sd'))}</td>"
                     f"<td><b>{html.escape(c['verdict'])}</b> {html.escape(c.get('reason', ''))}</td></tr>")
     return (head + "<table><tr><th>id</th><th>claim</th><th>effect</th><th>95% CI</th><th>holds if</th>"
-            "<th>seeds</th><th>sd over seeds</th><th>sampling sd</th><th>verdict</th></tr>" + "".join(rows) + "</table>")
+            "<th>seeds</th><th>sd over seeds</th><th>sampling sd</th><th>verdict</th></tr>" + "".join(rows)
+            + "</table>")
 
 
 def _cell(v) -> str:
