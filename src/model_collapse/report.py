@@ -296,7 +296,8 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     parts[2:2] = tables  # the claims first
     if corr["pearson_r"] is not None:
         parts.append(f"<p>Entropy vs log generalization score: Pearson r = <b>{corr['pearson_r']:.3f}</b> over "
-                     f"{corr['n']} (arm, iteration) points (the paper reports 0.91).</p>")
+                     f"{corr['n']} (seed, arm, iteration) points pooled (the paper reports 0.91; the claim "
+                     f"entropy_predicts_gen_score averages each seed's own r instead).</p>")
     for space, c in space_corr.items():
         if c["pearson_r"] is not None:
             parts.append(f"<p>In {html.escape(space)} space: Pearson r = <b>{c['pearson_r']:.3f}</b> over {c['n']} "
