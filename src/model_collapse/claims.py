@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from model_collapse.config import ArmConfig, RunConfig, arm_guidance, own_iteration0
-from model_collapse.stats import Interval, correlation_ci, mean_ci, paired_difference, pearson_r, verdict
+from model_collapse.stats import Interval, correlation_ci, mean_ci, number, paired_difference, pearson_r, verdict
 
 CURATION = ("gated", "herding")  # the selectors that measure candidates against a reference (`curation`)
 
@@ -78,13 +78,13 @@ def role_arms(cfg: RunConfig) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- effects
 
 
-def _value(row: dict | None, metric: str) -> float | None:
-    v = None if row is None else row.get(metric)
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def _at(rows: dict, it: int, metric: str) -> float | None:
-    return _value(rows.get(it), metric)
+    return number(rows.get(it, {}).get(metric))
+
+
+def _last(v: dict, role: str, metric: str, last: int) -> dict:
+    """{seed: the role's metric at the last iteration}, None where it is missing."""
+    return {s: _at(rows, last, metric) for s, rows in v[role].items()}
 
 
 def _change(role: str, metric: str):
@@ -101,11 +101,8 @@ def _change(role: str, metric: str):
 
 def _paired(role_a: str, role_b: str, metric: str):
     """Per seed: arm A's metric at the last iteration minus arm B's (the seeds both have)."""
-    def f(v, last):
-        a = {s: _at(rows, last, metric) for s, rows in v[role_a].items()}
-        b = {s: _at(rows, last, metric) for s, rows in v[role_b].items()}
-        return paired_difference({s: x for s, x in a.items() if x is not None},
-                                 {s: x for s, x in b.items() if x is not None})
+    def f(v, last):  # paired_difference drops the seeds where either value is missing
+        return paired_difference(_last(v, role_a, metric, last), _last(v, role_b, metric, last))
     return f
 
 
@@ -128,7 +125,7 @@ def _correlation(v, last) -> Interval:
     iteration) row of the seed (the shared iteration 0 once); averaged on Fisher's z scale."""
     rs = []
     for rows in v["*"].values():
-        pts = [(e, math.log(g)) for e, g in ((_value(r, "train_entropy_pixel"), _value(r, "gen_score_pixel"))
+        pts = [(e, math.log(g)) for e, g in ((number(r.get("train_entropy_pixel")), number(r.get("gen_score_pixel")))
                                               for r in rows) if e is not None and g is not None and g > 0]
         r = pearson_r([p[0] for p in pts], [p[1] for p in pts])
         if r is not None:
@@ -140,20 +137,13 @@ def _best_beats(par: str, metric: str):
     """Per seed: the final metric of the reference-based selector with the lowest mean over seeds (chosen after
     seeing the data, which the claim says) minus greedy's."""
     def f(v, last):
-        greedy = {s: _at(rows, last, metric) for s, rows in v[f"greedy_{par}"].items()}
-        best = None
-        for role in (f"{sel}_{par}" for sel in CURATION):
-            if role not in v:
-                continue
-            mine = {s: _at(rows, last, metric) for s, rows in v[role].items()}
-            m = mean_ci(list(mine.values()))
-            if m.n and (best is None or m.mean < best[0]):
-                best = (m.mean, role, mine)
-        if best is None:
+        means = {r: mean_ci(list(_last(v, r, metric, last).values())) for r in (f"{sel}_{par}" for sel in CURATION)
+                 if r in v}
+        means = {r: m.mean for r, m in means.items() if m.n}
+        if not means:
             return mean_ci([]), ()
-        iv = paired_difference({s: x for s, x in best[2].items() if x is not None},
-                               {s: x for s, x in greedy.items() if x is not None})
-        return iv, (best[1], f"greedy_{par}")
+        best = min(means, key=means.get)
+        return _paired(best, f"greedy_{par}", metric)(v, last), (best, f"greedy_{par}")
     return f
 
 

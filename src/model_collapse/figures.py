@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from model_collapse.linalg import principal_directions
+from model_collapse.stats import number
 
 CURVES = [
     ("train_entropy_pixel", "training-set entropy (nats)"),
@@ -45,7 +46,7 @@ def png(fig) -> bytes:
 
 
 def finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return number(v) is not None
 
 
 def fig_curves(arms: list, colours) -> bytes | None:

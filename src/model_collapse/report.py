@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model_collapse.claims import check_claims
 from model_collapse.config import ArmConfig, RunConfig, config_from_dict, study_seeds
 from model_collapse.data import load_images, pixel_vectors
 from model_collapse.figures import (
@@ -30,7 +31,7 @@ from model_collapse.figures import (
 )
 from model_collapse.metrics import distinct_index
 from model_collapse.rundir import RunDir, atomic_write_bytes, load_npz, read_json, read_metrics, read_probe
-from model_collapse.summary import arm_statistics, check_claims
+from model_collapse.summary import arm_statistics
 
 @dataclass
 class Arm:

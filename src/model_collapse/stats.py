@@ -30,6 +30,11 @@ class Interval:
         return {"mean": self.mean, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n, "sd": self.sd}
 
 
+def number(v) -> float | None:
+    """v when it is a finite number (not a bool), else None: what a metrics row's value counts as."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
 def _finite(values) -> np.ndarray:
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     return v[np.isfinite(v)]
