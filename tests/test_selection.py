@@ -251,3 +251,41 @@ def test_equal_share_draws_the_same_number_from_each_source():
     np.testing.assert_array_equal(select_equal_share(sources, 64, seed=3).indices, idx)
     even = select_equal_share(np.repeat([-1, 0, 1], 50), 31, seed=0).indices
     assert sorted(np.bincount(np.repeat([-1, 0, 1], 50)[even] + 1).tolist()) == [10, 10, 11]
+
+
+def test_farthest_points_block_settings_do_not_change_the_choice(rng):
+    """Block products every 1, 3 or 1,024 picks, stale bounds kept at any rho: always the definition's picks
+    (ties and duplicates included)."""
+    from model_collapse.farthest import farthest_points
+
+    x = rng.integers(0, 3, size=(300, 5)).astype(np.float32)
+    x[200:260] = x[:60]
+    y = (rng.normal(size=(400, 24)) * 0.01 + 50).astype(np.float64)  # far from the origin, float64
+    z = rng.integers(0, 256, size=(250, 48)).astype(np.uint8)
+    for i, pool in enumerate((x, y, z)):
+        want = greedy_reference(pool, len(pool) // 2, 5)
+        for block in (1, 3, 1024):
+            for rho in (0.0, 0.5, 0.95, 1.0):
+                got, params = farthest_points(pool, len(pool) // 2, 5, block=block, rho=rho)
+                np.testing.assert_array_equal(got, want, err_msg=f"pool {i}, block {block}, rho {rho}")
+                assert params["start"] == want[0] and params["distances_computed"] > 0
+
+
+def test_farthest_exact_values_in_every_band_case(rng):
+    """The exact value of a point (squared distance to its nearest centre) from its approximate three nearest:
+    one centre, two centres, or every centre within the rounding band; against the brute-force minimum."""
+    from model_collapse.farthest import _Bounds
+
+    x = rng.integers(0, 3, size=(500, 4)).astype(np.float32)  # many points equidistant from several centres
+    centres = rng.choice(500, 40, replace=False)
+    B = _Bounds(x, 40)
+    for t, c in enumerate(centres):
+        B.add(t, int(c))
+    B.fold(np.arange(500), 40)
+    P = np.setdiff1d(np.arange(500), centres)
+    band = B.near[P, 0] + 2 * B.err[P]
+    cases = {"one": B.near[P, 1] > band, "two": (B.near[P, 1] <= band) & (B.near[P, 2] > band),
+             "band": B.near[P, 2] <= band}
+    assert all(c.any() for c in cases.values()), {k: int(c.sum()) for k, c in cases.items()}
+    want = ((x[P, None, :].astype(np.float64) - x[centres][None].astype(np.float64)) ** 2).sum(2).min(1)
+    np.testing.assert_array_equal(B.exact(P, B.near[P], B.near_at[P], B.err[P], 40), want)

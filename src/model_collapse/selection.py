@@ -15,12 +15,12 @@ import numpy as np
 from model_collapse import registry
 from model_collapse.curation import select_gated, select_herding
 from model_collapse.errors import UserError
+from model_collapse.farthest import greedy_start  # noqa: F401 - the selection API in one place
 from model_collapse.progress import Progress
 from model_collapse.registry import check_name
 from model_collapse.spread import (  # noqa: F401 - the selection API in one place
     Selection,
     default_tau0,
-    greedy_start,
     select_greedy,
     select_random,
     select_threshold,

@@ -6,7 +6,7 @@ distances, or a distance with a threshold, is taken on exact float64 squared dis
 differences, so the fast paths here make exactly the choices of the straightforward definitions:
 
 * greedy: start from a seeded random pool index; repeatedly add the pool point whose distance to its nearest
-  selected point is largest; ties go to the lowest pool index.
+  selected point is largest; ties go to the lowest pool index (`farthest`).
 * threshold: visit the pool in a seeded random order; accept a point if its squared distance to every accepted
   point is greater than tau^2; after each full pass multiply tau by `decay`; stop at N.
 """
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from model_collapse.errors import UserError
-from model_collapse.linalg import principal_directions
+from model_collapse.farthest import farthest_points
+from model_collapse.metrics import distinct_index
 from model_collapse.neighbours import knn, rounding_gamma
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
@@ -47,175 +47,10 @@ def select_random(x: np.ndarray, n: int, seed: int, **_) -> Selection:
 # ---------------------------------------------------------------------------------------------- greedy
 
 
-def greedy_start(m: int, seed: int) -> int:
-    return int(numpy_rng(seed, "greedy-start").integers(m))
-
-
-def _sq_to(x: np.ndarray, rows: np.ndarray | None, c: int, chunk: int = 8192) -> np.ndarray:
-    """Exact float64 squared distances, from differences, of some pool rows (all when rows is None) to row c."""
-    centre = x[c].astype(np.float64)
-    if rows is None:
-        return np.concatenate([_sq_to(x, np.arange(a, min(a + chunk, len(x))), c) for a in range(0, len(x), chunk)])
-    diff = x.take(rows, axis=0).astype(np.float64) - centre
-    return np.einsum("ij,ij->i", diff, diff)
-
-
-def select_greedy(x: np.ndarray, n: int, seed: int, *, projection_dim: int = 16,
-                  progress: Progress | None = None, **_) -> Selection:
-    """Greedy farthest-point selection (Gonzalez 1985), exact, with pruning that skips most of the pool.
-
-    Every pool point p keeps its distance own[p] to the nearest selected centre a[p]; the points sharing a
-    centre form its cluster. Distances between projections on the pool's top principal directions (written
-    z(.,.)) bound true distances from below: an orthogonal projection never lengthens a vector. When centre c
-    is added, p can only get closer if d(c, p) < own[p], and d(c, p) >= z(c, p) >= z(c, a[p]) - z(p, a[p]) by
-    the triangle inequality. So with each point's zown[p] = z(p, a[p]) and each cluster's reach, the largest
-    own + zown in it, a cluster needs opening only when z(c, centre) < reach: one small product with the
-    centres' projections per step picks those few. Inside them a point is tested only when z(c, a[p]) <
-    own[p] + zown[p], then against z(c, p) < own[p], and only the points that remain get exact float64
-    distances. The arg-max (lowest index among ties) is taken over exact values, from each cluster's exact
-    maximum, as in the definition. Every bound is made conservative for rounding.
-
-    Where the bounds prune little (data of high intrinsic dimension), a step may reach most of the pool: then the
-    pool is taken whole instead of cluster by cluster, and the many remaining points are first compared through
-    one matrix-vector product in the input's precision with a rigorous rounding bound, so that only points that
-    may move get exact distances.
-    """
-    m = len(x)
-    X = np.ascontiguousarray(x)
-    if X.dtype.kind != "f" or X.itemsize < 4:
-        X = X.astype(np.float64 if X.dtype.kind != "f" else np.float32)  # half floats are exact in float32
-    if not np.isfinite(X).all():
-        raise UserError("selection input contains NaN or inf")
-    Z, zslack = _projection(X, seed, int(min(projection_dim, X.shape[1], m)))
-    rel = 1.0 - 1e-9  # lower bounds are shrunk by this factor and by zslack (rounding of the projection)
-
-    start = greedy_start(m, seed)
-    chosen = np.empty(n, dtype=np.int64)
-    chosen[0] = start
-    mind = _sq_to(X, None, start)  # squared distance to the nearest chosen centre; -1 once chosen
-    mind[start] = -1.0
-    own = np.sqrt(np.maximum(mind, 0.0))  # that distance (0 for chosen points)
-    assign = np.zeros(m, dtype=np.int64)  # position in `chosen` of that centre
-    zsq = np.einsum("ij,ij->i", Z, Z)
-    zown = _zdist(Z, zsq, np.arange(m), start, zslack)[1]  # z(p, a[p]), rounded up
-    members = [np.delete(np.arange(m), start)]  # each centre's cluster (unchosen points only)
-    counts = np.zeros(n, dtype=np.int64)  # their sizes
-    counts[0] = m - 1
-    gram = _GramBound(X)
-    reach = np.zeros(n)  # largest own + zown in the cluster
-    cmax = np.full(n, -1.0)  # largest mind in the cluster, and its lowest-index point
-    carg = np.zeros(n, dtype=np.int64)
-    reach[0], cmax[0] = (own + zown).max(), mind.max()
-    carg[0] = int(np.argmax(mind))
-    cz = np.empty((n, Z.shape[1]))  # centres' projections and their squared norms
-    csq = np.empty(n)
-    cz[0], csq[0] = Z[start], zsq[start]
-    touched = m
-    progress = or_silent(progress)
-    progress.start(f"greedy selection, {n} of {m}", n)
-    for t in range(1, n):
-        if t % 256 == 0:
-            progress.advance(256)
-        top = np.flatnonzero(cmax[:t] == cmax[:t].max())
-        c = int(carg[top].min())  # the first maximum of mind over the whole pool
-        chosen[t] = c
-        home = int(assign[c])
-        mind[c], own[c], assign[c] = -1.0, 0.0, t
-        zc = Z[c]
-        # projected centre distances from the Gram identity, less a bound on its rounding
-        g = csq[:t] + zsq[c] - 2.0 * (cz[:t] @ zc) - 1e-12 * (csq[:t] + zsq[c])
-        lb = (np.sqrt(np.maximum(g, 0.0)) - zslack) * rel
-        cz[t], csq[t] = zc, zsq[c]
-        opened = lb < reach[:t]
-        opened[home] = True  # c leaves its cluster
-        J = np.flatnonzero(opened)
-        if 2 * counts[J].sum() > m - t:  # most of the pool: take it whole
-            P = np.flatnonzero(mind >= 0)
-            lbp = lb.take(assign.take(P))
-        else:
-            P = np.concatenate([members[j] for j in J])
-            lbp = np.repeat(lb[J], counts[J])
-        T = P[lbp < own.take(P) + zown.take(P)]
-        zlo, zt = _zdist(Z, zsq, T, c, zslack)  # z(c, p) rounded down (bounds d(c, p)) and up (for zown)
-        keep = zlo * rel < own.take(T)
-        T, zt = T[keep], zt[keep]
-        moved, d2 = T[:0], np.empty(0)
-        if T.size > 64:  # many: rule out most by a product with a rounding bound
-            keep = gram.may_be_below(T, c, mind.take(T))
-            T, zt = T[keep], zt[keep]
-        if T.size:
-            touched += T.size
-            d2 = _sq_to(X, T, c)
-            closer = d2 < mind.take(T)
-            moved, d2, zt = T[closer], d2[closer], zt[closer]
-        # the clusters that lost points (or c) keep the rest; the moved points form the new cluster t
-        changed = np.unique(np.append(assign.take(moved), home))
-        mind[moved], own[moved], assign[moved], zown[moved] = d2, np.sqrt(d2), t, zt
-        for j in changed:
-            members[j] = members[j][assign[members[j]] == j]
-            counts[j] = len(members[j])
-        members.append(moved)
-        counts[t] = moved.size
-        _cluster_stats(np.append(changed, t), [members[j] for j in changed] + [moved], own, zown, mind, reach,
-                       cmax, carg)
-    progress.advance(n - (n - 1) // 256 * 256)  # picks 0..255 were reported at t = 256, and so on
-    progress.close()
-    return Selection(chosen, "greedy", seed, {"start": start, "distances_computed": int(touched)})
-
-
-class _GramBound:
-    """Squared distances from one pool row to many through |x|^2 + |c|^2 - 2 x.c in the input's precision, with a
-    rigorous bound on their rounding (gamma_(d+4) (|x| + |c|)^2, as in the kNN kernel)."""
-
-    def __init__(self, X: np.ndarray):
-        self.X = X
-        self.sq = np.einsum("ij,ij->i", X, X)  # working precision, as the product
-        self.norm = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64)) * 1.001
-        self.gamma = rounding_gamma(X.shape[1] + 4, X.dtype)
-
-    def may_be_below(self, rows: np.ndarray, c: int, limit: np.ndarray) -> np.ndarray:
-        """For each row: can its exact squared distance to row c be below `limit`?"""
-        X = self.X
-        dots = (X @ X[c])[rows] if 4 * rows.size > len(X) else X.take(rows, axis=0) @ X[c]
-        approx = (self.sq.take(rows) + self.sq[c] - 2 * dots).astype(np.float64)
-        err = self.gamma * (self.norm.take(rows) + self.norm[c]) ** 2
-        return approx - err < limit
-
-
-def _cluster_stats(J, parts, own, zown, mind, reach, cmax, carg):
-    """Reach (largest own + zown), largest mind and its lowest-index point of clusters J from their points
-    (`parts`, one array per cluster); an empty cluster gets reach 0 and -1."""
-    k = len(J)
-    P = np.concatenate(parts)
-    seg = np.repeat(np.arange(k), [len(p) for p in parts])
-    r, v, a = np.zeros(k), np.full(k, -1.0), np.full(k, np.iinfo(np.int64).max)
-    np.maximum.at(r, seg, own[P] + zown[P])
-    np.maximum.at(v, seg, mind[P])
-    top = mind[P] == v[seg]
-    np.minimum.at(a, seg[top], P[top])
-    reach[J], cmax[J], carg[J] = r, v, a
-
-
-def _zdist(Z: np.ndarray, zsq: np.ndarray, rows: np.ndarray, c: int, zslack: float):
-    """Distances between the projections of some rows and of row c, from the Gram identity: a value at most
-    and one at least the true projected distance (the identity's rounding and the projection's allowed for)."""
-    g = zsq.take(rows) + zsq[c] - 2.0 * (Z.take(rows, axis=0) @ Z[c])
-    e = 1e-12 * (zsq.take(rows) + zsq[c])
-    return np.sqrt(np.maximum(g - e, 0.0)) - zslack, np.sqrt(g + e) * (1 + 1e-9) + zslack
-
-
-def _projection(X: np.ndarray, seed: int, q: int) -> tuple[np.ndarray, float]:
-    """The pool projected on its top q principal directions (`linalg.principal_directions`, seeded), in float64,
-    and an absolute allowance for the rounding of those projections (far above it: 1e-10 of the largest norm).
-    Any orthonormal directions keep the bounds valid; good ones only make them tighter."""
-    mean, P = principal_directions(X, q, seed, "greedy-pca")
-    Z = np.empty((len(X), q))
-    scale = 0.0
-    for a in range(0, len(X), 8192):
-        xc = X[a : a + 8192].astype(np.float64) - mean
-        Z[a : a + 8192] = xc @ P
-        scale = max(scale, float(np.sqrt(np.einsum("ij,ij->i", xc, xc).max())))
-    return Z, 1e-10 * scale
+def select_greedy(x: np.ndarray, n: int, seed: int, *, progress: Progress | None = None, **_) -> Selection:
+    """Greedy farthest-point selection, exact, with its distance work in matrix products (`farthest`)."""
+    indices, params = farthest_points(x, n, seed, progress=progress)
+    return Selection(indices, "greedy", seed, params)
 
 
 # ---------------------------------------------------------------------------------------------- threshold
@@ -261,7 +96,7 @@ def select_threshold(
     sq = (Xc**2).sum(1)
     norms = sq.sqrt()
     gamma = rounding_gamma(d + 4, np.float32)
-    n_distinct = len(np.unique(np.ascontiguousarray(x), axis=0))
+    n_distinct = len(distinct_index(x))
     if n_distinct < n:
         raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
     progress = or_silent(progress)

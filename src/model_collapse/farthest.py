@@ -1,0 +1,298 @@
+"""Greedy farthest-point selection, exact, at matrix-product speed on any data.
+
+The definition (Gonzalez 1985): start from a seeded random pool index; repeatedly add the pool point whose
+distance to its nearest selected centre is largest; ties go to the lowest pool index; distances are exact float64
+squared distances computed from differences.
+
+The straightforward loop streams the whole pool once per pick (a matrix-vector product): memory-bound, whatever
+the data. Here the distance work is batched into matrix-matrix products instead, with no geometric assumption:
+
+* Every pool point p keeps its three smallest *approximate* squared distances (float32 matrix-product identity
+  on centred data) to the centres it has been compared with (the first upto[p] of them), and which centres gave
+  the first two. A rigorous bound E[p] on the identity's rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN
+  kernel) makes the smallest, val[p], plus E[p] an upper bound of p's exact value now: comparing with more
+  centres only lowers it.
+* Every `block` picks (sooner when keeping the leaders up to date has cost as much), the remaining points are
+  compared with the centres added since, as matrix products over row chunks, and sorted by upper bound. Points
+  whose bound lies well below the last pick's value (a factor `rho`) are left for later: their stale bound stays
+  valid, and they are brought up to date only if it ever competes (most never do). Between block products only
+  the leaders are kept up to date with each new centre (one matrix-vector product of their rows); the next
+  points by bound join them, compared with the centres they have not seen as one product, whenever the best
+  leader's lower bound val - E does not clear the bound of everything behind (lazy evaluation: a bound only
+  falls).
+* A pick is certain when one leader's lower bound lies above every other point's upper bound. Otherwise the few
+  leaders within the rounding band are decided on exact float64 distances, computed from differences: to the
+  nearest approximate centre when the second approximate distance lies out of the band, to the first two when the
+  third does, else to every centre within the band. A point's exact value, once known, is kept up to date with
+  each new centre (a centre within the band of it gets an exact distance), so later decisions reuse it; the
+  largest exact value wins, the lowest index among equal ones.
+* When the largest exact value is 0, every remaining point is a copy of a centre: the rest of the selection is
+  the remaining points in index order, as the definition's ties give.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model_collapse.errors import UserError
+from model_collapse.neighbours import rounding_gamma
+from model_collapse.progress import Progress, or_silent
+from model_collapse.rng import numpy_rng
+
+ROWS = 4096  # row chunk of the block products (4,096 x block float32 at most)
+
+
+def greedy_start(m: int, seed: int) -> int:
+    return int(numpy_rng(seed, "greedy-start").integers(m))
+
+
+def exact_sq(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Exact float64 squared distances, from differences, between pool rows[i] and cols[i] (pairwise)."""
+    diff = x.take(rows, axis=0).astype(np.float64) - x.take(cols, axis=0)
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+class _Bounds:
+    """The pool's approximate distances to the centres: per point the three smallest (`near`, ascending), the
+    centres of the first two (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
+    (`err`) and the exact value where a decision needed it (`ex`, NaN elsewhere; up to date with `near`)."""
+
+    def __init__(self, x: np.ndarray, n: int):
+        self.x = x
+        mean = x.mean(0, dtype=np.float64)
+        if x.dtype == np.float32:  # a common shift changes no distance: only the subtraction's rounding counts
+            xc = x - mean.astype(np.float32)
+        else:  # round only once, after centring
+            xc = np.concatenate([(x[a : a + 8192] - mean).astype(np.float32) for a in range(0, len(x), 8192)])
+        self.xc = torch.from_numpy(xc)
+        self.sq = (self.xc * self.xc).sum(1)  # float32, as the products
+        norms = np.sqrt(np.einsum("ij,ij->i", self.xc.numpy(), self.xc.numpy(), dtype=np.float64)) * 1.001
+        # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy
+        self.err = rounding_gamma(x.shape[1] + 6, np.float32) * (norms + norms.max()) ** 2
+        m = len(x)
+        self.near = np.full((m, 3), np.inf)
+        self.near_at = np.zeros((m, 2), dtype=np.int64)
+        self.upto = np.zeros(m, dtype=np.int64)
+        self.ex = np.full(m, np.nan)
+        self.centres = np.empty(n, dtype=np.int64)
+        self.cbuf = torch.empty((n, x.shape[1]))
+        self.csq = torch.empty(n)
+        self.pairs = 0
+
+    def add(self, t: int, p: int) -> None:
+        self.centres[t] = p
+        self.cbuf[t] = self.xc[p]
+        self.csq[t] = self.sq[p]
+
+    def ub(self, p):
+        return self.near[p, 0] + self.err[p]
+
+    def fold(self, rows: np.ndarray, hi: int) -> None:
+        """Compare `rows` with the centres [upto, hi) each has not seen: rows of similar upto together, one product
+        per chunk of them."""
+        upto = self.upto[rows]
+        rows, upto = rows[upto < hi], upto[upto < hi]
+        if not len(rows):
+            return
+        by = np.argsort(upto, kind="stable")
+        rows, upto = rows[by], upto[by]
+        a = 0
+        while a < len(rows):
+            lo = int(upto[a])
+            b = min(int(np.searchsorted(upto, lo + max(32, (hi - lo) // 4), side="right")), a + ROWS)
+            self._fold_chunk(rows[a:b], upto[a:b], lo, hi)
+            a = b
+        self.upto[rows] = hi
+
+    def _fold_chunk(self, r: np.ndarray, u: np.ndarray, lo: int, hi: int) -> None:
+        a, b = int(r.min()), int(r.max()) + 1
+        if b - a <= 2 * len(r):  # dense rows: a product over the slice copies nothing (wide rows cost to gather)
+            D = torch.addmm(self.sq[a:b, None] + self.csq[lo:hi][None], self.xc[a:b], self.cbuf[lo:hi].T, alpha=-2.0)
+            D = D[torch.from_numpy(r - a)]
+        else:
+            rt = torch.from_numpy(r)
+            D = torch.addmm(self.sq[rt][:, None] + self.csq[lo:hi][None], self.xc[rt], self.cbuf[lo:hi].T,
+                            alpha=-2.0)
+        if u.max() > lo:  # columns a row has seen already would count its nearest centre twice
+            D[torch.arange(hi - lo)[None] < torch.from_numpy(u - lo)[:, None]] = torch.inf
+        self.pairs += D.numel()
+        k = min(3, hi - lo)
+        v, i = torch.topk(D, k, dim=1, largest=False) if k > 1 else (D, torch.zeros_like(D, dtype=torch.int64))
+        ex = self.ex[r]
+        known = np.flatnonzero(~np.isnan(ex))
+        if len(known):
+            self.ex[r[known]] = self.fold_exact(r[known], ex[known], self.err[r[known]], D[known], lo)
+        v, i = v.double().numpy(), i.numpy() + lo
+        hit = np.flatnonzero(v[:, 0] < self.near[r, 2])  # the rest keep their three nearest
+        r, v, i = r[hit], v[hit], i[hit]
+        vals = np.concatenate([self.near[r], v], axis=1)
+        ats = np.concatenate([self.near_at[r], np.full((len(r), 1), -1), i], axis=1)
+        by = np.argsort(vals, axis=1, kind="stable")[:, :3]
+        self.near[r] = np.take_along_axis(vals, by, 1)
+        self.near_at[r] = np.take_along_axis(ats, by[:, :2], 1)  # the old third (index -1) never ranks above it
+
+    def fold_exact(self, P, ex, err, D, lo: int) -> np.ndarray:
+        """Exact values ex of points P, brought up to date with centres lo, lo + 1, ... whose approximate squared
+        distances are the columns of D: only a centre within err of ex can come nearer."""
+        r, c = np.nonzero((D <= torch.from_numpy(ex + err)[:, None]).numpy())
+        if len(r):
+            ex = ex.copy()
+            np.minimum.at(ex, r, exact_sq(self.x, P[r], self.centres[lo + c]))
+        return ex
+
+    def exact(self, P: np.ndarray, near: np.ndarray, near_at: np.ndarray, err: np.ndarray, t: int) -> np.ndarray:
+        """Exact float64 values (squared distance to the nearest of the first t centres) of points whose `near` and
+        `near_at` are up to date with those centres."""
+        band = near[:, 0] + 2 * err  # the exact nearest centre's approximate distance is at most this
+        one = near[:, 1] > band
+        two = ~one & (near[:, 2] > band)
+        out = np.empty(len(P))
+        out[one] = exact_sq(self.x, P[one], self.centres[near_at[one, 0]])
+        out[two] = np.minimum(exact_sq(self.x, P[two], self.centres[near_at[two, 0]]),
+                              exact_sq(self.x, P[two], self.centres[near_at[two, 1]]))
+        for i in np.flatnonzero(~one & ~two):
+            p = int(P[i])
+            d = (self.sq[p] + self.csq[:t] - 2.0 * (self.cbuf[:t] @ self.xc[p])).double().numpy()
+            c = self.centres[:t][d <= band[i]]
+            out[i] = exact_sq(self.x, np.full(len(c), p), c).min()
+        return out
+
+
+class _Active:
+    """The points that may hold the maximum: the leaders by upper bound since the last block product, each kept up
+    to date with every centre (one matrix-vector product of their own rows per pick). The rest lie behind
+    `behind`, an upper bound of all their values."""
+
+    def __init__(self, bounds: _Bounds, order: np.ndarray, t: int):
+        self.B, self.order, self.nxt, self.t = bounds, order, 0, t
+        self.idx = np.empty(0, dtype=np.int64)
+        self.rows, self.sq = bounds.xc[:0], bounds.sq[:0]
+        self.near, self.near_at = np.empty((0, 3)), np.empty((0, 2), dtype=np.int64)
+        self.err, self.ex = np.empty(0), np.empty(0)
+        self.work = 0  # rows folded one centre at a time since the block product
+
+    @property
+    def behind(self) -> float:
+        return float(self.B.ub(self.order[self.nxt])) if self.nxt < len(self.order) else -np.inf
+
+    def grow(self) -> None:
+        """Take the next leaders from behind, brought up to date with the centres they have not seen."""
+        B = self.B
+        new = self.order[self.nxt : self.nxt + max(64, len(self.idx) // 2)]
+        self.nxt += len(new)
+        B.fold(new, self.t)
+        nt = torch.from_numpy(new)
+        self.idx = np.concatenate([self.idx, new])
+        self.rows, self.sq = torch.cat([self.rows, B.xc[nt]]), torch.cat([self.sq, B.sq[nt]])
+        self.near, self.near_at = np.concatenate([self.near, B.near[new]]), np.concatenate([self.near_at, B.near_at[new]])
+        self.err, self.ex = np.concatenate([self.err, B.err[new]]), np.concatenate([self.ex, B.ex[new]])
+
+    def add_centre(self, t: int) -> None:
+        """Fold centre t - 1 into every leader."""
+        B = self.B
+        self.t = t
+        if not len(self.idx):
+            return
+        d = self.sq + B.csq[t - 1] - 2.0 * (self.rows @ B.cbuf[t - 1])
+        self.work += len(d)
+        known = np.flatnonzero(~np.isnan(self.ex))
+        if len(known):
+            self.ex[known] = B.fold_exact(self.idx[known], self.ex[known], self.err[known], d[known][:, None], t - 1)
+        d = d.double().numpy()
+        hit = np.flatnonzero(d < self.near[:, 2])  # few: the rest keep their three nearest
+        if not len(hit):
+            return
+        v, at, dh = self.near[hit], self.near_at[hit], d[hit]
+        first, second = dh < v[:, 0], dh < v[:, 1]
+        v[:, 2] = np.where(second, v[:, 1], dh)
+        v[:, 1] = np.where(first, v[:, 0], np.where(second, dh, v[:, 1]))
+        v[:, 0] = np.where(first, dh, v[:, 0])
+        at[:, 1] = np.where(first, at[:, 0], np.where(second, t - 1, at[:, 1]))
+        at[:, 0] = np.where(first, t - 1, at[:, 0])
+        self.near[hit], self.near_at[hit] = v, at
+
+    def remove(self, i: int) -> None:
+        self.near[i], self.err[i], self.ex[i] = -np.inf, 0.0, np.nan
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds of the leaders' exact values (the value itself where it is known)."""
+        known = ~np.isnan(self.ex)
+        val = self.near[:, 0]
+        return np.where(known, self.ex, val - self.err), np.where(known, self.ex, val + self.err)
+
+    def write_back(self) -> None:
+        """Hand the leaders' state back to the pool's arrays (before a block product)."""
+        live = np.isfinite(self.near[:, 0])
+        P = self.idx[live]
+        B = self.B
+        B.near[P], B.near_at[P], B.ex[P], B.upto[P] = self.near[live], self.near_at[live], self.ex[live], self.t
+
+def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho: float = 0.95,
+                    progress: Progress | None = None) -> tuple[np.ndarray, dict]:
+    """Greedy farthest-point selection, exact (see the module's docstring): n pool indices in selection order and
+    what decided them (the start, and the share of all pool-centre distances computed)."""
+    m = len(x)
+    X = np.ascontiguousarray(x)
+    if X.dtype.kind != "f" or X.itemsize < 4:
+        X = X.astype(np.float64 if X.dtype.kind != "f" else np.float32)  # half floats are exact in float32
+    if not np.isfinite(X).all():
+        raise UserError("selection input contains NaN or inf")
+    B = _Bounds(X, n)
+    start = greedy_start(m, seed)
+    taken = np.zeros(m, dtype=bool)
+    taken[start] = True
+    B.add(0, start)
+    chosen = [start]
+    progress = or_silent(progress)
+    progress.start(f"greedy selection, {n} of {m}", n)
+    A, flushed, last = None, 0, -np.inf
+    t = 1
+    while t < n:
+        if t % 256 == 0:
+            progress.advance(256)
+        if A is None or t - flushed >= block or A.work >= m - t:
+            # everyone against the centres added since: one product per row chunk
+            if A is not None:
+                A.write_back()
+            rest = np.flatnonzero(~taken)
+            B.fold(rest[B.ub(rest) >= rho * last], t)  # the rest keep their (higher) bound until it competes
+            A = _Active(B, rest[np.argsort(-B.ub(rest), kind="stable")], t)
+            flushed = t
+        else:
+            A.add_centre(t)
+        win, best, last = _pick(B, A, t)
+        if best == 0.0:  # every remaining point is a copy of a centre: index order, as the ties give
+            chosen.extend(np.flatnonzero(~taken)[: n - t].tolist())
+            break
+        chosen.append(win)
+        taken[win] = True
+        B.add(t, win)
+        t += 1
+    progress.advance(n - (n - 1) // 256 * 256)
+    progress.close()
+    return np.asarray(chosen, dtype=np.int64), {"start": start, "distances_computed": int(B.pairs)}
+
+
+def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, float | None, float]:
+    """The point of largest exact value among the pool's remaining points (lowest index among equal ones), and that
+    value when it had to be computed, and its approximate value; the point leaves the leaders."""
+    while True:
+        low, up = A.bounds()
+        lo = low.max() if len(low) else -np.inf
+        if lo > A.behind:
+            break
+        A.grow()
+    near = np.flatnonzero(up >= lo)
+    if len(near) == 1:
+        i, best = int(near[0]), None
+    else:
+        todo = near[np.isnan(A.ex[near])]
+        if len(todo):
+            A.ex[todo] = B.exact(A.idx[todo], A.near[todo], A.near_at[todo], A.err[todo], t)
+        ex = A.ex[near]
+        best = float(ex.max())
+        i = int(near[ex == best][np.argmin(A.idx[near[ex == best]])])
+    win, value = int(A.idx[i]), float(A.near[i, 0])
+    A.remove(i)
+    return win, best, value
