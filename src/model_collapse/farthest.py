@@ -185,7 +185,8 @@ class _Active:
         nt = torch.from_numpy(new)
         self.idx = np.concatenate([self.idx, new])
         self.rows, self.sq = torch.cat([self.rows, B.xc[nt]]), torch.cat([self.sq, B.sq[nt]])
-        self.near, self.near_at = np.concatenate([self.near, B.near[new]]), np.concatenate([self.near_at, B.near_at[new]])
+        self.near = np.concatenate([self.near, B.near[new]])
+        self.near_at = np.concatenate([self.near_at, B.near_at[new]])
         self.err, self.ex = np.concatenate([self.err, B.err[new]]), np.concatenate([self.ex, B.ex[new]])
 
     def add_centre(self, t: int) -> None:
