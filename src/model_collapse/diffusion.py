@@ -140,9 +140,11 @@ def lr_factor(step: int, s: TrainSettings) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _optimizer(unet, s: TrainSettings):
+def _optimizer(unet, s: TrainSettings, fused: bool = True):
+    """AdamW; `fused` (one kernel over all parameters, on CPUs and GPUs) unless asked otherwise: torch's default on
+    a CPU is a Python loop over the parameters, one small kernel launch per parameter and operation."""
     return torch.optim.AdamW(unet.parameters(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2),
-                             weight_decay=s.weight_decay)
+                             weight_decay=s.weight_decay, fused=fused or None, foreach=None if fused else False)
 
 
 def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, step: int) -> None:
@@ -211,6 +213,7 @@ def train(
     device: str | torch.device = "cpu",
     amp_dtype: torch.dtype | None = None,
     accelerator=None,
+    fused: bool = True,
 ):
     """Train `unet` in place for s.train_steps with the epsilon-prediction DDPM loss; returns the final weights
     to sample from (the EMA weights when EMA is on).
@@ -222,6 +225,8 @@ def train(
     from it (every process loads it; the main process saves it) and saves it every
     s.checkpoint_every steps (and at the end with save_final, so that a later call with more steps continues:
     with a constant learning rate, training to 1000 and then to 2000 steps equals training to 2000 at once).
+    `fused`: the optimizer, gradient clipping and EMA each as one multi-tensor kernel instead of a Python loop
+    over the parameters (the same arithmetic up to float rounding; `benchmarks/bench_loop.py` measures both).
     """
     compiled, unet = unet, getattr(unet, "_orig_mod", unet)  # torch.compile: run the compiled, save the module
     dev = torch.device(device) if accelerator is None else accelerator.device
@@ -231,8 +236,9 @@ def train(
     data = to_model_space(images).to(dev)
     lab = torch.as_tensor(labels).to(dev) if labels is not None else None
     n = len(data)
-    opt = _optimizer(unet, s)
-    ema = [p.detach().clone() for p in unet.parameters()] if s.ema_decay is not None else None
+    params = list(unet.parameters())
+    opt = _optimizer(unet, s, fused)
+    ema = [p.detach().clone() for p in params] if s.ema_decay is not None else None
     step = 0
     if checkpoint is not None and checkpoint.exists():
         step = load_checkpoint(checkpoint, unet, opt, ema)
@@ -265,12 +271,15 @@ def train(
         else:
             accelerator.backward(loss)
         if s.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), s.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip, foreach=fused)
         opt.step()
         if ema is not None:
             with torch.no_grad():
-                for e, p in zip(ema, unet.parameters()):
-                    e.lerp_(p.detach(), 1.0 - s.ema_decay)
+                if fused:
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - s.ema_decay)
+                else:
+                    for e, p in zip(ema, params):
+                        e.lerp_(p.detach(), 1.0 - s.ema_decay)
         step += 1
         if progress is not None:
             progress(step)

@@ -1,0 +1,130 @@
+"""Training and sampling throughput of the loop's own code against a plain diffusers loop, in the same process.
+
+Run: .venv/bin/python benchmarks/bench_loop.py [--quick] [--rounds R] [--scale demo|unet48 ...]
+The plain loop is the textbook one (forward, MSE, backward, clip, AdamW with torch's defaults, EMA lerp per
+parameter); ours is `diffusion.train` (seeded per-step draws, schedules, checkpoint hooks) with its fused
+optimizer, clipping and EMA, and with them off. Sampling: a plain DDIM loop on one batch against
+`diffusion.generate` (one seeded generator per sample, fixed evaluation batch). Rounds alternate the variants and
+the line reports each round's ratio (this machine's speed drifts); results go into benchmarks/RESULTS.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from model_collapse.diffusion import (  # noqa: E402
+    TrainSettings, build_unet, generate, make_sampler, make_train_scheduler, train)
+from model_collapse.registry import MODEL_PRESETS  # noqa: E402
+
+SCALES = {"demo": ("tiny", 8, 1, 32), "unet48": ("unet48", 32, 3, 32)}  # preset, side, channels, batch
+
+
+def settings(steps: int, batch: int) -> TrainSettings:
+    return TrainSettings(train_steps=steps, batch_size=batch, lr=1e-3, lr_schedule="constant", warmup_steps=50,
+                         weight_decay=1e-6, adam_beta1=0.95, adam_beta2=0.999, ema_decay=0.995, label_dropout=0.0,
+                         checkpoint_every=10**9, grad_clip=1.0)
+
+
+def plain_train(unet, images: np.ndarray, s: TrainSettings) -> None:
+    """The textbook loop: the same model, loss, clipping, AdamW and EMA, nothing else."""
+    sched = make_train_scheduler()
+    data = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    alphas = sched.alphas_cumprod
+    params = list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay)
+    ema = [p.detach().clone() for p in params]
+    unet.train()
+    for _ in range(s.train_steps):
+        idx = torch.randint(0, len(data), (s.batch_size,))
+        noise = torch.randn((s.batch_size,) + tuple(data.shape[1:]))
+        t = torch.randint(0, 1000, (s.batch_size,))
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * data[idx] + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(xt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1.0 - s.ema_decay)
+
+
+@torch.no_grad()
+def plain_sample(unet, n: int, side: int, channels: int, steps: int) -> None:
+    sampler = make_sampler("ddim", make_train_scheduler())
+    sampler.set_timesteps(steps)
+    x = torch.randn(n, channels, side, side)
+    unet.eval()
+    for t in sampler.timesteps:
+        x = sampler.step(unet(x, t).sample, t, x).prev_sample
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench(scale: str, quick: bool, rounds: int) -> None:
+    preset, side, channels, batch = SCALES[scale]
+    steps = (40 if quick else 200) if scale == "demo" else (3 if quick else 10)
+    n_sample, sample_steps = (256, 10 if quick else 50) if scale == "demo" else (32, 2 if quick else 5)
+    images = np.random.default_rng(0).integers(0, 256, size=(256, side, side, channels), dtype=np.uint8)
+    s = settings(steps, batch)
+
+    def unet():
+        torch.manual_seed(0)
+        return build_unet(MODEL_PRESETS[preset], side, channels)
+
+    variants = {
+        "plain": lambda: plain_train(unet(), images, s),
+        "ours": lambda: train(unet(), images, None, s, 0, ("bench",)),
+        "ours, fused off": lambda: train(unet(), images, None, s, 0, ("bench",), fused=False),
+    }
+    train(unet(), images, None, settings(2, batch), 0, ("warm",))  # warm-up: thread pools, first-call dispatch
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            times[k].append(timed(fn))
+    base = times["plain"]
+    for k, ts in times.items():
+        ratios = ", ".join(f"{b / t:.2f}x" for b, t in zip(base, ts))
+        print(f"train {scale} ({preset}, {side}x{side}x{channels}, batch {batch}, {steps} steps) {k}: "
+              f"{steps / min(ts):.1f} steps/s best, {np.median(ts) / steps * 1e3:.1f} ms/step median; speed vs plain "
+              f"per round: {ratios}", flush=True)
+
+    model = unet()
+    model.eval()
+    ts_plain, ts_ours = [], []
+    for _ in range(rounds):
+        ts_plain.append(timed(lambda: plain_sample(model, n_sample, side, channels, sample_steps)))
+        ts_ours.append(timed(lambda: generate(model, "ddim", sample_steps, range(n_sample), 0, ("bench",),
+                                              (side, side, channels), batch_size=n_sample)))
+    ratios = ", ".join(f"{b / t:.2f}x" for b, t in zip(ts_plain, ts_ours))
+    print(f"sample {scale} DDIM-{sample_steps}, {n_sample} images: plain {n_sample / min(ts_plain):.0f} images/s, "
+          f"ours {n_sample / min(ts_ours):.0f} images/s; speed vs plain per round: {ratios}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scale", nargs="*", default=list(SCALES), choices=list(SCALES))
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    for scale in args.scale:
+        bench(scale, args.quick, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
