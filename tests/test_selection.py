@@ -288,4 +288,22 @@ def test_farthest_exact_values_in_every_band_case(rng):
              "band": B.near[P, 2] <= band}
     assert all(c.any() for c in cases.values()), {k: int(c.sum()) for k, c in cases.items()}
     want = ((x[P, None, :].astype(np.float64) - x[centres][None].astype(np.float64)) ** 2).sum(2).min(1)
-    np.testing.assert_array_equal(B.exact(P, B.near[P], B.near_at[P], B.err[P], 40), want)
+    np.testing.assert_array_equal(B.exact(P, B.near[P], B.near_at[P], B.err[P], 40), want * B.scale2)
+
+
+def test_farthest_points_at_any_scale_and_summation_order(rng):
+    """Equal float64 sums decided as the definition sums them (numpy's row sum, not another order); pools so small
+    that float32 products underflow, or so large that they overflow, choose as the definition does."""
+    from model_collapse.farthest import farthest_points
+
+    x = np.array([[0, 0, 0], [-1.6480752229690552, 0.1674647480249405, 0.10901408642530441],
+                  [0.1674647480249405, -1.6480752229690552, 0.10901408642530441]], dtype=np.float32)
+    for pool in (x, x[[0, 2, 1]]):
+        np.testing.assert_array_equal(farthest_points(pool, 2, 0)[0], greedy_reference(pool, 2, 0))
+    tiny = np.array([[2.4e-21], [1.75e-20], [8e-22], [1.66e-20], [5.8e-21], [1.41e-20]])
+    pools = [tiny, rng.random((200, 3)) * 1e-21, rng.normal(size=(60, 3)) * 1e19,
+             (rng.normal(size=(60, 3)) * 1e19).astype(np.float32)]
+    for i, pool in enumerate(pools):
+        for n in (len(pool) // 2, len(pool)):
+            np.testing.assert_array_equal(farthest_points(pool, n, 0)[0], greedy_reference(pool, n, 0),
+                                          err_msg=f"pool {i}, n {n}")

@@ -8,10 +8,10 @@ The straightforward loop streams the whole pool once per pick (a matrix-vector p
 the data. Here the distance work is batched into matrix-matrix products instead, with no geometric assumption:
 
 * Every pool point p keeps its three smallest *approximate* squared distances (float32 matrix-product identity
-  on centred data) to the centres it has been compared with (the first upto[p] of them), and which centres gave
-  the first two. A rigorous bound E[p] on the identity's rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN
-  kernel) makes the smallest, val[p], plus E[p] an upper bound of p's exact value now: comparing with more
-  centres only lowers it.
+  on data centred and scaled by a power of two to norms of at most 1) to the centres it has been compared with
+  (the first upto[p] of them), and which centres gave the first two. A rigorous bound E[p] on the identity's
+  rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN kernel, plus float32 underflow) makes the smallest,
+  val[p], plus E[p] an upper bound of p's exact value now: comparing with more centres only lowers it.
 * Every `block` picks (sooner when keeping the leaders up to date has cost as much), the remaining points are
   compared with the centres added since, as matrix products over row chunks, and sorted by upper bound. Points
   whose bound lies well below the last pick's value (a factor `rho`) are left for later: their stale bound stays
@@ -32,6 +32,8 @@ the data. Here the distance work is batched into matrix-matrix products instead,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -48,9 +50,10 @@ def greedy_start(m: int, seed: int) -> int:
 
 
 def exact_sq(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Exact float64 squared distances, from differences, between pool rows[i] and cols[i] (pairwise)."""
+    """Exact float64 squared distances, from differences, between pool rows[i] and cols[i] (pairwise); each row
+    summed as numpy's sum over the row sums it (pairwise), the definition's order, so equal sums stay equal."""
     diff = x.take(rows, axis=0).astype(np.float64) - x.take(cols, axis=0)
-    return np.einsum("ij,ij->i", diff, diff)
+    return (diff * diff).sum(1)
 
 
 class _Bounds:
@@ -60,16 +63,21 @@ class _Bounds:
 
     def __init__(self, x: np.ndarray, n: int):
         self.x = x
+        d = x.shape[1]
         mean = x.mean(0, dtype=np.float64)
-        if x.dtype == np.float32:  # a common shift changes no distance: only the subtraction's rounding counts
-            xc = x - mean.astype(np.float32)
-        else:  # round only once, after centring
-            xc = np.concatenate([(x[a : a + 8192] - mean).astype(np.float32) for a in range(0, len(x), 8192)])
-        self.xc = torch.from_numpy(xc)
+        chunks = [x[a : a + 8192] - mean for a in range(0, len(x), 8192)]
+        top = max(float(np.sqrt(np.einsum("ij,ij->i", c, c).max())) for c in chunks)
+        # centred, then scaled by a power of two to a largest norm in [0.5, 1]: no float32 overflow, and underflow
+        # only far below any distance that matters (bounded below). Every value here, exact ones included
+        # (`scale2` times the float64 distance, exact: a power of two), is in these units.
+        scale = 2.0 ** -math.ceil(math.log2(top)) if top > 0 else 1.0
+        self.scale2 = scale * scale
+        self.xc = torch.from_numpy(np.concatenate([(c * scale).astype(np.float32) for c in chunks]))
         self.sq = (self.xc * self.xc).sum(1)  # float32, as the products
         norms = np.sqrt(np.einsum("ij,ij->i", self.xc.numpy(), self.xc.numpy(), dtype=np.float64)) * 1.001
-        # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy
-        self.err = rounding_gamma(x.shape[1] + 6, np.float32) * (norms + norms.max()) ** 2
+        # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus the worst underflow of
+        # d + 6 float32 products and sums (2^-149 each), with room to spare
+        self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + (d + 6) * 2.0**-140
         m = len(x)
         self.near = np.full((m, 3), np.inf)
         self.near_at = np.zeros((m, 2), dtype=np.int64)
@@ -84,6 +92,10 @@ class _Bounds:
         self.centres[t] = p
         self.cbuf[t] = self.xc[p]
         self.csq[t] = self.sq[p]
+
+    def exact_pairs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """`exact_sq` in this object's units (times a power of two: still exact, equal values stay equal)."""
+        return exact_sq(self.x, rows, cols) * self.scale2
 
     def ub(self, p):
         return self.near[p, 0] + self.err[p]
@@ -138,7 +150,7 @@ class _Bounds:
         r, c = np.nonzero((D <= torch.from_numpy(ex + err)[:, None]).numpy())
         if len(r):
             ex = ex.copy()
-            np.minimum.at(ex, r, exact_sq(self.x, P[r], self.centres[lo + c]))
+            np.minimum.at(ex, r, self.exact_pairs(P[r], self.centres[lo + c]))
         return ex
 
     def exact(self, P: np.ndarray, near: np.ndarray, near_at: np.ndarray, err: np.ndarray, t: int) -> np.ndarray:
@@ -148,14 +160,14 @@ class _Bounds:
         one = near[:, 1] > band
         two = ~one & (near[:, 2] > band)
         out = np.empty(len(P))
-        out[one] = exact_sq(self.x, P[one], self.centres[near_at[one, 0]])
-        out[two] = np.minimum(exact_sq(self.x, P[two], self.centres[near_at[two, 0]]),
-                              exact_sq(self.x, P[two], self.centres[near_at[two, 1]]))
+        out[one] = self.exact_pairs(P[one], self.centres[near_at[one, 0]])
+        out[two] = np.minimum(self.exact_pairs(P[two], self.centres[near_at[two, 0]]),
+                              self.exact_pairs(P[two], self.centres[near_at[two, 1]]))
         for i in np.flatnonzero(~one & ~two):
             p = int(P[i])
             d = (self.sq[p] + self.csq[:t] - 2.0 * (self.cbuf[:t] @ self.xc[p])).double().numpy()
             c = self.centres[:t][d <= band[i]]
-            out[i] = exact_sq(self.x, np.full(len(c), p), c).min()
+            out[i] = self.exact_pairs(np.full(len(c), p), c).min()
         return out
 
 
