@@ -65,19 +65,27 @@ class _Bounds:
         self.x = x
         d = x.shape[1]
         mean = x.mean(0, dtype=np.float64)
-        chunks = [x[a : a + 8192] - mean for a in range(0, len(x), 8192)]
-        top = max(float(np.sqrt(np.einsum("ij,ij->i", c, c).max())) for c in chunks)
         # centred, then scaled by a power of two to a largest norm in [0.5, 1]: no float32 overflow, and underflow
-        # only far below any distance that matters (bounded below). Every value here, exact ones included
-        # (`scale2` times the float64 distance, exact: a power of two), is in these units.
+        # (absolute errors of at most 2^-150 per value, 2^-90 in these units: below) only far beneath any distance
+        # that matters. Every value here, exact ones included (`scale2` times the float64 distance: a power of two,
+        # so still exact), is in these units.
+        xc = x - mean.astype(np.float32) if x.dtype == np.float32 else None  # float32 input: one rounding
+        top = float(np.sqrt(np.einsum("ij,ij->i", xc, xc, dtype=np.float64).max())) if xc is not None else math.nan
+        exact64 = not (math.isfinite(top) and top >= 2.0**-60)  # float64 input, overflow, or tiny values
+        if exact64:  # centre in float64, a chunk at a time, and round once
+            top = max(float(np.sqrt(np.einsum("ij,ij->i", c, c).max())) for c in self._centred(x, mean))
         scale = 2.0 ** -math.ceil(math.log2(top)) if top > 0 else 1.0
         self.scale2 = scale * scale
-        self.xc = torch.from_numpy(np.concatenate([(c * scale).astype(np.float32) for c in chunks]))
+        if exact64:
+            xc = np.concatenate([(c * scale).astype(np.float32) for c in self._centred(x, mean)])
+        else:
+            xc *= np.float32(scale)
+        self.xc = torch.from_numpy(xc)
         self.sq = (self.xc * self.xc).sum(1)  # float32, as the products
         norms = np.sqrt(np.einsum("ij,ij->i", self.xc.numpy(), self.xc.numpy(), dtype=np.float64)) * 1.001
-        # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus the worst underflow of
-        # d + 6 float32 products and sums (2^-149 each), with room to spare
-        self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + (d + 6) * 2.0**-140
+        # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
+        # and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
+        self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + (d + 6) * 2.0**-80
         m = len(x)
         self.near = np.full((m, 3), np.inf)
         self.near_at = np.zeros((m, 2), dtype=np.int64)
@@ -87,6 +95,11 @@ class _Bounds:
         self.cbuf = torch.empty((n, x.shape[1]))
         self.csq = torch.empty(n)
         self.pairs = 0
+
+    @staticmethod
+    def _centred(x: np.ndarray, mean: np.ndarray):
+        for a in range(0, len(x), 8192):
+            yield x[a : a + 8192] - mean
 
     def add(self, t: int, p: int) -> None:
         self.centres[t] = p
