@@ -45,3 +45,48 @@ def test_resuming_a_fused_run_from_its_checkpoint_is_bit_identical(tmp_path):
     unet = build_unet(MODEL_PRESETS["tiny"], 8, 1)
     train(unet, _images(), None, SETTINGS, 0, ("test",), checkpoint=ckpt)
     assert torch.equal(whole, torch.cat([p.detach().flatten() for p in unet.parameters()]))
+
+
+def _init_weights():
+    torch.manual_seed(0)
+    return torch.cat([p.detach().flatten() for p in build_unet(MODEL_PRESETS["tiny"], 8, 1).parameters()])
+
+
+def test_mixed_precision_training_stays_finite_and_near_full_precision():
+    full = _weights()
+    for dtype in (torch.bfloat16, torch.float16):
+        w = _weights(amp_dtype=dtype)
+        assert torch.isfinite(w).all() and not torch.equal(w, full)
+        moved = (full - _init_weights()).norm()
+        assert (w - full).norm() < 0.5 * moved, dtype  # training went the same way, at lower precision
+
+
+def test_fp16_overflow_is_skipped_and_the_scale_backs_off(monkeypatch, tmp_path):
+    """A loss scale far too large makes every fp16 gradient overflow: those steps are skipped (the weights stay as
+    they were, never NaN) and the scale halves until steps go through."""
+    import model_collapse.diffusion as D
+
+    monkeypatch.setattr(D, "FP16_INIT_SCALE", 2.0**40)
+    one = dataclasses.replace(SETTINGS, train_steps=1, ema_decay=None)
+    assert torch.equal(_weights(one, amp_dtype=torch.float16), _init_weights())  # the one step was skipped
+    w = _weights(amp_dtype=torch.float16)
+    assert torch.isfinite(w).all() and not torch.equal(w, _init_weights())
+
+
+def test_resuming_fp16_training_restores_the_loss_scale(monkeypatch, tmp_path):
+    """With a scale that backs off during the first 20 steps, resuming from the step-20 checkpoint equals training
+    straight through only if the scaler's state came back with it."""
+    import model_collapse.diffusion as D
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(D, "FP16_INIT_SCALE", 2.0**40)
+    whole = _weights(amp_dtype=torch.float16)
+    torch.manual_seed(0)
+    unet = build_unet(MODEL_PRESETS["tiny"], 8, 1)
+    ckpt = tmp_path / "ckpt.safetensors"
+    train(unet, _images(), None, dataclasses.replace(SETTINGS, train_steps=20), 0, ("test",), checkpoint=ckpt,
+          save_final=True, amp_dtype=torch.float16)
+    assert float(load_file(str(ckpt))["scaler.scale"]) < 2.0**40
+    unet = build_unet(MODEL_PRESETS["tiny"], 8, 1)
+    train(unet, _images(), None, SETTINGS, 0, ("test",), checkpoint=ckpt, amp_dtype=torch.float16)
+    assert torch.equal(whole, torch.cat([p.detach().flatten() for p in unet.parameters()]))

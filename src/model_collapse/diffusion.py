@@ -130,6 +130,9 @@ class TrainSettings:
     grad_clip: float | None = 1.0  # None = off
 
 
+FP16_INIT_SCALE = 2.0**16  # the loss scaler's first scale (torch's default)
+
+
 def lr_factor(step: int, s: TrainSettings) -> float:
     """Linear warm-up, then cosine decay to zero (diffusers' get_cosine_schedule_with_warmup) or constant."""
     if step < s.warmup_steps:
@@ -147,8 +150,8 @@ def _optimizer(unet, s: TrainSettings, fused: bool = True):
                              weight_decay=s.weight_decay, fused=fused or None, foreach=None if fused else False)
 
 
-def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, step: int) -> None:
-    """Model, optimiser and EMA state as one safetensors file, written atomically."""
+def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, step: int, scaler=None) -> None:
+    """Model, optimiser, EMA and fp16 loss-scaler state as one safetensors file, written atomically."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
@@ -160,12 +163,16 @@ def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None
     if ema_params is not None:
         for i, p in enumerate(ema_params):
             tensors[f"ema.{i}"] = p.detach().contiguous()
+    if scaler is not None and scaler.is_enabled():
+        st = scaler.state_dict()
+        tensors["scaler.scale"] = torch.tensor(float(st["scale"]), dtype=torch.float64)
+        tensors["scaler.growth_tracker"] = torch.tensor(int(st["_growth_tracker"]), dtype=torch.int64)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"step": str(step)})
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None) -> int:
+def load_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, scaler=None) -> int:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -180,6 +187,10 @@ def load_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None
     if ema_params is not None:
         for i, p in enumerate(ema_params):
             p.copy_(tensors[f"ema.{i}"])
+    if scaler is not None and scaler.is_enabled() and "scaler.scale" in tensors:
+        st = scaler.state_dict()
+        st["scale"], st["_growth_tracker"] = float(tensors["scaler.scale"]), int(tensors["scaler.growth_tracker"])
+        scaler.load_state_dict(st)
     return step
 
 
@@ -227,6 +238,10 @@ def train(
     with a constant learning rate, training to 1000 and then to 2000 steps equals training to 2000 at once).
     `fused`: the optimizer, gradient clipping and EMA each as one multi-tensor kernel instead of a Python loop
     over the parameters (the same arithmetic up to float rounding; `benchmarks/bench_loop.py` measures both).
+    `amp_dtype`: autocast to bf16 or fp16, in one process and under an accelerator alike (the accelerator only
+    syncs gradients). fp16 adds a loss scaler (`torch.amp.GradScaler`, initial scale FP16_INIT_SCALE): gradients
+    are unscaled before clipping, a step with non-finite gradients is skipped and the scale halves, it doubles
+    after 2,000 clean steps; its state is in the checkpoint, so resume stays exact.
     """
     compiled, unet = unet, getattr(unet, "_orig_mod", unet)  # torch.compile: run the compiled, save the module
     dev = torch.device(device) if accelerator is None else accelerator.device
@@ -239,9 +254,10 @@ def train(
     params = list(unet.parameters())
     opt = _optimizer(unet, s, fused)
     ema = [p.detach().clone() for p in params] if s.ema_decay is not None else None
+    scaler = torch.amp.GradScaler(dev.type, init_scale=FP16_INIT_SCALE, enabled=amp_dtype == torch.float16)
     step = 0
     if checkpoint is not None and checkpoint.exists():
-        step = load_checkpoint(checkpoint, unet, opt, ema)
+        step = load_checkpoint(checkpoint, unet, opt, ema, scaler)
     alphas = sched.alphas_cumprod.to(dev)
     model = compiled if accelerator is None else accelerator.prepare_model(compiled)
     unet.train()
@@ -267,12 +283,14 @@ def train(
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         if accelerator is None:
-            loss.backward()
+            scaler.scale(loss).backward()
         else:
-            accelerator.backward(loss)
+            accelerator.backward(scaler.scale(loss))
         if s.grad_clip is not None:
+            scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip, foreach=fused)
-        opt.step()
+        scaler.step(opt)  # skipped when a gradient is inf or NaN (fp16 overflow)
+        scaler.update()
         if ema is not None:
             with torch.no_grad():
                 if fused:
@@ -285,13 +303,13 @@ def train(
             progress(step)
         if checkpoint is not None and (step % s.checkpoint_every == 0) and step < s.train_steps:
             if rank == 0:
-                save_checkpoint(checkpoint, unet, opt, ema, step)
+                save_checkpoint(checkpoint, unet, opt, ema, step, scaler)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
             if on_checkpoint is not None:
                 on_checkpoint(step)
     if checkpoint is not None and save_final and rank == 0:
-        save_checkpoint(checkpoint, unet, opt, ema, step)
+        save_checkpoint(checkpoint, unet, opt, ema, step, scaler)
     unet.eval()
     if ema is not None:
         with torch.no_grad():

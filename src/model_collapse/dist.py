@@ -50,10 +50,11 @@ def share(value):
     return box[0]
 
 
-def accelerator(mixed_precision: str = "no"):
-    """An Accelerator for data-parallel training (None in a single process: plain training is the same)."""
+def accelerator():
+    """An Accelerator for data-parallel training (None in a single process: plain training is the same). It only
+    syncs gradients: autocast and fp16 loss scaling are `diffusion.train`'s, the same in one process and in many."""
     if _state() is None:
         return None
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision="no")

@@ -46,11 +46,11 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
     ckpt = d / "train_state.safetensors"
     labels = tr.get("labels") if cfg.conditional else None
     hook = (lambda step: on_checkpoint(label, t, step)) if on_checkpoint else None
-    acc = dist.accelerator(cfg.mixed_precision)
+    acc = dist.accelerator()
     D.train(_fast(study, unet), tr["images"], labels, study.train_settings(), cfg.seed, (label, t), checkpoint=ckpt,
             progress=(lambda step: bar.update(1)) if bar else None, on_checkpoint=hook,
             null_class=study.num_classes, device=study.device, accelerator=acc,
-            amp_dtype=AMP.get(cfg.mixed_precision) if acc is None else None)
+            amp_dtype=AMP.get(cfg.mixed_precision))
     unet.cpu()
     if dist.is_main():
         D.save_weights(d / "model.safetensors", unet)
