@@ -307,3 +307,30 @@ def test_farthest_points_at_any_scale_and_summation_order(rng):
         for n in (len(pool) // 2, len(pool)):
             np.testing.assert_array_equal(farthest_points(pool, n, 0)[0], greedy_reference(pool, n, 0),
                                           err_msg=f"pool {i}, n {n}")
+
+
+def test_threshold_with_a_huge_tau0_skips_its_empty_passes_exactly(rng):
+    """tau0 a million times the pool's scale: hundreds of passes accept nothing; the filter skips them and still
+    chooses, counts passes and ends at the tau of the definition; tau0 = inf is refused in one line."""
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    x[60:70] = x[:10]
+    X = x.astype(np.float64)
+    order = numpy_rng(2, "threshold-order").permutation(len(x))
+    acc, tau, passes = [], 1e6, 0
+    while len(acc) < 40:  # the definition (every_pass), counting its passes
+        passes += 1
+        for p in order:
+            if p not in acc and (not acc or (((X[acc] - X[p]) ** 2).sum(1) > tau * tau).all()):
+                acc.append(int(p))
+                if len(acc) == 40:
+                    break
+        else:
+            tau *= 0.9
+    for decay_when in ("every_pass", "empty_pass"):
+        sel = select_threshold(x, 40, 2, tau0=1e6, decay=0.9, decay_when=decay_when)
+        np.testing.assert_array_equal(sel.indices, acc)
+        assert sel.params["tau_final"] == tau and passes > 100
+        if decay_when == "every_pass":
+            assert sel.params["passes"] == passes
+    with pytest.raises(UserError, match="tau0 must be a finite number"):
+        select_threshold(x, 40, 2, tau0=float("inf"))

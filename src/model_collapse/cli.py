@@ -158,8 +158,8 @@ def cmd_select(args) -> int:
         raise UserError(f"--n must be > 0, got {args.n}")
     if not 0 < args.decay < 1:
         raise UserError(f"--decay must lie in (0, 1), got {args.decay}")
-    if args.tau0 is not None and not args.tau0 > 0:
-        raise UserError(f"--tau0 must be > 0, got {args.tau0}")
+    if args.tau0 is not None and not 0 < args.tau0 < float("inf"):
+        raise UserError(f"--tau0 must be a finite number > 0, got {args.tau0}")
     pool = _load(args.pool)
     if len(pool) < args.n:
         raise UserError(f"{args.pool}: the pool has {len(pool)} images, fewer than --n {args.n}")

@@ -324,7 +324,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.sample_batch > 0, "sample_batch must be > 0")
     need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay must lie in (0, 1) or be none")
     need(0 < cfg.decay < 1, f"decay must lie in (0, 1), got {cfg.decay}")
-    need(cfg.tau0 is None or cfg.tau0 > 0, f"tau0 must be > 0, got {cfg.tau0}")
+    need(cfg.tau0 is None or 0 < cfg.tau0 < math.inf, f"tau0 must be a finite number > 0, got {cfg.tau0}")
     need(cfg.n_eval is None or cfg.n_eval > 1, "n_eval must be > 1")
     need(cfg.entropy_k >= 1, "entropy_k must be >= 1")
     need(0 <= cfg.label_dropout < 1, "label_dropout must lie in [0, 1)")

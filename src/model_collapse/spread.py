@@ -102,8 +102,8 @@ def select_threshold(
     progress = or_silent(progress)
     if tau0 is None:
         tau0 = default_tau0(x, seed, progress=progress)
-    if not tau0 > 0:
-        raise UserError(f"tau0 must be > 0, got {tau0}")
+    if not (math.isfinite(tau0) and tau0 > 0):
+        raise UserError(f"tau0 must be a finite number > 0, got {tau0}")
     order = numpy_rng(seed, "threshold-order").permutation(m)
     accepted: list[int] = []
     is_acc = np.zeros(m, dtype=bool)
@@ -173,6 +173,12 @@ def select_threshold(
         else:
             if decay_when == "every_pass" or len(accepted) == at_start:
                 tau *= decay
+            if len(accepted) == at_start:  # empty: so is every pass while tau^2 >= each point's bound on its value
+                rest = torch.as_tensor(np.flatnonzero(~is_acc))
+                top = float((near[rest] + gamma * (norms[rest] + acc_norm[: len(accepted)].max()) ** 2).max())
+                while tau * tau >= top:  # the same passes, decays and tau as running them (a huge tau0 ends)
+                    tau *= decay
+                    passes += 1
     progress.close()
     return Selection(np.asarray(accepted, dtype=np.int64), "threshold", seed,
                      {"tau0": float(tau0), "decay": float(decay), "decay_when": decay_when, "tau_final": tau,
