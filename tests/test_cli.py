@@ -241,3 +241,42 @@ def test_float64_products_give_the_same_answers(capsys, tmp_path, rng):
         assert outs[0] == outs[1]
     rc, _, err = run_cli(capsys, "entropy", str(tmp_path / "x.npy"), "--precision", "float16")
     assert_user_error(rc, err, "precision")
+
+
+def test_pixel_greedy_breaks_exact_ties_by_the_lowest_index(capsys, tmp_path):
+    """Issue 16's pool: uint8 6x6 images with values in {0, 60, 120, 180} and 300 exact duplicates; every pick
+    must be the lowest-index point among those exactly as far (in 0-255 units, exact in float64)."""
+    from test_selection import greedy_reference
+
+    rng = np.random.default_rng(16)
+    images = (rng.integers(0, 4, size=(1800, 6, 6, 1)) * 60).astype(np.uint8)
+    images[1500:] = images[:300]
+    p = tmp_path / "pool.npz"
+    np.savez(p, images=images)
+    out = tmp_path / "sel.npz"
+    rc, _, err = run_cli(capsys, "select", str(p), "--n", "400", "--method", "greedy", "--seed", "3",
+                         "--out", str(out))
+    assert rc == 0, err
+    with np.load(out, allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["indices"], greedy_reference(images.reshape(1800, -1), 400, 3))
+
+
+def test_damaged_run_directories_give_one_line_errors(capsys, tmp_path):
+    """A garbage line in the middle of metrics.jsonl is refused with its number (reading on would drop an arm, and
+    a run would append duplicates); a config.json that is not an object, or not UTF-8, is refused in one line."""
+    from test_loop import TINY
+
+    out = tmp_path / "run"
+    sets = [a for o in TINY for a in ("--set", o)]
+    rc, _, err = run_cli(capsys, "run", "smoke", "--out", str(out), "--quiet", *sets)
+    assert rc == 0, err
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:1] + ["{garbage\n"] + lines[1:]))
+    for argv in (["run", "smoke", "--out", str(out), "--quiet", *sets], ["report", str(out)]):
+        rc, _, err = run_cli(capsys, *argv)
+        assert_user_error(rc, err, r"metrics.jsonl: line 2 is not a metrics row")
+    for bad in (b"[1, 2, 3]", b"\xff\xfe not utf-8"):
+        (out / "config.json").write_bytes(bad)
+        for argv in (["run", "smoke", "--out", str(out), "--quiet", *sets], ["report", str(out)]):
+            rc, _, err = run_cli(capsys, *argv)
+            assert_user_error(rc, err, r"config.json")

@@ -343,3 +343,30 @@ def test_reference_selectors_in_the_loop_and_in_a_feature_space(tmp_path):
         np.testing.assert_array_equal(z["indices"], expect)
     with np.load(tmp_path / "r" / "arms" / "accumulate-herding-k2-domain" / "iter_001" / "selection.npz") as z:
         assert str(z["method"]) == "herding" and float(z["bandwidth"]) > 0
+
+
+def test_damaged_stage_files_are_redone_to_the_same_result(tmp_path, capsys):
+    """A truncated samples.npz, a garbage checkpoint and a metrics.json that is not an object: the rerun says so,
+    redoes those stages and ends with the rows and files of an uninterrupted run."""
+    cfg = tiny_cfg()
+    run_loop(cfg, tmp_path / "whole", show=False)
+
+    def crash(arm, t, step):
+        if t == 1 and step == 16 and arm.startswith("replace-greedy"):
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash)
+    r = tmp_path / "resumed"
+    samples = sorted(r.rglob("iter_000/samples.npz"))[0]
+    samples.write_bytes(samples.read_bytes()[:200])
+    (r / "arms" / "replace-greedy-k2" / "iter_001" / "train_state.safetensors").write_bytes(b"not a checkpoint")
+    metrics = sorted(r.rglob("iter_000/metrics.json"))[0]
+    metrics.write_text("[1, 2]")
+    capsys.readouterr()
+    run_loop(cfg, r, show=False)
+    assert capsys.readouterr().err.count("is damaged; running its stage again") == 3
+    assert read_metrics(tmp_path / "whole" / "metrics.jsonl") == read_metrics(r / "metrics.jsonl")
+    with np.load(samples) as zb, np.load(tmp_path / "whole" / samples.relative_to(r)) as za:
+        for k in za.files:
+            np.testing.assert_array_equal(za[k], zb[k])

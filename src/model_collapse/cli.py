@@ -146,7 +146,7 @@ def cmd_run(args) -> int:
 def cmd_select(args) -> int:
     import numpy as np
 
-    from model_collapse.features import check_space, extract
+    from model_collapse.features import check_space, extract, selection_vectors
     from model_collapse.rundir import atomic_save_npz
     from model_collapse.selection import NEEDS_REFERENCE, check_method, select
 
@@ -172,7 +172,7 @@ def cmd_select(args) -> int:
         raise UserError(f"--method {args.method} needs --reference (images of what good data look like)")
     bars = _bars(args)
     ctx = _ctx(args, pool, bars)
-    feats = extract(args.space, pool.images, ctx)
+    feats = selection_vectors(args.space, pool.images, args.method, ctx)
     sel = select(feats, args.n, args.method, args.seed, labels=pool.labels, per_class=args.per_class,
                  tau0=args.tau0, decay=args.decay, decay_when=args.decay_when, progress=bars,
                  reference=None if reference is None else extract(args.space, reference.images, ctx),

@@ -299,3 +299,14 @@ def extract(name: str, images: np.ndarray, ctx: SpaceContext | None = None) -> n
     """Feature vectors of images in the named space."""
     check_space(name)
     return SPACES[name](images, ctx or SpaceContext())
+
+
+def selection_vectors(name: str, images: np.ndarray, method: str, ctx: SpaceContext | None = None) -> np.ndarray:
+    """What a selector sees of images in the named space. Pixel-space greedy sees the uint8 pixels themselves: its
+    choices do not depend on scale, and 0-255 distances are exact in float64, so equal distances are exact ties
+    (scaled to [0, 1] in float32, values round and equal distances can differ in the last bit, so the tie rule,
+    lowest index first, broke). Every other method sees `extract`'s vectors (threshold's tau is in their units)."""
+    if name == "pixel" and method == "greedy":
+        check_space(name)
+        return images.reshape(len(images), -1)
+    return extract(name, images, ctx)

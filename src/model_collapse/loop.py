@@ -30,7 +30,7 @@ from model_collapse.errors import UserError
 from model_collapse.paradigms import build_training_set
 from model_collapse.registry import resolve_device
 from model_collapse.report import write_report
-from model_collapse.rundir import RunDir, atomic_write_json, read_json, read_metrics
+from model_collapse.rundir import RunDir, atomic_write_json, read_json, read_metrics, readable
 from model_collapse.stages import measure_stage, sample_model, train_model
 from model_collapse.study import Study, arm_label, n_samples, prepare
 from model_collapse.summary import summarize
@@ -52,6 +52,19 @@ def _checkpoint_step(path: Path) -> int:
         return int(f.metadata()["step"])
 
 
+def _done(path: Path, shared: bool = True) -> bool:
+    """Whether a stage's output is there and whole, decided by the main process and (`shared`) given to the others:
+    on a shared file system they could see different things and part ways. A damaged file is removed with a
+    warning, so the stage runs again and writes it whole (every stage is deterministic)."""
+    done = False
+    if dist.is_main() and path.exists():
+        done = readable(path)
+        if not done:
+            print(f"model-collapse: {path} is damaged; running its stage again", file=sys.stderr)
+            path.unlink(missing_ok=True)
+    return dist.share(done) if shared else done
+
+
 def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: bool = True, position: int = 0,
               on_checkpoint: Callable | None = None) -> dict:
     """Run whatever is missing of (arm, iteration t) and return its metrics."""
@@ -62,24 +75,24 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
     show = show and dist.is_main()
     timings = {}
     dist.barrier()
-    if not (d / "train.npz").exists():
+    if not _done(d / "train.npz"):
         t0 = time.perf_counter()
         if dist.is_main():
             build_training_set(study, rd, arm, t)
         timings["select_s"] = time.perf_counter() - t0
     dist.barrier()
-    if not (d / "model.safetensors").exists():
+    if not _done(d / "model.safetensors"):
         t0 = time.perf_counter()
         with _bar(cfg.train_steps, f"{label:>22} it{t} train", position, show) as bar:
             ckpt = d / "train_state.safetensors"
-            if ckpt.exists():
+            if _done(ckpt):  # a damaged checkpoint is removed: training starts over, to the same result
                 bar.update(_checkpoint_step(ckpt))
             train_model(study, rd, arm, t, bar, on_checkpoint)
         timings["train_s"] = time.perf_counter() - t0
     dist.barrier()
     d = rd.arm_sample_dir(cfg, arm, t)
     d.mkdir(parents=True, exist_ok=True)
-    if not (d / "samples.npz").exists():
+    if not _done(d / "samples.npz"):
         t0 = time.perf_counter()
         with _bar(n_samples(study, arm, t), f"{label:>22} it{t} sample", position, show) as bar:
             sample_model(study, rd, arm, t, bar)
@@ -88,7 +101,7 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
     if not dist.is_main():  # metrics, once, on the main process
         dist.barrier()
         return {}
-    if not (d / "metrics.json").exists():
+    if not _done(d / "metrics.json", shared=False):  # the main process alone measures
         t0 = time.perf_counter()
         m = measure_stage(study, rd, arm, t)
         timings["metrics_s"] = time.perf_counter() - t0

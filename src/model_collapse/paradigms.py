@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_collapse.config import ArmConfig
-from model_collapse.features import extract
+from model_collapse.features import extract, selection_vectors
 from model_collapse.rng import derive_seed, numpy_rng
 from model_collapse.rundir import RunDir, atomic_save_npz, load_npz
 from model_collapse.selection import NEEDS_REFERENCE, Selection, select
@@ -104,7 +104,8 @@ def build_training_set(study: Study, rd: RunDir, arm: ArmConfig | None, t: int) 
         sel = select_equal_share(pool.source_iteration, n_train - n_fresh, seed)
     else:
         ref, ref_labels = (reference_set(study, rd, arm) if arm.selector in NEEDS_REFERENCE else (None, None))
-        sel = select(extract(arm.space, pool.images, study.ctx), n_train - n_fresh, arm.selector, seed,
+        sel = select(selection_vectors(arm.space, pool.images, arm.selector, study.ctx), n_train - n_fresh,
+                     arm.selector, seed,
                      labels=pool.labels, per_class=arm.per_class, tau0=cfg.tau0, decay=cfg.decay,
                      decay_when=cfg.threshold_decay,
                      reference=None if ref is None else extract(arm.space, ref, study.ctx),

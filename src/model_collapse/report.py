@@ -30,7 +30,7 @@ from model_collapse.figures import (
     probe_figure,
 )
 from model_collapse.metrics import distinct_index
-from model_collapse.rundir import RunDir, atomic_write_bytes, load_npz, read_json, read_metrics, read_probe
+from model_collapse.rundir import RunDir, atomic_write_bytes, load_npz, read_json_object, read_metrics, read_probe
 from model_collapse.summary import arm_statistics
 
 @dataclass
@@ -70,7 +70,7 @@ def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
         if names.count(nm) > 1:
             nm = f"{nm}#{i}"
         root = RunDir(Path(d))
-        stored = read_json(root.config_path)
+        stored = read_json_object(root.config_path, "run config")
         configs[nm] = stored
         cfg = config_from_dict(stored)
         rows = read_metrics(root.metrics_path)

@@ -64,20 +64,56 @@ def read_json(path: Path):
         return json.load(f)
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from a file, or a one-line error naming it (unreadable, not UTF-8, not JSON, not an object)."""
+    try:
+        value = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable {what} ({str(e)[:120]})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a {what} (a JSON {type(value).__name__}, not an object)")
+    return value
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a trailing partial line (a crash mid-append) is ignored."""
+    """Rows of a metrics.jsonl. A trailing partial line (a crash mid-append: no newline) is ignored; any other line
+    that is not a JSON object is damage, refused in one line naming its number (reading on would drop the rows
+    after it, and a run would append duplicates)."""
     rows = []
     if not Path(path).exists():
         return rows
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
                 break
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: line {number} is not a metrics row (damaged file); restore it or move it "
+                                f"away to measure again")
+            rows.append(row)
     return rows
+
+
+def readable(path: Path) -> bool:
+    """Whether a stage's output file is whole: an .npz whose arrays all load (no pickles), a .safetensors whose
+    tensors load, a .json object. Files are written atomically, so a bad one was damaged from outside."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                for k in z.files:
+                    z[k]
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            load_file(str(path))
+        elif path.suffix == ".json":
+            read_json_object(path, "stage file")
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means: not whole
+        return False
 
 
 class RunDir:
@@ -153,10 +189,7 @@ class RunDir:
             raise UserError(f"{path}: exists and is not a directory")
         existing = path / "config.json"
         if existing.exists():
-            try:
-                stored = read_json(existing)
-            except (OSError, json.JSONDecodeError) as e:
-                raise UserError(f"{existing}: unreadable ({e}); not a run directory of this tool?") from None
+            stored = read_json_object(existing, "run config")
             diff = config_difference(stored, config_to_dict(cfg))
             if diff:
                 raise UserError(
