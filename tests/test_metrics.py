@@ -162,3 +162,28 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel(rng):
     far, _ = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(400, 5)) + 1.0, subsets=20,
                                        subset_size=200)
     assert abs(same) < 0.2 * far and far > 0
+
+
+def test_collapsed_sets_are_recorded_not_refused(rng):
+    """A training set of one distinct image (or k distinct ones): entropy minus infinity with its duplicates
+    counted, generalization score the exact mean distance to that image, the undefined parts NaN; the verdict
+    calls it contraction at its limit."""
+    import math
+
+    from model_collapse.measure import memorization
+    from model_collapse.metrics import generalization_score, kl_entropy
+    from model_collapse.verdict import decide
+
+    one = np.repeat(rng.normal(size=(1, 5)), 8, axis=0)
+    gen = rng.normal(size=(20, 5))
+    e = kl_entropy(one, 1)
+    assert e.entropy == -math.inf and e.duplicates == 7 and e.n == 1
+    assert kl_entropy(np.vstack([one, one[:1] + 1.0]), 2).entropy == -math.inf  # two distinct, k = 2
+    sc = generalization_score(gen, one)
+    np.testing.assert_allclose(sc.d1, np.sqrt(((gen - one[0]) ** 2).sum(1)), rtol=1e-12)
+    assert sc.gen_score == sc.d1.mean() and math.isnan(sc.gen_score_ratio) and math.isnan(sc.mem_fraction)
+    m, _ = memorization(one, gen)
+    assert m["train_entropy"] == -math.inf and m["train_duplicates"] == 7 and math.isnan(m["copy_fraction"])
+    row = {f"{k}_pixel": v for k, v in m.items()}
+    base = {"train_spacing_pixel": 1.0, "train_entropy_pixel": 0.0, "gen_score_ratio_pixel": 1.0}
+    assert decide(row, base, 0.1, 0.8)[0] == "contracting"

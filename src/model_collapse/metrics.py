@@ -68,8 +68,9 @@ def kl_entropy(x: np.ndarray, k: int = 1, **knn_kw) -> EntropyResult:
     if x.ndim != 2:
         raise ValueError(f"expected (N, d) vectors, got shape {x.shape}")
     u, dup = distinct_rows(x)
-    if len(u) <= k:
-        raise ValueError(f"entropy with k = {k} needs more than {k} distinct points, have {len(u)}")
+    if len(u) <= k:  # a collapsed set: the estimate's limit is minus infinity; recorded, not refused
+        nn = knn(u, None, 1, **knn_kw).distances[:, 0] if len(u) > 1 else np.full(len(u), math.nan)
+        return EntropyResult(-math.inf, k, len(u), u.shape[1], dup, float(np.mean(nn)), nn)
     res = knn(u, None, k, **knn_kw)
     r_k = res.distances[:, k - 1]
     return EntropyResult(kl_entropy_from_distances(r_k, u.shape[1], k), k, len(u), u.shape[1], dup,
@@ -116,8 +117,11 @@ def generalization_score(
     if generated.ndim != 2 or train.ndim != 2 or generated.shape[1] != train.shape[1]:
         raise ValueError(f"generated {generated.shape} and training {train.shape} sets must be (N, d) of one d")
     u, _ = distinct_rows(train)
-    if len(u) < 2:
-        raise ValueError("the training set needs at least 2 distinct images")
+    if len(u) < 2:  # a collapsed training set: one image; distances to it, no second neighbour or spacing
+        diff = generated.astype(np.float64) - u[0].astype(np.float64)
+        d1 = np.sqrt((diff * diff).sum(1))
+        return ScoreResult(float(d1.mean()), math.nan, math.nan, math.nan, math.nan, math.nan, len(generated), 1,
+                           np.zeros(len(generated), dtype=np.int64), d1, np.full(len(generated), math.inf))
     res = knn(generated, u, 2, **knn_kw)
     d1, d2 = res.distances[:, 0], res.distances[:, 1]
     if train_nn is None:

@@ -13,6 +13,8 @@ into tight clusters lowers it too, without any copying. The rules (thresholds in
 
 from __future__ import annotations
 
+import math
+
 
 def decide(row: dict, base: dict | None, copy_level: float, contract_ratio_level: float,
            contract_spacing_level: float = 0.9) -> tuple[str, dict]:
@@ -36,6 +38,8 @@ def decide(row: dict, base: dict | None, copy_level: float, contract_ratio_level
         "contract_ratio_level": contract_ratio_level,
         "contract_spacing_level": contract_spacing_level,
     })
+    if ev["train_entropy"] == -math.inf:  # collapsed to k or fewer distinct images: contraction at its limit
+        return "contracting", ev
     try:
         shrinking = (ev["train_spacing"] < contract_spacing_level * ev["train_spacing_it0"]
                      and ev["train_entropy"] < ev["train_entropy_it0"])
