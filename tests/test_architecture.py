@@ -85,3 +85,4 @@ def test_every_registry_name_has_a_builder():
     assert tuple(diffusion._sampler_classes()) == registry.SAMPLERS
     assert tuple(features.SPACES) == registry.SPACES
     assert tuple(selection.SELECTORS) == registry.SELECTORS
+

@@ -370,3 +370,21 @@ def test_damaged_stage_files_are_redone_to_the_same_result(tmp_path, capsys):
     with np.load(samples) as zb, np.load(tmp_path / "whole" / samples.relative_to(r)) as za:
         for k in za.files:
             np.testing.assert_array_equal(za[k], zb[k])
+
+
+def test_prepare_sets_the_kernels_that_repeat_and_refuses_uneven_batches(monkeypatch):
+    import os
+
+    import torch
+
+    from model_collapse import dist
+    from model_collapse.config import resolve_config
+    from model_collapse.errors import UserError
+    from model_collapse.study import prepare
+
+    prepare(resolve_config("smoke", []))
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cuda.matmul.allow_tf32 and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setattr(dist, "world", lambda: 3)
+    with pytest.raises(UserError, match="batch_size = 8 does not divide among 3 processes"):
+        prepare(resolve_config("smoke", ["batch_size=8"]))

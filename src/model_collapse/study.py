@@ -5,12 +5,14 @@ context, and the real reference of every measured space (computed once per run a
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from model_collapse import dist
 from model_collapse.config import ArmConfig, RunConfig
 from model_collapse.data import ImageSet, load_images
 from model_collapse.diffusion import TrainSettings, check_model_shape
@@ -103,6 +105,22 @@ def model_spec(cfg: RunConfig) -> UNetSpec:
     )
 
 
+def deterministic_kernels() -> None:
+    """The settings that make GPU runs repeat: deterministic cuDNN convolutions without autotuning, full-precision
+    float32 products (no TF32, which would also void the selection kernels' rounding bounds), deterministic
+    algorithms where torch has them (a warning where it has none), and cuBLAS's fixed workspace. Set for the whole
+    process, before the first CUDA call; on a CPU they change nothing."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if torch.cuda.is_available():  # on a CPU every kernel used here repeats already
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
     """Load and check the data against the config; raises UserError before anything is written."""
     data = load_images(cfg.data, cfg.data_root, cfg.data_download, cfg.image_size)
@@ -121,6 +139,10 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
     for a in cfg.arms:
         if a.per_class and data.labels is None:
             raise UserError(f"arm {a.label()}: per_class selection needs labels, and {cfg.data} has none")
+    if cfg.batch_size % dist.world():
+        raise UserError(f"batch_size = {cfg.batch_size} does not divide among {dist.world()} processes: each trains "
+                        f"on an equal slice of the global batch (use a multiple of {dist.world()})")
+    deterministic_kernels()
     real_idx = numpy_rng(cfg.seed, "real-subset").choice(n, cfg.n_train, replace=False)
     ctx = SpaceContext(cfg.feature_dir, run_dir, data.images, data.labels, cfg.seed, cfg.domain_steps, cfg.device)
     return Study(cfg, data, np.sort(real_idx), spec, num_classes, ctx)
