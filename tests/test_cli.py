@@ -280,3 +280,59 @@ def test_damaged_run_directories_give_one_line_errors(capsys, tmp_path):
         for argv in (["run", "smoke", "--out", str(out), "--quiet", *sets], ["report", str(out)]):
             rc, _, err = run_cli(capsys, *argv)
             assert_user_error(rc, err, r"config.json")
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["image_size=0"], "image_size must be a positive side"),
+    (["image_size=-8"], "image_size must be a positive side"),
+    (["channels=[16, 0, 32]"], "channels must be positive widths"),
+    (["device=\"gpu7\""], "device must be cpu, cuda"),
+    (["n_train=1"], "n_train must be >= 2"),
+    (["sample_steps=5000"], "sample_steps must lie in"),
+    (["arms=[{paradigm=\"fresh\", selector=\"random\", fresh_fraction=1.0}]"], "fresh_fraction must lie in"),
+])
+def test_run_refuses_bad_values_before_anything_is_written(capsys, tmp_path, overrides, pattern):
+    """Values that used to fail only after training (or never), refused up front, also under --dry-run."""
+    out = tmp_path / "run"
+    for dry in ([], ["--dry-run"]):
+        rc, _, err = run_cli(capsys, "run", "smoke", "--out", str(out), *dry,
+                             *[a for o in overrides for a in ("--set", o)])
+        assert_user_error(rc, err, pattern)
+        assert not out.exists()
+
+
+def test_bad_inputs_and_outputs_refused_before_any_work(capsys, tmp_path, pool_npz):
+    """Issue 16's attack, the kinds it found: a header promising terabytes, a FIFO (reading it would block), a
+    16-bit PNG (no longer clipped into identical images), outputs into a missing folder or onto a folder."""
+    import os
+
+    import numpy.lib.format as npf
+    from PIL import Image
+
+    p, _, _ = pool_npz
+    huge = tmp_path / "huge.npy"
+    with open(huge, "wb") as f:
+        npf.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (7 * 10**12, 8, 8, 1)})
+        f.write(b"\0" * 64)
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    for bad, pattern in ((huge, "header promises"), (fifo, "not a regular file")):
+        for argv in (["select", str(bad), "--n", "2", "--out", str(tmp_path / "s.npz")], ["entropy", str(bad)]):
+            rc, _, err = run_cli(capsys, *argv)
+            assert_user_error(rc, err, pattern)
+    folder = tmp_path / "folder.npz"
+    folder.mkdir()
+    for out, pattern in ((tmp_path / "missing" / "sel.npz", "does not exist"), (folder, "is a directory")):
+        rc, _, err = run_cli(capsys, "select", str(p), "--n", "5", "--out", str(out))
+        assert_user_error(rc, err, pattern)
+    assert not (tmp_path / "missing").exists() and not list(tmp_path.glob("*.tmp*"))
+    rc, _, err = run_cli(capsys, "report", str(tmp_path), "--out", str(tmp_path))
+    assert rc == 2 and "Traceback" not in err
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    for i in range(3):
+        Image.fromarray((np.arange(64).reshape(8, 8) * 1000 + i * 300).astype(np.uint16)).save(deep / f"{i}.png")
+    from model_collapse.data import load_images
+
+    images = load_images(str(deep)).images
+    assert len(np.unique(images.reshape(3, -1), axis=0)) == 3 and images.max() > 200

@@ -154,6 +154,7 @@ def cmd_select(args) -> int:
     check_space(args.space)
     if not args.out.endswith(".npz"):
         raise UserError(f"--out {args.out}: the selection is written as .npz; give a name ending in .npz")
+    check_output_file(args.out)
     if args.n <= 0:
         raise UserError(f"--n must be > 0, got {args.n}")
     if not 0 < args.decay < 1:
@@ -257,6 +258,7 @@ def cmd_report(args) -> int:
     default = dirs[0] / "report.html" if len(dirs) == 1 else \
         dirs[0].parent / ("compare-" + "-".join(d.resolve().name for d in dirs) + ".html")
     out = Path(args.out) if args.out else default  # figures: see report.figures_dir
+    check_output_file(out)
     path = write_report(dirs, out, show=True)
     print(str(path))
     return 0
@@ -266,9 +268,20 @@ def cmd_probe(args) -> int:
     from model_collapse.probe import format_probe, resolve_probe, run_probe
 
     pcfg = resolve_probe(args.data, args.sizes, args.steps, args.overrides)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory (a probe writes a directory)")
     res = run_probe(pcfg, args.out, show=not args.quiet)
     _emit(res, args.json, format_probe(res))
     return 0
+
+
+def check_output_file(out) -> None:
+    """An output file's place, checked before any work: its folder exists, and it is not itself a folder."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
 
 
 COMMANDS = {"run": cmd_run, "select": cmd_select, "entropy": cmd_entropy, "score": cmd_score, "fid": cmd_fid,

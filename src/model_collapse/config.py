@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -311,6 +312,14 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(msg)
 
     need(cfg.n_train > 0, f"n_train must be > 0, got {cfg.n_train}")
+    need(cfg.n_train >= 2, f"n_train must be >= 2 (entropy and spacing need two images), got {cfg.n_train}")
+    need(cfg.image_size is None or cfg.image_size >= 1, f"image_size must be a positive side, got {cfg.image_size}")
+    need(cfg.channels is None or (len(cfg.channels) >= 1 and min(cfg.channels) >= 1),
+         f"channels must be positive widths, got {cfg.channels}")
+    need(cfg.layers_per_block is None or cfg.layers_per_block >= 1, "layers_per_block must be >= 1")
+    need(cfg.norm_groups is None or cfg.norm_groups >= 1, "norm_groups must be >= 1")
+    need(cfg.device is None or re.fullmatch(r"cpu|mps|(cuda|xpu)(:\d+)?", cfg.device) is not None,
+         f"device must be cpu, cuda, cuda:N, mps or xpu[:N], got {cfg.device!r}")
     need(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     need(cfg.model in MODEL_PRESETS, f"unknown model {cfg.model!r}; models: {', '.join(MODEL_PRESETS)}")
     need(cfg.train_steps > 0, f"train_steps must be > 0, got {cfg.train_steps}")
@@ -320,7 +329,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.warmup_steps >= 0, "warmup_steps must be >= 0")
     need(cfg.checkpoint_every > 0, "checkpoint_every must be > 0")
     need(cfg.sampler in SAMPLERS, f"unknown sampler {cfg.sampler!r}; samplers: {', '.join(SAMPLERS)}")
-    need(cfg.sample_steps > 0, "sample_steps must be > 0")
+    need(0 < cfg.sample_steps <= 1000,
+         f"sample_steps must lie in [1, 1000] (the training schedule has 1,000 steps), got {cfg.sample_steps}")
     need(cfg.sample_batch > 0, "sample_batch must be > 0")
     need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay must lie in (0, 1) or be none")
     need(0 < cfg.decay < 1, f"decay must lie in (0, 1), got {cfg.decay}")
@@ -360,7 +370,9 @@ def validate(cfg: RunConfig) -> None:
                                              and not a.per_class),
              f"{where}: accumulate_mix = {a.accumulate_mix} applies to vanilla accumulate arms only "
              f"(paradigm accumulate, selector random, no per_class)")
-        need(0 <= a.fresh_fraction <= 1, f"{where}: fresh_fraction must lie in [0, 1]")
+        need(0 <= a.fresh_fraction < 1,
+             f"{where}: fresh_fraction must lie in [0, 1) (at 1 nothing is generated or selected), got "
+             f"{a.fresh_fraction:g}")
         need(a.paradigm == "fresh" or a.fresh_fraction == 0,
              f"{where}: fresh_fraction applies to the fresh paradigm only")
         check_name("space", a.space, SPACES)

@@ -86,15 +86,57 @@ def as_labels(labels: np.ndarray | None, n: int, what: str) -> np.ndarray | None
 # ---------------------------------------------------------------------------------------------- files
 
 
+def _claimed_bytes(f) -> int:
+    """The bytes of array data a .npy header (at f's position) promises."""
+    version = np.lib.format.read_magic(f)
+    shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0(f))
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _check_sizes(path: Path) -> None:
+    """Refuse, before anything is allocated, an array whose header promises more data than its file holds (a .npy
+    claiming terabytes) or a .npz member that would unpack beyond the machine's memory (a decompression bomb)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 2**40
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as f:
+                claimed = _claimed_bytes(f)
+                if claimed > path.stat().st_size - f.tell():
+                    raise UserError(f"{path}: its header promises {claimed:,} bytes of data, more than the file holds")
+            return
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.file_size > memory:
+                    raise UserError(f"{path}: member {info.filename} would unpack to {info.file_size:,} bytes, more "
+                                    f"than this machine's memory")
+                if info.filename.endswith(".npy"):
+                    with z.open(info) as f:
+                        claimed = _claimed_bytes(f)
+                    if claimed > info.file_size:
+                        raise UserError(f"{path}: member {info.filename} promises {claimed:,} bytes of data, more "
+                                        f"than it holds")
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        kind = ".npy array" if path.suffix.lower() == ".npy" else ".npz archive"
+        raise UserError(f"{path}: cannot read as a {kind} ({_short(e)})") from None
+
+
 def _load_npy(path: Path) -> ImageSet:
+    _check_sizes(path)
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, MemoryError) as e:
         raise UserError(f"{path}: cannot read as a .npy array ({_short(e)})") from None
     return ImageSet(as_uint8_images(array, str(path)), None, path.stem)
 
 
 def _load_npz(path: Path) -> ImageSet:
+    _check_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files:
@@ -103,7 +145,7 @@ def _load_npz(path: Path) -> ImageSet:
             labels = z["labels"] if "labels" in z.files else None
     except UserError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as e:
         raise UserError(f"{path}: cannot read as a .npz archive ({_short(e)})") from None
     images = as_uint8_images(images, str(path))
     return ImageSet(images, as_labels(labels, len(images), str(path)), path.stem)
@@ -115,10 +157,17 @@ def _read_image_file(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode.startswith("I"):  # 16-bit greyscale (PNG): to 8 bits by rounding, not by clipping at 255
+                wide = np.asarray(im, dtype=np.int64)
+                if wide.min() < 0 or wide.max() > 65535:
+                    raise UserError(f"{path}: integer image values outside 0..65535; convert it to 8 bits first")
+                return ((wide * 255 + 32767) // 65535).astype(np.uint8)
             # greyscale stays one channel; everything else (palette, RGBA, CMYK, ...) becomes RGB
-            im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
+            im = im.convert("L" if im.mode in ("1", "L", "LA", "F") else "RGB")
             return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: refused as a decompression bomb ({_short(e)})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError) as e:
         raise UserError(f"{path}: cannot read image ({_short(e)})") from None
 
 
@@ -246,6 +295,8 @@ def load_images(spec: str, root: str | None = None, download: bool = False, imag
         if not path.exists():
             names = ", ".join(DATASETS)
             raise UserError(f"{spec}: no such file or folder, and not a built-in data set ({names})")
+        if not path.is_dir() and not path.is_file():  # a FIFO, socket or device: reading could block forever
+            raise UserError(f"{spec}: not a regular file or folder")
         if path.is_dir():
             s = _load_folder(path)
         elif path.suffix.lower() == ".npy":
