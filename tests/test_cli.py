@@ -336,3 +336,49 @@ def test_bad_inputs_and_outputs_refused_before_any_work(capsys, tmp_path, pool_n
 
     images = load_images(str(deep)).images
     assert len(np.unique(images.reshape(3, -1), axis=0)) == 3 and images.max() > 200
+
+
+def test_feature_arrays_go_straight_to_the_kernels(capsys, tmp_path, rng):
+    """A (N, D) float .npy (memory-mapped) or an .npz with `features`: select, entropy, score and fid use the
+    vectors as given; the selection equals the library's on the same array; bad arrays give one line."""
+    from test_selection import greedy_reference
+
+    from model_collapse.metrics import kl_entropy
+
+    emb = rng.normal(size=(300, 24)).astype(np.float32)
+    npy, npz = tmp_path / "emb.npy", tmp_path / "emb.npz"
+    np.save(npy, emb)
+    np.savez(npz, features=emb[:200], labels=np.arange(200) % 4)
+    rc, stdout, err = run_cli(capsys, "select", str(npy), "--n", "40", "--json")
+    assert rc == 0, err
+    res = json.loads(stdout)
+    assert res["space"] == "given" and res["indices"] == greedy_reference(emb, 40, 0).tolist()
+    out = tmp_path / "sel.npz"
+    rc, _, err = run_cli(capsys, "select", str(npz), "--n", "20", "--method", "threshold", "--per-class",
+                         "--out", str(out))
+    assert rc == 0, err
+    with np.load(out, allow_pickle=False) as z:
+        assert "images" not in z.files and len(z["indices"]) == 20 and str(z["space"]) == "given"
+        np.testing.assert_array_equal(np.bincount(z["labels"]), [5, 5, 5, 5])
+    rc, stdout, err = run_cli(capsys, "entropy", str(npy), "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["entropy"] == pytest.approx(kl_entropy(emb, 1).entropy, rel=1e-12)
+    for cmd in (["score", str(npz), "--train", str(npy)], ["fid", str(npz), "--ref", str(npy)]):
+        rc, stdout, err = run_cli(capsys, *cmd, "--json")
+        assert rc == 0 and json.loads(stdout)["space"] == "given", err
+    bad = {"nan": emb.copy(), "rank": emb[:, :, None].astype(np.float64), "int": emb.astype(np.int32)}
+    bad["nan"][7, 3] = np.nan
+    patterns = {"nan": "row 7 contains NaN", "rank": "images must", "int": "must hold floats"}
+    for name, arr in bad.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+        rc, _, err = run_cli(capsys, "select", str(tmp_path / f"{name}.npy"), "--n", "5", "--json")
+        assert_user_error(rc, err, patterns[name])
+    np.save(tmp_path / "d10.npy", emb[:, :10])
+    rc, _, err = run_cli(capsys, "score", str(npy), "--train", str(tmp_path / "d10.npy"))
+    assert_user_error(rc, err, "D = 24 but the training features have D = 10")
+    images = tmp_path / "images.npz"
+    np.savez(images, images=rng.integers(0, 256, size=(30, 6, 6, 1)).astype(np.uint8))
+    rc, _, err = run_cli(capsys, "score", str(npy), "--train", str(images))
+    assert_user_error(rc, err, "generated set is a feature array but the training set is images")
+    rc, _, err = run_cli(capsys, "select", str(images), "--n", "5")
+    assert_user_error(rc, err, "--out is needed for an image pool")

@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    s = sub.add_parser("select", help="select N images from a pool (greedy, threshold, gated, herding, random)")
-    s.add_argument("pool")
+    s = sub.add_parser("select", help="select N images (or feature vectors) from a pool (greedy, threshold, gated, "
+                                      "herding, random)")
+    s.add_argument("pool", help=f"images, or a feature array: {FEATURES_HELP}")
     s.add_argument("--n", type=int, required=True)
     s.add_argument("--method", default="greedy")
     s.add_argument("--seed", type=int, default=0)
@@ -64,11 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", default=None,
                    help="gated, herding: images (or a data set) of what good data look like, in the same --space")
     s.add_argument("--per-class", action="store_true", help="select within classes, keeping their shares")
-    s.add_argument("--out", required=True, help="output .npz (images, labels, indices, method, seed, ...)")
+    s.add_argument("--out", default=None, help="output .npz (images, labels, indices, method, seed, ...); needed for "
+                                               "images, optional for a feature array (the indices go to stdout)")
     _image_set_options(s)
 
-    e = sub.add_parser("entropy", help="Kozachenko-Leonenko kNN entropy of an image set")
-    e.add_argument("data")
+    e = sub.add_parser("entropy", help="Kozachenko-Leonenko kNN entropy of an image set or a feature array")
+    e.add_argument("data", help=f"images, or {FEATURES_HELP}")
     e.add_argument("--k", type=int, default=1)
     _image_set_options(e, precision=True)
 
@@ -96,6 +98,42 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--quiet", action="store_true")
     return p
+
+
+FEATURES_HELP = ("a .npy of shape (N, D) floats (read memory-mapped) or an .npz with `features` (and `labels`), "
+                 "used as given instead of --space")
+
+
+def _load_any(spec: str):
+    """A FeatureSet for a feature array, else an ImageSet."""
+    from model_collapse.data import load_vectors_or_images
+
+    return load_vectors_or_images(spec)
+
+
+def _is_features(x) -> bool:
+    from model_collapse.data import FeatureSet
+
+    return isinstance(x, FeatureSet)
+
+
+def _match(a, b, what_a: str, what_b: str) -> None:
+    """Two inputs compared with each other: both feature arrays of one D, or both images of one shape."""
+    if _is_features(a) != _is_features(b):
+        kinds = {True: "a feature array", False: "images"}
+        raise UserError(f"the {what_a} set is {kinds[_is_features(a)]} but the {what_b} set is "
+                        f"{kinds[_is_features(b)]}; give two of one kind")
+    if _is_features(a) and a.dim != b.dim:
+        raise UserError(f"the {what_a} features have D = {a.dim} but the {what_b} features have D = {b.dim}")
+    if not _is_features(a) and a.shape != b.shape:
+        raise UserError(f"{what_a} images are {a.shape} (H, W, C) but {what_b} images are {b.shape}")
+
+
+def _vectors(args, data, ctx):
+    """A feature array as given, or images' features in --space."""
+    from model_collapse.features import extract
+
+    return data.vectors if _is_features(data) else extract(args.space, data.images, ctx)
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
@@ -146,103 +184,110 @@ def cmd_run(args) -> int:
 def cmd_select(args) -> int:
     import numpy as np
 
-    from model_collapse.features import check_space, extract, selection_vectors
+    from model_collapse.features import check_space, selection_vectors
     from model_collapse.rundir import atomic_save_npz
     from model_collapse.selection import NEEDS_REFERENCE, check_method, select
 
     check_method(args.method)
     check_space(args.space)
-    if not args.out.endswith(".npz"):
-        raise UserError(f"--out {args.out}: the selection is written as .npz; give a name ending in .npz")
-    check_output_file(args.out)
+    if args.out is not None:
+        if not args.out.endswith(".npz"):
+            raise UserError(f"--out {args.out}: the selection is written as .npz; give a name ending in .npz")
+        check_output_file(args.out)
     if args.n <= 0:
         raise UserError(f"--n must be > 0, got {args.n}")
     if not 0 < args.decay < 1:
         raise UserError(f"--decay must lie in (0, 1), got {args.decay}")
     if args.tau0 is not None and not 0 < args.tau0 < float("inf"):
         raise UserError(f"--tau0 must be a finite number > 0, got {args.tau0}")
-    pool = _load(args.pool)
+    pool = _load_any(args.pool)
+    features = _is_features(pool)
+    if args.out is None and not features:
+        raise UserError("--out is needed for an image pool (the selected images are written as .npz)")
     if len(pool) < args.n:
-        raise UserError(f"{args.pool}: the pool has {len(pool)} images, fewer than --n {args.n}")
+        raise UserError(f"{args.pool}: the pool has {len(pool)} {'rows' if features else 'images'}, fewer than --n "
+                        f"{args.n}")
     if args.per_class and pool.labels is None:
         raise UserError(f"{args.pool}: --per-class needs labels in the pool (.npz with 'labels' or class folders)")
-    reference = _load(args.reference) if args.reference is not None else None
-    if reference is not None and reference.shape != pool.shape:
-        raise UserError(f"--reference images are {reference.shape} (H, W, C) but the pool's are {pool.shape}")
+    reference = _load_any(args.reference) if args.reference is not None else None
+    if reference is not None:
+        _match(reference, pool, "--reference", "pool")
     if args.method in NEEDS_REFERENCE and reference is None:
-        raise UserError(f"--method {args.method} needs --reference (images of what good data look like)")
+        raise UserError(f"--method {args.method} needs --reference (what good data look like)")
     bars = _bars(args)
-    ctx = _ctx(args, pool, bars)
-    feats = selection_vectors(args.space, pool.images, args.method, ctx)
+    ctx = _ctx(args, None if features else pool, bars)
+    feats = pool.vectors if features else selection_vectors(args.space, pool.images, args.method, ctx)
     sel = select(feats, args.n, args.method, args.seed, labels=pool.labels, per_class=args.per_class,
                  tau0=args.tau0, decay=args.decay, decay_when=args.decay_when, progress=bars,
-                 reference=None if reference is None else extract(args.space, reference.images, ctx),
+                 reference=None if reference is None else _vectors(args, reference, ctx),
                  reference_labels=None if reference is None else reference.labels)
+    space = "given" if features else args.space
     extra = {k: v for k, v in sel.params.items() if isinstance(v, (int, float, np.generic))}
-    order = sel.params.get("order")
-    atomic_save_npz(Path(args.out), images=pool.images[sel.indices],
-                    labels=pool.labels[sel.indices] if pool.labels is not None else None,
-                    indices=sel.indices, method=sel.method, seed=sel.seed, space=args.space,
-                    order=order, **extra)
+    if args.out is not None:
+        atomic_save_npz(Path(args.out), images=None if features else pool.images[sel.indices],
+                        labels=pool.labels[sel.indices] if pool.labels is not None else None,
+                        indices=sel.indices, method=sel.method, seed=sel.seed, space=space,
+                        order=sel.params.get("order"), **extra)
     result = {"out": args.out, "n": int(len(sel.indices)), "method": sel.method, "seed": sel.seed,
-              "space": args.space, **{k: (float(v) if isinstance(v, float) else v) for k, v in extra.items()}}
+              "space": space, **{k: (float(v) if isinstance(v, float) else v) for k, v in extra.items()}}
+    if args.out is None:
+        result["indices"] = [int(i) for i in sel.indices]
     _emit(result, args.json, "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 
 
 def cmd_entropy(args) -> int:
-    from model_collapse.features import check_space, extract
+    from model_collapse.features import check_space
     from model_collapse.metrics import kl_entropy
 
     check_space(args.space)
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
-    data = _load(args.data)
+    data = _load_any(args.data)
     bars = _bars(args)
-    feats = extract(args.space, data.images, _ctx(args, data, bars))
+    feats = _vectors(args, data, _ctx(args, None if _is_features(data) else data, bars))
     try:
         res = kl_entropy(feats, args.k, progress=bars, precision=args.precision)
     except ValueError as e:
         raise UserError(f"{args.data}: {e}") from None
-    out = {**res.as_dict(), "n_images": len(data), "space": args.space}
+    out = {**res.as_dict(), "n_images": len(data), "space": "given" if _is_features(data) else args.space}
     _emit(out, args.json, "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
 
 
 def cmd_score(args) -> int:
-    from model_collapse.features import check_space, extract
+    from model_collapse.features import check_space
     from model_collapse.measure import memorization
 
     check_space(args.space)
-    gen, train = _load(args.generated), _load(args.train)
-    if gen.shape != train.shape:
-        raise UserError(f"generated images are {gen.shape} (H, W, C) but training images are {train.shape}")
+    gen, train = _load_any(args.generated), _load_any(args.train)
+    _match(gen, train, "generated", "training")
     bars = _bars(args)
-    ctx = _ctx(args, train, bars)
+    ctx = _ctx(args, None if _is_features(train) else train, bars)
     try:
-        _, res = memorization(extract(args.space, train.images, ctx), extract(args.space, gen.images, ctx),
-                              progress=bars, precision=args.precision)
+        _, res = memorization(_vectors(args, train, ctx), _vectors(args, gen, ctx), progress=bars,
+                              precision=args.precision)
     except ValueError as e:
         raise UserError(str(e)) from None
-    out = {**res.as_dict(), "space": args.space}
+    out = {**res.as_dict(), "space": "given" if _is_features(gen) else args.space}
     _emit(out, args.json, "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
 
 
 def cmd_fid(args) -> int:
-    from model_collapse.features import check_space, extract
+    from model_collapse.features import check_space
     from model_collapse.measure import make_reference, quality
 
     check_space(args.space)
-    gen, ref = _load(args.generated), _load(args.ref)
-    if gen.shape != ref.shape:
-        raise UserError(f"generated images are {gen.shape} (H, W, C) but reference images are {ref.shape}")
+    gen, ref = _load_any(args.generated), _load_any(args.ref)
+    _match(gen, ref, "generated", "reference")
     if len(gen) < 2 or len(ref) < 2:
         raise UserError("the Frechet distance needs at least 2 images in each set")
-    ctx = _ctx(args, ref, _bars(args))
-    fg, fr = extract(args.space, gen.images, ctx), extract(args.space, ref.images, ctx)
-    out = {"space": args.space, **quality(fg, make_reference(fr, len(fg), args.seed), args.seed),
-           "n_generated": len(gen), "n_ref": len(ref)}
+    ctx = _ctx(args, None if _is_features(ref) else ref, _bars(args))
+    fg, fr = _vectors(args, gen, ctx), _vectors(args, ref, ctx)
+    out = {"space": "given" if _is_features(gen) else args.space,
+           **quality(fg, make_reference(fr, len(fg), args.seed), args.seed), "n_generated": len(gen),
+           "n_ref": len(ref)}
     _emit(out, args.json, "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
 

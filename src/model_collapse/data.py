@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from model_collapse.errors import UserError
+from model_collapse.linalg import first_nonfinite_row
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -33,6 +34,65 @@ class ImageSet:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Vectors a user already has (CLIP, DINOv2, ... embeddings): float (N, D), used as given, in no space of ours.
+    From a .npy the array stays memory-mapped: it is read in tiles, never loaded whole."""
+
+    vectors: np.ndarray  # float (N, D), possibly a read-only memmap
+    labels: np.ndarray | None = None
+    name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+def check_vectors(x: np.ndarray, where: str) -> np.ndarray:
+    """A feature array as given, or a one-line error: 2-D, floating point, at least one row and column, finite
+    (checked a tile of rows at a time, so a memory-mapped array is never read whole)."""
+    if x.ndim != 2:
+        raise UserError(f"{where}: a feature array must be 2-D (N, D), got shape {x.shape}")
+    if x.dtype.kind != "f":
+        raise UserError(f"{where}: a feature array must hold floats, got {x.dtype}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise UserError(f"{where}: an empty feature array, shape {x.shape}")
+    row = first_nonfinite_row(x)
+    if row is not None:
+        raise UserError(f"{where}: row {row} contains NaN or inf")
+    return x
+
+
+def load_vectors_or_images(spec: str) -> "FeatureSet | ImageSet":
+    """A feature array (a .npy of 2-D floats, memory-mapped; or an .npz holding `features`, with optional
+    `labels`) as a FeatureSet; anything else through `load_images`."""
+    path = Path(os.path.expanduser(spec))
+    if spec not in DATASETS and path.is_file() and path.suffix.lower() in (".npy", ".npz"):
+        _check_sizes(path)
+        try:
+            if path.suffix.lower() == ".npy":
+                x = np.load(path, mmap_mode="r", allow_pickle=False)
+                if x.ndim == 2 and x.dtype.kind != "f":
+                    raise UserError(f"{path}: a 2-D array of {x.dtype}: a feature array must hold floats, and "
+                                    f"images must have shape (N, H, W[, C])")
+                if x.ndim == 2:
+                    return FeatureSet(check_vectors(x, str(path)), None, path.stem)
+            else:
+                with np.load(path, allow_pickle=False) as z:
+                    if "features" in z.files:
+                        x = check_vectors(z["features"], f"{path}: features")
+                        labels = as_labels(z["labels"], len(x), str(path)) if "labels" in z.files else None
+                        return FeatureSet(x, labels, path.stem)
+        except UserError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as e:
+            raise UserError(f"{path}: cannot read ({_short(e)})") from None
+    return load_images(spec)
 
 
 # ---------------------------------------------------------------------------------------------- validation

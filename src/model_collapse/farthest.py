@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
+from model_collapse.linalg import first_nonfinite_row
 from model_collapse.neighbours import rounding_gamma
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
@@ -56,6 +57,12 @@ def exact_sq(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return (diff * diff).sum(1)
 
 
+def _row_sq64(x: np.ndarray, tile: int = 8192) -> np.ndarray:
+    """Squared row norms accumulated in float64, a tile at a time (no float64 copy of the whole pool)."""
+    return np.concatenate([np.einsum("ij,ij->i", x[a : a + tile], x[a : a + tile], dtype=np.float64)
+                           for a in range(0, len(x), tile)])
+
+
 class _Bounds:
     """The pool's approximate distances to the centres: per point the three smallest (`near`, ascending), the
     centres of the first two (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
@@ -70,7 +77,7 @@ class _Bounds:
         # that matters. Every value here, exact ones included (`scale2` times the float64 distance: a power of two,
         # so still exact), is in these units.
         xc = x - mean.astype(np.float32) if x.dtype == np.float32 else None  # float32 input: one rounding
-        top = float(np.sqrt(np.einsum("ij,ij->i", xc, xc, dtype=np.float64).max())) if xc is not None else math.nan
+        top = float(np.sqrt(_row_sq64(xc).max())) if xc is not None else math.nan
         exact64 = not (math.isfinite(top) and top >= 2.0**-60)  # float64 input, overflow, or tiny values
         if exact64:  # centre in float64, a chunk at a time, and round once
             top = max(float(np.sqrt(np.einsum("ij,ij->i", c, c).max())) for c in self._centred(x, mean))
@@ -81,8 +88,10 @@ class _Bounds:
         else:
             xc *= np.float32(scale)
         self.xc = torch.from_numpy(xc)
-        self.sq = (self.xc * self.xc).sum(1)  # float32, as the products
-        norms = np.sqrt(np.einsum("ij,ij->i", self.xc.numpy(), self.xc.numpy(), dtype=np.float64)) * 1.001
+        # float32, as the products; by tiles in numpy (torch's chunked products left 1.4 GB resident at 1M x 384)
+        self.sq = torch.from_numpy(np.concatenate([np.einsum("ij,ij->i", xc[a : a + 8192], xc[a : a + 8192])
+                                                   for a in range(0, len(xc), 8192)]))
+        norms = np.sqrt(_row_sq64(xc)) * 1.001
         # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
         # and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
         self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + (d + 6) * 2.0**-80
@@ -262,7 +271,7 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     X = np.ascontiguousarray(x)
     if X.dtype.kind != "f" or X.itemsize < 4:
         X = X.astype(np.float64 if X.dtype.kind != "f" else np.float32)  # half floats are exact in float32
-    if not np.isfinite(X).all():
+    if first_nonfinite_row(X) is not None:
         raise UserError("selection input contains NaN or inf")
     B = _Bounds(X, n)
     start = greedy_start(m, seed)

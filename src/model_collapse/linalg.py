@@ -1,4 +1,4 @@
-"""Principal directions of a point set, shared by greedy selection's bounds and the report's projections."""
+"""Array helpers shared by the kernels: principal directions (the report's projections), a finite check by tiles."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def principal_directions(x: np.ndarray, q: int, seed: int, name: str = "pca") ->
             basis = np.linalg.qr(sample @ np.linalg.qr(sample.T @ basis)[0])[0]
         _, _, vh = np.linalg.svd(basis.T @ sample, full_matrices=False)
     return mean, np.ascontiguousarray(vh[:q].T)
+
+
+def first_nonfinite_row(x: np.ndarray, tile: int = 65536) -> int | None:
+    """The first row of x holding NaN or inf, or None; a tile of rows at a time, so that a memory-mapped pool is
+    never read (or a boolean copy of it made) whole."""
+    for a in range(0, len(x), tile):
+        bad = ~np.isfinite(x[a : a + tile]).reshape(len(x[a : a + tile]), -1).all(1)
+        if bad.any():
+            return a + int(np.argmax(bad))
+    return None

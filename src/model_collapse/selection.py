@@ -16,6 +16,7 @@ from model_collapse import registry
 from model_collapse.curation import select_gated, select_herding
 from model_collapse.errors import UserError
 from model_collapse.farthest import greedy_start  # noqa: F401 - the selection API in one place
+from model_collapse.linalg import first_nonfinite_row
 from model_collapse.progress import Progress
 from model_collapse.registry import check_name
 from model_collapse.spread import (  # noqa: F401 - the selection API in one place
@@ -76,7 +77,7 @@ def select(
         raise UserError(f"N must be > 0, got {n}")
     if len(x) < n:
         raise UserError(f"the pool has {len(x)} images, fewer than N = {n}")
-    if not np.isfinite(x).all():
+    if first_nonfinite_row(x) is not None:
         raise UserError("selection input contains NaN or inf")
     if method in NEEDS_REFERENCE and reference is None:
         raise UserError(f"the {method} selector needs a reference set (select --reference, or the loop's)")
