@@ -2,6 +2,7 @@
 reading a config imports no network library."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,22 @@ def test_every_registry_name_has_a_builder():
     assert tuple(features.SPACES) == registry.SPACES
     assert tuple(selection.SELECTORS) == registry.SELECTORS
 
+
+
+def test_the_readme_api_example_runs(tmp_path, rng):
+    """README's library example, on files it writes: every name it imports is exported by the package."""
+    import re
+
+    import numpy as np
+
+    code = re.search(r"```python\n(from model_collapse import .*?)```",
+                     (PKG.parent.parent / "README.md").read_text(), re.S).group(1)
+    images = rng.integers(0, 256, size=(1500, 6, 6, 1)).astype(np.uint8)
+    np.savez(tmp_path / "pool.npz", images=images)
+    np.savez(tmp_path / "train.npz", images=images[:200])
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "README", "exec"), {})
+    finally:
+        os.chdir(cwd)
