@@ -388,3 +388,30 @@ def test_prepare_sets_the_kernels_that_repeat_and_refuses_uneven_batches(monkeyp
     monkeypatch.setattr(dist, "world", lambda: 3)
     with pytest.raises(UserError, match="batch_size = 8 does not divide among 3 processes"):
         prepare(resolve_config("smoke", ["batch_size=8"]))
+
+
+def test_every_training_stage_records_its_loss_and_resume_keeps_it(tmp_path):
+    """loss.npz beside every model: one finite loss per step; a stage resumed from its checkpoint reports the
+    losses of the steps before the crash too, equal to the uninterrupted run's; the report draws them."""
+    from model_collapse.report import write_report
+
+    cfg = tiny_cfg()
+    run_loop(cfg, tmp_path / "whole", show=False)
+
+    def crash(arm, t, step):
+        if t == 1 and step == 16 and arm.startswith("replace-greedy"):
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash)
+    run_loop(cfg, tmp_path / "resumed", show=False)
+    models = sorted((tmp_path / "whole").rglob("model.safetensors"))
+    assert len(models) == 1 + len(cfg.arms) * (cfg.iterations - 1)
+    for m in models:
+        a = np.load(m.parent / "loss.npz")["loss"]
+        b = np.load(tmp_path / "resumed" / m.parent.relative_to(tmp_path / "whole") / "loss.npz")["loss"]
+        assert a.shape == (cfg.train_steps,) and np.isfinite(a).all() and (a > 0).all()
+        np.testing.assert_array_equal(a, b)
+    write_report([tmp_path / "whole"], tmp_path / "whole" / "report.html", show=False)
+    assert (tmp_path / "whole" / "figures" / "losses.png").stat().st_size > 1000
+    assert "Training loss" in (tmp_path / "whole" / "report.html").read_text()

@@ -150,8 +150,10 @@ def _optimizer(unet, s: TrainSettings, fused: bool = True):
                              weight_decay=s.weight_decay, fused=fused or None, foreach=None if fused else False)
 
 
-def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, step: int, scaler=None) -> None:
-    """Model, optimiser, EMA and fp16 loss-scaler state as one safetensors file, written atomically."""
+def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, step: int, scaler=None,
+                    losses: torch.Tensor | None = None) -> None:
+    """Model, optimiser, EMA, fp16 loss-scaler state and the losses so far as one safetensors file, written
+    atomically."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
@@ -163,6 +165,8 @@ def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None
     if ema_params is not None:
         for i, p in enumerate(ema_params):
             tensors[f"ema.{i}"] = p.detach().contiguous()
+    if losses is not None:
+        tensors["losses"] = losses[:step].detach().float().cpu().contiguous()
     if scaler is not None and scaler.is_enabled():
         st = scaler.state_dict()
         tensors["scaler.scale"] = torch.tensor(float(st["scale"]), dtype=torch.float64)
@@ -172,7 +176,8 @@ def save_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, scaler=None) -> int:
+def load_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None, scaler=None,
+                    losses: torch.Tensor | None = None) -> int:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -187,6 +192,8 @@ def load_checkpoint(path: Path, unet, opt, ema_params: list[torch.Tensor] | None
     if ema_params is not None:
         for i, p in enumerate(ema_params):
             p.copy_(tensors[f"ema.{i}"])
+    if losses is not None and "losses" in tensors:  # checkpoints written before losses were kept: NaN
+        losses[: len(tensors["losses"])] = tensors["losses"].to(losses.device)
     if scaler is not None and scaler.is_enabled() and "scaler.scale" in tensors:
         st = scaler.state_dict()
         st["scale"], st["_growth_tracker"] = float(tensors["scaler.scale"]), int(tensors["scaler.growth_tracker"])
@@ -225,6 +232,7 @@ def train(
     amp_dtype: torch.dtype | None = None,
     accelerator=None,
     fused: bool = True,
+    losses: list | None = None,
 ):
     """Train `unet` in place for s.train_steps with the epsilon-prediction DDPM loss; returns the final weights
     to sample from (the EMA weights when EMA is on).
@@ -242,6 +250,9 @@ def train(
     syncs gradients). fp16 adds a loss scaler (`torch.amp.GradScaler`, initial scale FP16_INIT_SCALE): gradients
     are unscaled before clipping, a step with non-finite gradients is skipped and the scale halves, it doubles
     after 2,000 clean steps; its state is in the checkpoint, so resume stays exact.
+    `losses`: a list that receives the training loss of every step (this process's share of the batch under an
+    accelerator; kept in the checkpoint, so a resumed stage reports them all; NaN for steps a checkpoint written
+    before losses were kept did not record).
     """
     compiled, unet = unet, getattr(unet, "_orig_mod", unet)  # torch.compile: run the compiled, save the module
     dev = torch.device(device) if accelerator is None else accelerator.device
@@ -255,9 +266,10 @@ def train(
     opt = _optimizer(unet, s, fused)
     ema = [p.detach().clone() for p in params] if s.ema_decay is not None else None
     scaler = torch.amp.GradScaler(dev.type, init_scale=FP16_INIT_SCALE, enabled=amp_dtype == torch.float16)
+    history = torch.full((s.train_steps,), float("nan"), device=dev)  # on the device: no host sync per step
     step = 0
     if checkpoint is not None and checkpoint.exists():
-        step = load_checkpoint(checkpoint, unet, opt, ema, scaler)
+        step = load_checkpoint(checkpoint, unet, opt, ema, scaler, history)
     alphas = sched.alphas_cumprod.to(dev)
     model = compiled if accelerator is None else accelerator.prepare_model(compiled)
     unet.train()
@@ -281,6 +293,7 @@ def train(
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             pred = model(xt, t, class_labels=cls).sample
         loss = F.mse_loss(pred.float(), noise)
+        history[step] = loss.detach()
         opt.zero_grad(set_to_none=True)
         if accelerator is None:
             scaler.scale(loss).backward()
@@ -303,18 +316,20 @@ def train(
             progress(step)
         if checkpoint is not None and (step % s.checkpoint_every == 0) and step < s.train_steps:
             if rank == 0:
-                save_checkpoint(checkpoint, unet, opt, ema, step, scaler)
+                save_checkpoint(checkpoint, unet, opt, ema, step, scaler, history)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
             if on_checkpoint is not None:
                 on_checkpoint(step)
     if checkpoint is not None and save_final and rank == 0:
-        save_checkpoint(checkpoint, unet, opt, ema, step, scaler)
+        save_checkpoint(checkpoint, unet, opt, ema, step, scaler, history)
     unet.eval()
     if ema is not None:
         with torch.no_grad():
             for e, p in zip(ema, unet.parameters()):
                 p.copy_(e)
+    if losses is not None:
+        losses[:] = history.cpu().tolist()
     return unet
 
 

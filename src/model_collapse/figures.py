@@ -105,6 +105,48 @@ def fig_curves(arms: list, colours) -> bytes | None:
     return png(fig)
 
 
+def smoothed(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over `window` steps, NaN (unrecorded) steps left out."""
+    ok = np.isfinite(y)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
+    k = np.concatenate([[0], np.cumsum(ok)])
+    lo = np.maximum(np.arange(1, len(y) + 1) - window, 0)
+    n = k[1:] - k[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (c[1:] - c[lo]) / np.maximum(n, 1), np.nan)
+
+
+def fig_losses(arms: list, colours, loss_of, max_panels: int = 6) -> bytes | None:
+    """Training loss per step, one panel per iteration (at most `max_panels`, spread over the run), one line per arm
+    (a trailing mean over 2% of the steps). `loss_of(arm, t)` gives an iteration's losses or None; an iteration
+    whose training set every arm shares (iteration 0) is drawn once, in black."""
+    import matplotlib.pyplot as plt
+
+    its = sorted({r["iteration"] for a in arms for r in a.rows})
+    if len(its) > max_panels:
+        its = [its[round(i * (len(its) - 1) / (max_panels - 1))] for i in range(max_panels)]
+    panels = [(t, [(a, c, loss_of(a, t)) for a, c in zip(arms, colours)]) for t in its]
+    panels = [(t, [(a, c, y) for a, c, y in lines if y is not None and np.isfinite(y).any()]) for t, lines in panels]
+    panels = [(t, lines) for t, lines in panels if lines]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), sharey=True, squeeze=False)
+    for ax, (t, lines) in zip(axes[0], panels):
+        shared = len({str(a.train_dir(t)) for a, _, _ in lines}) == 1 and len(lines) > 1
+        for a, c, y in lines[:1] if shared else lines:
+            ax.plot(np.arange(1, len(y) + 1), smoothed(y, max(1, len(y) // 50)), lw=1.2,
+                    color="black" if shared else c, label="every arm" if shared else a.label)
+        ax.set_title(f"iteration {t}", fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("training loss (MSE on the noise)", fontsize=8)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="upper center", ncol=min(4, len(handles)),
+               bbox_to_anchor=(0.5, 1.12))
+    return png(fig)
+
+
 def fig_correlation(arms: list, colours, corr: dict, space: str = "pixel") -> bytes:
     import matplotlib.pyplot as plt
 

@@ -22,6 +22,7 @@ from model_collapse.data import load_images, pixel_vectors
 from model_collapse.figures import (
     fig_correlation,
     fig_curves,
+    fig_losses,
     fig_pairs,
     fig_projection,
     fig_samples,
@@ -246,6 +247,7 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
             figures.append((section, name, png))
 
     add("Metrics over iterations", "curves.png", fig_curves(arms, colours))
+    add("Training loss", "losses.png", fig_losses(arms, colours, lambda a, t: RunDir.read_losses(a.train_dir(t))))
     corr = entropy_generalization(arms)
     add("Entropy vs generalization", "entropy_vs_generalization.png", fig_correlation(arms, colours, corr))
     space_corr = {}  # the same relation in every other measured space

@@ -233,6 +233,17 @@ class RunDir:
         """Replace metrics.jsonl with these rows (the merged file of a run with several seeds)."""
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(_clean(r)) + "\n" for r in rows).encode())
 
+    @staticmethod
+    def save_losses(train_dir: Path, losses: np.ndarray) -> None:
+        """A training stage's loss per step (`loss.npz`, beside its model)."""
+        atomic_save_npz(Path(train_dir) / "loss.npz", loss=losses)
+
+    @staticmethod
+    def read_losses(train_dir: Path) -> np.ndarray | None:
+        """The loss per step of the stage trained in train_dir (None when not recorded: runs from before)."""
+        f = Path(train_dir) / "loss.npz"
+        return load_npz(f)["loss"] if f.exists() and readable(f) else None
+
     def append_metrics(self, rows: list[dict]) -> None:
         """Append rows; first drop a partial trailing line left by a crash."""
         p = self.metrics_path

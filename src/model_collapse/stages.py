@@ -47,12 +47,14 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
     labels = tr.get("labels") if cfg.conditional else None
     hook = (lambda step: on_checkpoint(label, t, step)) if on_checkpoint else None
     acc = dist.accelerator()
+    losses: list[float] = []
     D.train(_fast(study, unet), tr["images"], labels, study.train_settings(), cfg.seed, (label, t), checkpoint=ckpt,
             progress=(lambda step: bar.update(1)) if bar else None, on_checkpoint=hook,
             null_class=study.num_classes, device=study.device, accelerator=acc,
-            amp_dtype=AMP.get(cfg.mixed_precision))
+            amp_dtype=AMP.get(cfg.mixed_precision), losses=losses)
     unet.cpu()
     if dist.is_main():
+        rd.save_losses(d, np.asarray(losses, dtype=np.float32))  # before the model: a finished stage has both
         D.save_weights(d / "model.safetensors", unet)
         ckpt.unlink(missing_ok=True)
 
