@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from model_collapse import diffusion as D
@@ -415,3 +416,33 @@ def test_every_training_stage_records_its_loss_and_resume_keeps_it(tmp_path):
     write_report([tmp_path / "whole"], tmp_path / "whole" / "report.html", show=False)
     assert (tmp_path / "whole" / "figures" / "losses.png").stat().st_size > 1000
     assert "Training loss" in (tmp_path / "whole" / "report.html").read_text()
+
+
+def test_a_run_starts_from_a_saved_diffusers_unet(tmp_path, capsys):
+    """init_from: iteration 0's model is the saved UNet itself (its samples come from it), later iterations train
+    fresh models of its architecture; a model that does not fit the data is refused in one line, before anything
+    is written."""
+    from safetensors.torch import load_file
+
+    from model_collapse.cli import main
+    from model_collapse.diffusion import build_unet
+    from model_collapse.registry import MODEL_PRESETS
+
+    torch.manual_seed(5)
+    saved = build_unet(MODEL_PRESETS["small"], 8, 1)
+    saved.save_pretrained(tmp_path / "pipe" / "unet")  # a pipeline folder: the UNet in unet/
+    cfg = tiny_cfg(f"init_from={json.dumps(str(tmp_path / 'pipe'))}", "iterations=2")
+    run_loop(cfg, tmp_path / "run", show=False)
+    got = load_file(str(tmp_path / "run" / "iter_000" / "model.safetensors"))
+    for k, v in saved.state_dict().items():
+        assert torch.equal(got[k], v), k
+    later = load_file(str(tmp_path / "run" / "arms" / "replace-random" / "iter_001" / "model.safetensors"))
+    assert {k: v.shape for k, v in later.items()} == {k: v.shape for k, v in got.items()}
+    assert len(np.load(tmp_path / "run" / "iter_000" / "loss.npz")["loss"]) == 0
+    build_unet(MODEL_PRESETS["tiny"], 16, 3).save_pretrained(tmp_path / "rgb16")
+    for path, pattern in ((tmp_path / "rgb16", "sample_size is 16, but the run needs 8"),
+                          (tmp_path / "nothing", "no diffusers model there")):
+        out = tmp_path / f"bad-{path.name}"
+        rc = main(["run", "smoke", "--out", str(out), "--set", f"init_from={json.dumps(str(path))}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and pattern in err and "Traceback" not in err and not out.exists(), err

@@ -74,6 +74,9 @@ class RunConfig:
     layers_per_block: int | None = None
     norm_groups: int | None = None
     attention_levels: tuple[int, ...] | None = None
+    init_from: str | None = None  # a diffusers save_pretrained folder (UNet2DModel, or a pipeline with unet/):
+    #                               iteration 0's model, and the architecture of every later one
+    init_train: bool = False  # with init_from: fine-tune it on iteration 0's real data (else it is used as is)
     conditional: bool = False  # class-conditional UNet (needs labels)
     label_dropout: float = 0.1  # share of labels dropped to the null class while training (conditional only)
     guidance: float = 0.0  # classifier-free guidance scale w: eps = eps_c + w (eps_c - eps_u); 0 = none
@@ -322,6 +325,9 @@ def validate(cfg: RunConfig) -> None:
          f"device must be cpu, cuda, cuda:N, mps or xpu[:N], got {cfg.device!r}")
     need(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     need(cfg.model in MODEL_PRESETS, f"unknown model {cfg.model!r}; models: {', '.join(MODEL_PRESETS)}")
+    need(cfg.init_from is None or (isinstance(cfg.init_from, str) and cfg.init_from.strip() != ""),
+         "init_from must be a folder written by diffusers' save_pretrained")
+    need(not cfg.init_train or cfg.init_from is not None, "init_train needs init_from")
     need(cfg.train_steps > 0, f"train_steps must be > 0, got {cfg.train_steps}")
     need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")

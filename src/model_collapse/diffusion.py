@@ -9,6 +9,7 @@ size or number of processes.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -67,6 +68,49 @@ def build_unet(spec: UNetSpec, image_side: int, channels: int, num_classes: int 
         attention_head_dim=8,
         num_class_embeds=None if num_classes is None else num_classes + 1,
     )
+
+
+def pretrained_unet(path: str, image_side: int, channels: int, num_classes: int | None) -> tuple[Path, dict]:
+    """The UNet2DModel folder of a diffusers `save_pretrained` directory (the model's own, or a pipeline's `unet/`)
+    and its config, checked against the data and the run (one-line errors naming the mismatch)."""
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file() and (p / "unet" / "config.json").is_file():
+        p = p / "unet"
+    if not (p / "config.json").is_file():
+        raise UserError(f"init_from {path}: no diffusers model there (no config.json, nor unet/config.json)")
+    try:
+        with open(p / "config.json", encoding="utf-8") as f:
+            conf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"init_from {p / 'config.json'}: unreadable ({str(e)[:100]})") from None
+    if not isinstance(conf, dict) or conf.get("_class_name") != "UNet2DModel":
+        got = conf.get("_class_name") if isinstance(conf, dict) else type(conf).__name__
+        raise UserError(f"init_from {path}: a {got}, not a UNet2DModel")
+    want_classes = None if num_classes is None else num_classes + 1
+    for key, want, what in (("sample_size", image_side, f"the data's {image_side}x{image_side} images"),
+                            ("in_channels", channels, f"the data's {channels} channel(s)"),
+                            ("out_channels", channels, f"the data's {channels} channel(s)"),
+                            ("num_class_embeds", want_classes,
+                             "no class embedding (conditional = false)" if want_classes is None
+                             else f"{num_classes} classes plus the null class (conditional = true)")):
+        got = conf.get(key)
+        got = got[0] if key == "sample_size" and isinstance(got, (list, tuple)) and len(set(got)) == 1 else got
+        if got != want:
+            raise UserError(f"init_from {path}: the model's {key} is {got}, but the run needs {want} for {what}")
+    if not (p / "diffusion_pytorch_model.safetensors").is_file():
+        raise UserError(f"init_from {path}: no diffusion_pytorch_model.safetensors (pickled .bin weights are not "
+                        f"read)")
+    return p, conf
+
+
+def load_pretrained_weights(p: Path, unet) -> None:
+    """The weights of a `pretrained_unet` folder into a UNet of its architecture (safetensors only)."""
+    from safetensors.torch import load_file
+
+    try:
+        unet.load_state_dict(load_file(str(p / "diffusion_pytorch_model.safetensors")))
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
+        raise UserError(f"init_from {p}: cannot load its weights ({str(e).splitlines()[0][:120]})") from None
 
 
 def make_train_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear"):

@@ -24,7 +24,12 @@ def new_unet(study: Study, label: str, t: int):
     """A freshly initialised UNet for (arm, iteration): its weights derive from the seed and coordinates."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(study.cfg.seed, label, t, "init"))
-        unet = D.build_unet(study.spec, study.shape[0], study.shape[2], study.num_classes)
+        if study.pretrained is not None:  # init_from: its architecture, for every iteration
+            from diffusers import UNet2DModel
+
+            unet = UNet2DModel.from_config(study.pretrained[1])
+        else:
+            unet = D.build_unet(study.spec, study.shape[0], study.shape[2], study.num_classes)
     if study.cfg.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     return unet
@@ -43,6 +48,13 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
     unet = new_unet(study, label, t)
     if cfg.finetune and t > 0:
         D.load_weights(rd.iter_dir(label if t > 1 else None, t - 1) / "model.safetensors", unet)
+    if t == 0 and study.pretrained is not None:
+        D.load_pretrained_weights(study.pretrained[0], unet)
+        if not cfg.init_train:  # the given model is iteration 0's: nothing to train
+            if dist.is_main():
+                rd.save_losses(d, np.zeros(0, dtype=np.float32))
+                D.save_weights(d / "model.safetensors", unet)
+            return
     ckpt = d / "train_state.safetensors"
     labels = tr.get("labels") if cfg.conditional else None
     hook = (lambda step: on_checkpoint(label, t, step)) if on_checkpoint else None

@@ -15,7 +15,7 @@ import numpy as np
 from model_collapse import dist
 from model_collapse.config import ArmConfig, RunConfig
 from model_collapse.data import ImageSet, load_images
-from model_collapse.diffusion import TrainSettings, check_model_shape
+from model_collapse.diffusion import TrainSettings, check_model_shape, pretrained_unet
 from model_collapse.errors import UserError
 from model_collapse.features import SpaceContext, extract
 from model_collapse.measure import MemorizationSettings, Reference, reference_indices, reference_radii
@@ -37,6 +37,7 @@ class Study:
     spec: UNetSpec
     num_classes: int | None
     ctx: SpaceContext
+    pretrained: tuple[Path, dict] | None = None  # init_from: the UNet folder and its config
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -130,12 +131,14 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
     if h != w:
         raise UserError(f"{cfg.data}: images are {h}x{w}; the UNet needs square images (set image_size)")
     spec = model_spec(cfg)
-    check_model_shape(spec, h, where=f"model {cfg.model}")
     num_classes = None
     if cfg.conditional:
         if data.labels is None:
             raise UserError(f"conditional = true needs labels, and {cfg.data} has none")
         num_classes = int(data.labels.max()) + 1
+    pretrained = pretrained_unet(cfg.init_from, h, c, num_classes) if cfg.init_from else None
+    if pretrained is None:
+        check_model_shape(spec, h, where=f"model {cfg.model}")
     for a in cfg.arms:
         if a.per_class and data.labels is None:
             raise UserError(f"arm {a.label()}: per_class selection needs labels, and {cfg.data} has none")
@@ -145,7 +148,7 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
     deterministic_kernels()
     real_idx = numpy_rng(cfg.seed, "real-subset").choice(n, cfg.n_train, replace=False)
     ctx = SpaceContext(cfg.feature_dir, run_dir, data.images, data.labels, cfg.seed, cfg.domain_steps, cfg.device)
-    return Study(cfg, data, np.sort(real_idx), spec, num_classes, ctx)
+    return Study(cfg, data, np.sort(real_idx), spec, num_classes, ctx, pretrained)
 
 
 def pool_size(cfg: RunConfig, arm: ArmConfig) -> int:
