@@ -289,6 +289,8 @@ def test_damaged_run_directories_give_one_line_errors(capsys, tmp_path):
     (["device=\"gpu7\""], "device must be cpu, cuda"),
     (["n_train=1"], "n_train must be >= 2"),
     (["sample_steps=5000"], "sample_steps must lie in"),
+    (["log_with=\"wandb\""], "needs the wandb package"),
+    (["log_with=\"mlflow\""], "log_with must be tensorboard or wandb"),
     (["arms=[{paradigm=\"fresh\", selector=\"random\", fresh_fraction=1.0}]"], "fresh_fraction must lie in"),
 ])
 def test_run_refuses_bad_values_before_anything_is_written(capsys, tmp_path, overrides, pattern):

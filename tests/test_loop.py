@@ -446,3 +446,21 @@ def test_a_run_starts_from_a_saved_diffusers_unet(tmp_path, capsys):
         rc = main(["run", "smoke", "--out", str(out), "--set", f"init_from={json.dumps(str(path))}"])
         err = capsys.readouterr().err
         assert rc == 2 and pattern in err and "Traceback" not in err and not out.exists(), err
+
+
+def test_log_with_tensorboard_writes_loss_curves_tensorboard_reads(tmp_path):
+    """log_with = "tensorboard": one run per (seed, arm, iteration) under RUN_DIR/tracking, whose train/loss
+    scalars, read back by TensorBoard's own reader, are the stage's recorded losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg("log_with=\"tensorboard\"", "iterations=2")
+    run_loop(cfg, tmp_path / "run", show=False)
+    runs = sorted(p.parent for p in (tmp_path / "run" / "tracking").rglob("events.out.tfevents.*"))
+    assert [str(p.relative_to(tmp_path / "run" / "tracking")) for p in runs] == \
+        ["seed0/replace-greedy-k2/it001", "seed0/replace-random/it001", "seed0/shared/it000"]
+    ev = EventAccumulator(str(runs[1]))
+    ev.Reload()
+    got = [(e.step, e.value) for e in ev.Scalars("train/loss")]
+    want = np.load(tmp_path / "run" / "arms" / "replace-random" / "iter_001" / "loss.npz")["loss"]
+    assert [s for s, _ in got] == list(range(1, cfg.train_steps + 1))
+    np.testing.assert_allclose([v for _, v in got], want, rtol=1e-6)

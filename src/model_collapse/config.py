@@ -7,6 +7,7 @@ presets, paradigms and selectors fail when the config is read, with the list of 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -122,13 +123,14 @@ class RunConfig:
     channels_last: bool = False  # channels-last memory format for the UNet (GPU)
     compile: bool = False  # torch.compile the UNet (GPU; the first steps pay for compilation)
     report: bool = True  # write the HTML report when the run ends
+    log_with: str | None = None  # tensorboard | wandb: each training stage's loss curve, under RUN_DIR/tracking
     arms: tuple[ArmConfig, ...] = (
         ArmConfig("replace", "random"),
         ArmConfig("replace", "greedy", pool_factor=2.0),
     )
 
 
-EXECUTION_KEYS = ("workers", "device", "report", "channels_last", "compile")
+EXECUTION_KEYS = ("workers", "device", "report", "channels_last", "compile", "log_with")
 ACCUMULATE_MIXES = ("union", "equal_share")
 THRESHOLD_DECAYS = ("every_pass", "empty_pass")
 
@@ -346,6 +348,9 @@ def validate(cfg: RunConfig) -> None:
     need(0 <= cfg.label_dropout < 1, "label_dropout must lie in [0, 1)")
     need(cfg.workers is None or cfg.workers >= 1, "workers must be >= 1")
     need(cfg.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
+    need(cfg.log_with in (None, "tensorboard", "wandb"), f"log_with must be tensorboard or wandb, got {cfg.log_with!r}")
+    need(cfg.log_with is None or importlib.util.find_spec(cfg.log_with) is not None,
+         f"log_with = {cfg.log_with} needs the {cfg.log_with} package (pip install {cfg.log_with})")
     need(len(cfg.arms) >= 1, "at least one arm is needed")
     need(cfg.seeds is None or (len(cfg.seeds) >= 1 and len(set(cfg.seeds)) == len(cfg.seeds)
                                and min(cfg.seeds) >= 0),

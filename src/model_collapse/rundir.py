@@ -233,6 +233,11 @@ class RunDir:
         """Replace metrics.jsonl with these rows (the merged file of a run with several seeds)."""
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(_clean(r)) + "\n" for r in rows).encode())
 
+    @property
+    def tracking_dir(self) -> Path:
+        """Where trackers (`log_with`) write: RUN_DIR/tracking, one folder for every seed's study."""
+        return (self.path.parent if self.path.name.startswith("seed_") else self.path) / "tracking"
+
     @staticmethod
     def save_losses(train_dir: Path, losses: np.ndarray) -> None:
         """A training stage's loss per step (`loss.npz`, beside its model)."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from model_collapse import diffusion as D
-from model_collapse import dist
+from model_collapse import dist, tracking
 from model_collapse.config import ArmConfig, arm_guidance, own_iteration0
 from model_collapse.features import classify, extract
 from model_collapse.measure import measure_space, row_keys
@@ -67,6 +67,8 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
     unet.cpu()
     if dist.is_main():
         rd.save_losses(d, np.asarray(losses, dtype=np.float32))  # before the model: a finished stage has both
+        if cfg.log_with:
+            tracking.log_losses(cfg.log_with, rd.tracking_dir, tracking.run_name(cfg.seed, label, t), losses)
         D.save_weights(d / "model.safetensors", unet)
         ckpt.unlink(missing_ok=True)
 
