@@ -436,6 +436,11 @@ def test_a_run_starts_from_a_saved_diffusers_unet(tmp_path, capsys):
     got = load_file(str(tmp_path / "run" / "iter_000" / "model.safetensors"))
     for k, v in saved.state_dict().items():
         assert torch.equal(got[k], v), k
+    drawn = np.load(tmp_path / "run" / "iter_000" / "samples.npz")["images"]
+    saved.eval()
+    mine = D.generate(saved, cfg.sampler, cfg.sample_steps, range(len(drawn)), cfg.seed, ("shared", 0), (8, 8, 1),
+                      batch_size=cfg.sample_batch)
+    np.testing.assert_array_equal(drawn, mine)  # iteration 0's samples are the saved model's
     later = load_file(str(tmp_path / "run" / "arms" / "replace-random" / "iter_001" / "model.safetensors"))
     assert {k: v.shape for k, v in later.items()} == {k: v.shape for k, v in got.items()}
     assert len(np.load(tmp_path / "run" / "iter_000" / "loss.npz")["loss"]) == 0
