@@ -366,7 +366,7 @@ def test_damaged_stage_files_are_redone_to_the_same_result(tmp_path, capsys):
     metrics.write_text("[1, 2]")
     capsys.readouterr()
     run_loop(cfg, r, show=False)
-    assert capsys.readouterr().err.count("is damaged; running its stage again") == 3
+    assert capsys.readouterr().err.count("is damaged; moved to") == 3
     assert read_metrics(tmp_path / "whole" / "metrics.jsonl") == read_metrics(r / "metrics.jsonl")
     with np.load(samples) as zb, np.load(tmp_path / "whole" / samples.relative_to(r)) as za:
         for k in za.files:
@@ -445,8 +445,14 @@ def test_a_run_starts_from_a_saved_diffusers_unet(tmp_path, capsys):
     assert {k: v.shape for k, v in later.items()} == {k: v.shape for k, v in got.items()}
     assert len(np.load(tmp_path / "run" / "iter_000" / "loss.npz")["loss"]) == 0
     build_unet(MODEL_PRESETS["tiny"], 16, 3).save_pretrained(tmp_path / "rgb16")
+    from diffusers import UNet2DModel
+
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                class_embed_type="timestep").save_pretrained(tmp_path / "timestep")
     for path, pattern in ((tmp_path / "rgb16", "sample_size is 16, but the run needs 8"),
-                          (tmp_path / "nothing", "no diffusers model there")):
+                          (tmp_path / "nothing", "no diffusers model there"),
+                          (tmp_path / "timestep", "class_embed_type 'timestep' is not supported")):
         out = tmp_path / f"bad-{path.name}"
         rc = main(["run", "smoke", "--out", str(out), "--set", f"init_from={json.dumps(str(path))}"])
         err = capsys.readouterr().err
@@ -469,3 +475,16 @@ def test_log_with_tensorboard_writes_loss_curves_tensorboard_reads(tmp_path):
     want = np.load(tmp_path / "run" / "arms" / "replace-random" / "iter_001" / "loss.npz")["loss"]
     assert [s for s, _ in got] == list(range(1, cfg.train_steps + 1))
     np.testing.assert_allclose([v for _, v in got], want, rtol=1e-6)
+
+
+def test_a_failing_tracker_costs_a_warning_not_the_stage(tmp_path, capsys, monkeypatch):
+    import model_collapse.tracking as tracking
+
+    def broken(*_):
+        raise RuntimeError("no space left on device")
+
+    monkeypatch.setattr(tracking, "_log", broken)
+    run_loop(tiny_cfg("log_with=\"tensorboard\"", "iterations=1"), tmp_path / "run", show=False)
+    assert "warning: log_with = tensorboard failed for seed0/shared/it000: no space left" in capsys.readouterr().err
+    assert (tmp_path / "run" / "iter_000" / "model.safetensors").exists()
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2

@@ -184,6 +184,8 @@ def test_collapsed_sets_are_recorded_not_refused(rng):
     assert sc.gen_score == sc.d1.mean() and math.isnan(sc.gen_score_ratio) and math.isnan(sc.mem_fraction)
     m, _ = memorization(one, gen)
     assert m["train_entropy"] == -math.inf and m["train_duplicates"] == 7 and math.isnan(m["copy_fraction"])
-    row = {f"{k}_pixel": v for k, v in m.items()}
+    assert m["train_collapsed"] and not memorization(gen, one)[0]["train_collapsed"]
+    # as the loop reads it back from metrics.json: non-finite values are null there, the flag keeps the fact
+    row = {f"{k}_pixel": (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in m.items()}
     base = {"train_spacing_pixel": 1.0, "train_entropy_pixel": 0.0, "gen_score_ratio_pixel": 1.0}
     assert decide(row, base, 0.1, 0.8)[0] == "contracting"

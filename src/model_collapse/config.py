@@ -323,8 +323,8 @@ def validate(cfg: RunConfig) -> None:
          f"channels must be positive widths, got {cfg.channels}")
     need(cfg.layers_per_block is None or cfg.layers_per_block >= 1, "layers_per_block must be >= 1")
     need(cfg.norm_groups is None or cfg.norm_groups >= 1, "norm_groups must be >= 1")
-    need(cfg.device is None or re.fullmatch(r"cpu|mps|(cuda|xpu)(:\d+)?", cfg.device) is not None,
-         f"device must be cpu, cuda, cuda:N, mps or xpu[:N], got {cfg.device!r}")
+    need(cfg.device is None or re.fullmatch(r"cpu|(cuda|xpu|mps)(:\d+)?", cfg.device) is not None,
+         f"device must be cpu, cuda[:N], mps[:N] or xpu[:N], got {cfg.device!r}")
     need(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
     need(cfg.model in MODEL_PRESETS, f"unknown model {cfg.model!r}; models: {', '.join(MODEL_PRESETS)}")
     need(cfg.init_from is None or (isinstance(cfg.init_from, str) and cfg.init_from.strip() != ""),

@@ -97,9 +97,20 @@ def pretrained_unet(path: str, image_side: int, channels: int, num_classes: int 
         got = got[0] if key == "sample_size" and isinstance(got, (list, tuple)) and len(set(got)) == 1 else got
         if got != want:
             raise UserError(f"init_from {path}: the model's {key} is {got}, but the run needs {want} for {what}")
+    if conf.get("class_embed_type") is not None:
+        raise UserError(f"init_from {path}: class_embed_type {conf['class_embed_type']!r} is not supported (class "
+                        f"embeddings by num_class_embeds only)")
     if not (p / "diffusion_pytorch_model.safetensors").is_file():
         raise UserError(f"init_from {path}: no diffusion_pytorch_model.safetensors (pickled .bin weights are not "
                         f"read)")
+    try:  # build it once here: a config diffusers cannot build fails now, before anything is written
+        from diffusers import UNet2DModel
+
+        load_pretrained_weights(p, UNet2DModel.from_config(conf))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers' own errors for a foreign config: one line
+        raise UserError(f"init_from {path}: diffusers cannot build its UNet ({str(e).splitlines()[0][:120]})") from None
     return p, conf
 
 

@@ -269,8 +269,8 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     what decided them (the start, and the share of all pool-centre distances computed)."""
     m = len(x)
     X = np.ascontiguousarray(x)
-    if X.dtype.kind != "f" or X.itemsize < 4:
-        X = X.astype(np.float64 if X.dtype.kind != "f" else np.float32)  # half floats are exact in float32
+    if X.dtype.kind != "f" or X.itemsize < 4:  # half floats and integers of up to 16 bits are exact in float32
+        X = X.astype(np.float32 if X.itemsize <= 2 else np.float64)
     if first_nonfinite_row(X) is not None:
         raise UserError("selection input contains NaN or inf")
     B = _Bounds(X, n)

@@ -33,7 +33,7 @@ from model_collapse.report import write_report
 from model_collapse.rundir import RunDir, atomic_write_json, read_json, read_metrics, readable
 from model_collapse.stages import measure_stage, sample_model, train_model
 from model_collapse.study import Study, arm_label, n_samples, prepare
-from model_collapse.summary import summarize
+from model_collapse.summary import fmt_number, summarize
 from model_collapse.verdict import add_verdict
 from model_collapse.workers import Job, run_jobs
 
@@ -54,14 +54,16 @@ def _checkpoint_step(path: Path) -> int:
 
 def _done(path: Path, shared: bool = True) -> bool:
     """Whether a stage's output is there and whole, decided by the main process and (`shared`) given to the others:
-    on a shared file system they could see different things and part ways. A damaged file is removed with a
-    warning, so the stage runs again and writes it whole (every stage is deterministic)."""
+    on a shared file system they could see different things and part ways. A damaged file is moved aside (to
+    NAME.damaged) with a warning, so the stage runs again and writes it whole (every stage is deterministic)."""
     done = False
     if dist.is_main() and path.exists():
         done = readable(path)
         if not done:
-            print(f"model-collapse: {path} is damaged; running its stage again", file=sys.stderr)
-            path.unlink(missing_ok=True)
+            aside = path.with_name(path.name + ".damaged")
+            print(f"model-collapse: {path} is damaged; moved to {aside.name}, running its stage again",
+                  file=sys.stderr)
+            os.replace(path, aside)
     return dist.share(done) if shared else done
 
 
@@ -111,8 +113,10 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
     m = read_json(d / "metrics.json")
     dist.barrier()
     if show:
-        print(f"[{label}] iteration {t}: entropy {m['train_entropy_pixel']:.2f}, gen score "
-              f"{m['gen_score_pixel']:.3f} (ratio {m['gen_score_ratio_pixel']:.2f}), fd {m['fd_pixel']:.3f}",
+        num = fmt_number
+        entropy = "-inf (collapsed)" if m.get("train_collapsed_pixel") else num(m["train_entropy_pixel"], "{:.2f}")
+        print(f"[{label}] iteration {t}: entropy {entropy}, gen score {num(m['gen_score_pixel'], '{:.3f}')} "
+              f"(ratio {num(m['gen_score_ratio_pixel'], '{:.2f}')}), fd {num(m['fd_pixel'], '{:.3f}')}",
               file=sys.stderr, flush=True)
     return m
 

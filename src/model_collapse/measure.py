@@ -97,7 +97,9 @@ def memorization(train: np.ndarray, generated: np.ndarray, s: MemorizationSettin
     ent = kl_entropy(train, s.entropy_k, **kw)
     sc = generalization_score(generated, train, mem_ratio=s.mem_ratio, copy_ratio=s.copy_ratio, train_nn=ent.nn,
                               **kw)
-    m = {"train_entropy": ent.entropy, "train_duplicates": ent.duplicates, "train_spacing": sc.train_spacing,
+    # collapsed: k or fewer distinct images, entropy minus infinity (stored as null: the flag keeps the fact)
+    m = {"train_entropy": ent.entropy, "train_collapsed": bool(ent.n <= s.entropy_k),
+         "train_duplicates": ent.duplicates, "train_spacing": sc.train_spacing,
          "gen_score": sc.gen_score, "gen_score_ratio": sc.gen_score_ratio, "mem_fraction": sc.mem_fraction,
          "copy_fraction": sc.copy_fraction}
     return m, sc

@@ -11,6 +11,8 @@ import fcntl
 import json
 import math
 import os
+import re
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,7 +101,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 def readable(path: Path) -> bool:
     """Whether a stage's output file is whole: an .npz whose arrays all load (no pickles), a .safetensors whose
-    tensors load, a .json object. Files are written atomically, so a bad one was damaged from outside."""
+    tensors load, a .json object. Files are written atomically, so a bad one was damaged from outside. Only a
+    format error counts: an I/O error (a full table of open files, a stale network mount) propagates rather than
+    condemning a good file."""
+    from safetensors import SafetensorError
+
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
@@ -112,7 +118,7 @@ def readable(path: Path) -> bool:
         elif path.suffix == ".json":
             read_json_object(path, "stage file")
         return True
-    except Exception:  # noqa: BLE001 - any failure to read means: not whole
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, SafetensorError, UserError):
         return False
 
 
@@ -236,7 +242,8 @@ class RunDir:
     @property
     def tracking_dir(self) -> Path:
         """Where trackers (`log_with`) write: RUN_DIR/tracking, one folder for every seed's study."""
-        return (self.path.parent if self.path.name.startswith("seed_") else self.path) / "tracking"
+        seed_dir = re.fullmatch(r"seed_\d{3,}", self.path.name) and (self.path.parent / "config.json").exists()
+        return (self.path.parent if seed_dir else self.path) / "tracking"
 
     @staticmethod
     def save_losses(train_dir: Path, losses: np.ndarray) -> None:

@@ -67,10 +67,10 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
     unet.cpu()
     if dist.is_main():
         rd.save_losses(d, np.asarray(losses, dtype=np.float32))  # before the model: a finished stage has both
-        if cfg.log_with:
-            tracking.log_losses(cfg.log_with, rd.tracking_dir, tracking.run_name(cfg.seed, label, t), losses)
         D.save_weights(d / "model.safetensors", unet)
         ckpt.unlink(missing_ok=True)
+        if cfg.log_with:  # after the model is safe: a tracker's failure costs a warning, never the stage
+            tracking.log_losses(cfg.log_with, rd.tracking_dir, tracking.run_name(cfg.seed, label, t), losses)
 
 
 def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=None) -> None:

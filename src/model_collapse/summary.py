@@ -28,7 +28,7 @@ COLUMNS = [
 ]
 
 
-def _fmt(v, fmt):
+def fmt_number(v, fmt):
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     try:
@@ -109,10 +109,10 @@ def format_claims(claims: list[dict]) -> list[str]:
         if c["verdict"] == "skipped":
             lines.append(f"  [{VERDICT_MARK['skipped']}] {c['id']}: {c['reason']}")
             continue
-        ci = (f"[{_fmt(c['ci_low'], '{:.4g}')}, {_fmt(c['ci_high'], '{:.4g}')}]" if c["ci_low"] is not None
+        ci = (f"[{fmt_number(c['ci_low'], '{:.4g}')}, {fmt_number(c['ci_high'], '{:.4g}')}]" if c["ci_low"] is not None
               else "(no interval)")
         noise = f", sampling sd {c['sampling_sd']:.2g}" if c.get("sampling_sd") is not None else ""
-        lines.append(f"  [{VERDICT_MARK[c['verdict']]}] {c['id']}: effect {_fmt(c['effect'], '{:.4g}')} "
+        lines.append(f"  [{VERDICT_MARK[c['verdict']]}] {c['id']}: effect {fmt_number(c['effect'], '{:.4g}')} "
                      f"{ci}, {c['direction']} {c['threshold']:g}, {c['n_seeds']} seed(s); {c['metric']}{noise}")
     return lines
 
@@ -133,5 +133,5 @@ def format_summary(summary: dict) -> str:
         cols = [c for c in COLUMNS if c[0] in s]
         lines.append("  ".join(f"{c[1]:>9}" for c in cols))
         for i in range(len(s["iteration"])):
-            lines.append("  ".join(f"{_fmt(s[key][i], fmt):>9}" for key, _, fmt in cols))
+            lines.append("  ".join(f"{fmt_number(s[key][i], fmt):>9}" for key, _, fmt in cols))
     return "\n".join(lines)

@@ -38,7 +38,8 @@ def decide(row: dict, base: dict | None, copy_level: float, contract_ratio_level
         "contract_ratio_level": contract_ratio_level,
         "contract_spacing_level": contract_spacing_level,
     })
-    if ev["train_entropy"] == -math.inf:  # collapsed to k or fewer distinct images: contraction at its limit
+    if row.get("train_collapsed_pixel") or ev["train_entropy"] == -math.inf:  # k or fewer distinct images left:
+        ev["train_collapsed"] = True                                              # contraction at its limit
         return "contracting", ev
     try:
         shrinking = (ev["train_spacing"] < contract_spacing_level * ev["train_spacing_it0"]
