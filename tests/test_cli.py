@@ -290,6 +290,8 @@ def test_damaged_run_directories_give_one_line_errors(capsys, tmp_path):
     (["n_train=1"], "n_train must be >= 2"),
     (["sample_steps=5000"], "sample_steps must lie in"),
     (["log_with=\"wandb\""], "needs the wandb package"),
+    (["arms.1.per_class=true"], "per_class needs conditional = true"),
+    (["seed=18446744073709551616"], "seed must lie in"),
     (["log_with=\"mlflow\""], "log_with must be tensorboard or wandb"),
     (["arms=[{paradigm=\"fresh\", selector=\"random\", fresh_fraction=1.0}]"], "fresh_fraction must lie in"),
 ])
@@ -384,3 +386,10 @@ def test_feature_arrays_go_straight_to_the_kernels(capsys, tmp_path, rng):
     assert_user_error(rc, err, "generated set is a feature array but the training set is images")
     rc, _, err = run_cli(capsys, "select", str(images), "--n", "5")
     assert_user_error(rc, err, "--out is needed for an image pool")
+
+
+def test_a_path_the_file_system_refuses_gives_one_line(capsys, tmp_path):
+    for argv in (["entropy", str(tmp_path / ("a" * 300 + ".npy"))],
+                 ["select", str(tmp_path / ("b" * 300 + ".npz")), "--n", "3", "--json"]):
+        rc, _, err = run_cli(capsys, *argv)
+        assert_user_error(rc, err, "too long")

@@ -345,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused a path we were given: too long, not permitted, a full disk
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"{PROG}: error: {where[:200]}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -355,7 +355,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.seeds is None or (len(cfg.seeds) >= 1 and len(set(cfg.seeds)) == len(cfg.seeds)
                                and min(cfg.seeds) >= 0),
          f"seeds must be distinct non-negative integers, got {cfg.seeds}")
-    need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    need(0 <= cfg.seed < 2**63, f"seed must lie in [0, 2^63), got {cfg.seed}")
+    need(cfg.seeds is None or max(cfg.seeds) < 2**63, f"seeds must lie below 2^63, got {cfg.seeds}")
     measured = ["pixel"] + [s for s in cfg.spaces if s != "pixel"]
     quality = [f"{m}_{s}" for m in ("kid", "fd") for s in measured]
     need(cfg.quality_metric in quality,
@@ -388,6 +389,8 @@ def validate(cfg: RunConfig) -> None:
              f"{where}: fresh_fraction applies to the fresh paradigm only")
         check_name("space", a.space, SPACES)
         need(a.guidance is None or cfg.conditional, f"{where}: guidance needs conditional = true")
+        need(not a.per_class or cfg.conditional,
+             f"{where}: per_class needs conditional = true (an unconditional model's samples have no classes)")
     need(cfg.guidance == 0 or cfg.conditional, "guidance needs conditional = true")
 
 
