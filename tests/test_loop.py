@@ -29,16 +29,22 @@ def tiny_cfg(*extra):
     return resolve_config("smoke", TINY + list(extra))
 
 
+def crash_greedy_at_step_16(arm, t, step):
+    if t == 1 and step == 16 and arm.startswith("replace-greedy"):
+        raise Crash()
+
+
+def whole_and_crashed(cfg, tmp_path) -> None:
+    """An uninterrupted run in tmp_path/whole, and one in tmp_path/resumed crashed at iteration 1, step 16 of the
+    greedy arm (after its first checkpoint)."""
+    run_loop(cfg, tmp_path / "whole", show=False)
+    with pytest.raises(Crash):
+        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash_greedy_at_step_16)
+
+
 def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
     cfg = tiny_cfg()
-    run_loop(cfg, tmp_path / "whole", show=False)
-
-    def crash(arm, t, step):
-        if t == 1 and step == 16 and arm.startswith("replace-greedy"):
-            raise Crash()
-
-    with pytest.raises(Crash):
-        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash)
+    whole_and_crashed(cfg, tmp_path)
     d = tmp_path / "resumed" / "arms" / "replace-greedy-k2" / "iter_001"
     assert (d / "train_state.safetensors").exists() and not (d / "model.safetensors").exists()
     run_loop(cfg, tmp_path / "resumed", show=False)
@@ -254,13 +260,9 @@ def test_seeds_are_independent_studies_and_resume_to_identical_metrics(tmp_path)
     cfg = resolve_config("smoke", SEEDED)
     whole = run_loop(cfg, tmp_path / "whole", show=False)
 
-    def crash(arm, t, step):
-        if t == 1 and step == 16 and arm == "replace-greedy-k2":
-            raise Crash()
-
     run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=None, only=[(0, None)])
     with pytest.raises(Crash):  # seed 1 crashes mid-training
-        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash)
+        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash_greedy_at_step_16)
     again = run_loop(cfg, tmp_path / "resumed", show=False)
     a = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
@@ -350,14 +352,7 @@ def test_damaged_stage_files_are_redone_to_the_same_result(tmp_path, capsys):
     """A truncated samples.npz, a garbage checkpoint and a metrics.json that is not an object: the rerun says so,
     redoes those stages and ends with the rows and files of an uninterrupted run."""
     cfg = tiny_cfg()
-    run_loop(cfg, tmp_path / "whole", show=False)
-
-    def crash(arm, t, step):
-        if t == 1 and step == 16 and arm.startswith("replace-greedy"):
-            raise Crash()
-
-    with pytest.raises(Crash):
-        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash)
+    whole_and_crashed(cfg, tmp_path)
     r = tmp_path / "resumed"
     samples = sorted(r.rglob("iter_000/samples.npz"))[0]
     samples.write_bytes(samples.read_bytes()[:200])
@@ -397,14 +392,7 @@ def test_every_training_stage_records_its_loss_and_resume_keeps_it(tmp_path):
     from model_collapse.report import write_report
 
     cfg = tiny_cfg()
-    run_loop(cfg, tmp_path / "whole", show=False)
-
-    def crash(arm, t, step):
-        if t == 1 and step == 16 and arm.startswith("replace-greedy"):
-            raise Crash()
-
-    with pytest.raises(Crash):
-        run_loop(cfg, tmp_path / "resumed", show=False, on_checkpoint=crash)
+    whole_and_crashed(cfg, tmp_path)
     run_loop(cfg, tmp_path / "resumed", show=False)
     models = sorted((tmp_path / "whole").rglob("model.safetensors"))
     assert len(models) == 1 + len(cfg.arms) * (cfg.iterations - 1)

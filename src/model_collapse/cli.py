@@ -106,9 +106,9 @@ FEATURES_HELP = ("a .npy of shape (N, D) floats (read memory-mapped) or an .npz 
 
 def _load_any(spec: str):
     """A FeatureSet for a feature array, else an ImageSet."""
-    from model_collapse.data import load_vectors_or_images
+    from model_collapse.data import load_images
 
-    return load_vectors_or_images(spec)
+    return load_images(spec, features=True)
 
 
 def _is_features(x) -> bool:

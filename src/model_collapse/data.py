@@ -68,33 +68,6 @@ def check_vectors(x: np.ndarray, where: str) -> np.ndarray:
     return x
 
 
-def load_vectors_or_images(spec: str) -> "FeatureSet | ImageSet":
-    """A feature array (a .npy of 2-D floats, memory-mapped; or an .npz holding `features`, with optional
-    `labels`) as a FeatureSet; anything else through `load_images`."""
-    path = Path(os.path.expanduser(spec))
-    if spec not in DATASETS and path.is_file() and path.suffix.lower() in (".npy", ".npz"):
-        _check_sizes(path)
-        try:
-            if path.suffix.lower() == ".npy":
-                x = np.load(path, mmap_mode="r", allow_pickle=False)
-                if x.ndim == 2 and x.dtype.kind != "f":
-                    raise UserError(f"{path}: a 2-D array of {x.dtype}: a feature array must hold floats, and "
-                                    f"images must have shape (N, H, W[, C])")
-                if x.ndim == 2:
-                    return FeatureSet(check_vectors(x, str(path)), None, path.stem)
-            else:
-                with np.load(path, allow_pickle=False) as z:
-                    if "features" in z.files:
-                        x = check_vectors(z["features"], f"{path}: features")
-                        labels = as_labels(z["labels"], len(x), str(path)) if "labels" in z.files else None
-                        return FeatureSet(x, labels, path.stem)
-        except UserError:
-            raise
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as e:
-            raise UserError(f"{path}: cannot read ({_short(e)})") from None
-    return load_images(spec)
-
-
 # ---------------------------------------------------------------------------------------------- validation
 
 
@@ -186,23 +159,33 @@ def _check_sizes(path: Path) -> None:
         raise UserError(f"{path}: cannot read as a {kind} ({_short(e)})") from None
 
 
-def _load_npy(path: Path) -> ImageSet:
+def _load_npy(path: Path, features: bool = False) -> "ImageSet | FeatureSet":
+    """Images; with `features`, a 2-D array is a feature array instead, kept memory-mapped."""
     _check_sizes(path)
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, mmap_mode="r" if features else None, allow_pickle=False)
     except (ValueError, OSError, EOFError, MemoryError) as e:
         raise UserError(f"{path}: cannot read as a .npy array ({_short(e)})") from None
-    return ImageSet(as_uint8_images(array, str(path)), None, path.stem)
+    if features and array.ndim == 2:
+        if array.dtype.kind != "f":
+            raise UserError(f"{path}: a 2-D array of {array.dtype}: a feature array must hold floats, and images "
+                            f"must have shape (N, H, W[, C])")
+        return FeatureSet(check_vectors(array, str(path)), None, path.stem)
+    return ImageSet(as_uint8_images(np.asarray(array), str(path)), None, path.stem)
 
 
-def _load_npz(path: Path) -> ImageSet:
+def _load_npz(path: Path, features: bool = False) -> "ImageSet | FeatureSet":
+    """Images and labels; with `features`, an archive holding `features` is a feature array instead."""
     _check_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
+            labels = z["labels"] if "labels" in z.files else None
+            if features and "features" in z.files:
+                x = check_vectors(z["features"], f"{path}: features")
+                return FeatureSet(x, as_labels(labels, len(x), str(path)), path.stem)
             if "images" not in z.files:
                 raise UserError(f"{path}: no 'images' array inside (found: {', '.join(z.files) or 'nothing'})")
             images = z["images"]
-            labels = z["labels"] if "labels" in z.files else None
     except UserError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as e:
@@ -342,10 +325,13 @@ DATASETS: dict[str, Callable[..., ImageSet]] = {
 }
 
 
-def load_images(spec: str, root: str | None = None, download: bool = False, image_size: int | None = None) -> ImageSet:
+def load_images(spec: str, root: str | None = None, download: bool = False, image_size: int | None = None,
+                features: bool = False) -> "ImageSet | FeatureSet":
     """Load a built-in data set by name, or a .npy / .npz file, or an image folder, as a validated ImageSet.
 
-    `image_size` resizes every image to a square side (Lanczos) after loading; None keeps the size.
+    `image_size` resizes every image to a square side (Lanczos) after loading; None keeps the size. With
+    `features`, a feature array is accepted too and returned as a FeatureSet: a .npy of 2-D floats (kept
+    memory-mapped) or an .npz holding `features` (and optionally `labels`).
     """
     if spec in DATASETS:
         fn = DATASETS[spec]
@@ -360,13 +346,15 @@ def load_images(spec: str, root: str | None = None, download: bool = False, imag
         if path.is_dir():
             s = _load_folder(path)
         elif path.suffix.lower() == ".npy":
-            s = _load_npy(path)
+            s = _load_npy(path, features)
         elif path.suffix.lower() == ".npz":
-            s = _load_npz(path)
+            s = _load_npz(path, features)
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             s = ImageSet(as_uint8_images(_read_image_file(path)[None], str(path)), None, path.stem)
         else:
             raise UserError(f"{spec}: unsupported file type {path.suffix!r}; use .npy, .npz or an image folder")
+    if isinstance(s, FeatureSet):
+        return s
     if image_size is not None and s.images.shape[1:3] != (image_size, image_size):
         s = ImageSet(resize_images(s.images, image_size), s.labels, s.name)
     return s

@@ -57,10 +57,17 @@ def exact_sq(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return (diff * diff).sum(1)
 
 
-def _row_sq64(x: np.ndarray, tile: int = 8192) -> np.ndarray:
-    """Squared row norms accumulated in float64, a tile at a time (no float64 copy of the whole pool)."""
-    return np.concatenate([np.einsum("ij,ij->i", x[a : a + tile], x[a : a + tile], dtype=np.float64)
-                           for a in range(0, len(x), tile)])
+TILE = 8192  # rows per tile of the set-up passes over the pool (no whole-pool temporaries)
+
+
+def _tiles(x: np.ndarray):
+    for a in range(0, len(x), TILE):
+        yield x[a : a + TILE]
+
+
+def _row_sq(x: np.ndarray, dtype=None) -> np.ndarray:
+    """Squared row norms, a tile at a time, accumulated in `dtype` (default: x's own)."""
+    return np.concatenate([np.einsum("ij,ij->i", c, c, dtype=dtype) for c in _tiles(x)])
 
 
 class _Bounds:
@@ -77,10 +84,10 @@ class _Bounds:
         # that matters. Every value here, exact ones included (`scale2` times the float64 distance: a power of two,
         # so still exact), is in these units.
         xc = x - mean.astype(np.float32) if x.dtype == np.float32 else None  # float32 input: one rounding
-        top = float(np.sqrt(_row_sq64(xc).max())) if xc is not None else math.nan
+        top = float(np.sqrt(_row_sq(xc, np.float64).max())) if xc is not None else math.nan
         exact64 = not (math.isfinite(top) and top >= 2.0**-60)  # float64 input, overflow, or tiny values
         if exact64:  # centre in float64, a chunk at a time, and round once
-            top = max(float(np.sqrt(np.einsum("ij,ij->i", c, c).max())) for c in self._centred(x, mean))
+            top = max(float(np.sqrt(_row_sq(c).max())) for c in self._centred(x, mean))
         scale = 2.0 ** -math.ceil(math.log2(top)) if top > 0 else 1.0
         self.scale2 = scale * scale
         if exact64:
@@ -88,10 +95,9 @@ class _Bounds:
         else:
             xc *= np.float32(scale)
         self.xc = torch.from_numpy(xc)
-        # float32, as the products; by tiles in numpy (torch's chunked products left 1.4 GB resident at 1M x 384)
-        self.sq = torch.from_numpy(np.concatenate([np.einsum("ij,ij->i", xc[a : a + 8192], xc[a : a + 8192])
-                                                   for a in range(0, len(xc), 8192)]))
-        norms = np.sqrt(_row_sq64(xc)) * 1.001
+        # float32, as the products; in numpy (torch's chunked products left 1.4 GB resident at 1M x 384)
+        self.sq = torch.from_numpy(_row_sq(xc))
+        norms = np.sqrt(_row_sq(xc, np.float64)) * 1.001
         # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
         # and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
         self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + (d + 6) * 2.0**-80
@@ -107,8 +113,8 @@ class _Bounds:
 
     @staticmethod
     def _centred(x: np.ndarray, mean: np.ndarray):
-        for a in range(0, len(x), 8192):
-            yield x[a : a + 8192] - mean
+        for c in _tiles(x):
+            yield c - mean
 
     def add(self, t: int, p: int) -> None:
         self.centres[t] = p
@@ -262,6 +268,7 @@ class _Active:
         P = self.idx[live]
         B = self.B
         B.near[P], B.near_at[P], B.ex[P], B.upto[P] = self.near[live], self.near_at[live], self.ex[live], self.t
+
 
 def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho: float = 0.95,
                     progress: Progress | None = None) -> tuple[np.ndarray, dict]:

@@ -118,8 +118,7 @@ def generalization_score(
         raise ValueError(f"generated {generated.shape} and training {train.shape} sets must be (N, d) of one d")
     u, _ = distinct_rows(train)
     if len(u) < 2:  # a collapsed training set: one image; distances to it, no second neighbour or spacing
-        diff = generated.astype(np.float64) - u[0].astype(np.float64)
-        d1 = np.sqrt((diff * diff).sum(1))
+        d1 = knn(generated, u, 1, **knn_kw).distances[:, 0]
         return ScoreResult(float(d1.mean()), math.nan, math.nan, math.nan, math.nan, math.nan, len(generated), 1,
                            np.zeros(len(generated), dtype=np.int64), d1, np.full(len(generated), math.inf))
     res = knn(generated, u, 2, **knn_kw)

@@ -11,7 +11,6 @@ import fcntl
 import json
 import math
 import os
-import re
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,18 +98,23 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def _format_errors() -> tuple:
+    from safetensors import SafetensorError
+
+    return (zipfile.BadZipFile, ValueError, EOFError, KeyError, SafetensorError, UserError)
+
+
+FORMAT_ERRORS = _format_errors()  # what reading a damaged file raises (an I/O error is not among them)
+
+
 def readable(path: Path) -> bool:
     """Whether a stage's output file is whole: an .npz whose arrays all load (no pickles), a .safetensors whose
     tensors load, a .json object. Files are written atomically, so a bad one was damaged from outside. Only a
     format error counts: an I/O error (a full table of open files, a stale network mount) propagates rather than
     condemning a good file."""
-    from safetensors import SafetensorError
-
     try:
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                for k in z.files:
-                    z[k]
+            load_npz(path)
         elif path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -118,15 +122,16 @@ def readable(path: Path) -> bool:
         elif path.suffix == ".json":
             read_json_object(path, "stage file")
         return True
-    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, SafetensorError, UserError):
+    except FORMAT_ERRORS:
         return False
 
 
 class RunDir:
     """An opened, locked run directory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
         self.path = Path(path)
+        self.root = Path(root) if root is not None else self.path  # the run directory (above a seed's study)
         self._lock_fd: int | None = None
 
     # -- layout
@@ -154,7 +159,7 @@ class RunDir:
     def study_dir(self, cfg: RunConfig, seed: int) -> "RunDir":
         """The directory of one seed's study: the run directory itself for a run without `seeds`, else
         RUN_DIR/seed_<seed>/, each laid out like a one-seed run (iter_000, arms/, features/, metrics.jsonl)."""
-        return self if cfg.seeds is None else RunDir(self.path / f"seed_{seed:03d}")
+        return self if cfg.seeds is None else RunDir(self.path / f"seed_{seed:03d}", root=self.root)
 
     @contextmanager
     def hold(self, name: str, wait: bool = True):
@@ -242,8 +247,7 @@ class RunDir:
     @property
     def tracking_dir(self) -> Path:
         """Where trackers (`log_with`) write: RUN_DIR/tracking, one folder for every seed's study."""
-        seed_dir = re.fullmatch(r"seed_\d{3,}", self.path.name) and (self.path.parent / "config.json").exists()
-        return (self.path.parent if seed_dir else self.path) / "tracking"
+        return self.root / "tracking"
 
     @staticmethod
     def save_losses(train_dir: Path, losses: np.ndarray) -> None:
@@ -254,7 +258,10 @@ class RunDir:
     def read_losses(train_dir: Path) -> np.ndarray | None:
         """The loss per step of the stage trained in train_dir (None when not recorded: runs from before)."""
         f = Path(train_dir) / "loss.npz"
-        return load_npz(f)["loss"] if f.exists() and readable(f) else None
+        try:
+            return load_npz(f)["loss"] if f.exists() else None
+        except FORMAT_ERRORS:
+            return None
 
     def append_metrics(self, rows: list[dict]) -> None:
         """Append rows; first drop a partial trailing line left by a crash."""

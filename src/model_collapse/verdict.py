@@ -13,8 +13,6 @@ into tight clusters lowers it too, without any copying. The rules (thresholds in
 
 from __future__ import annotations
 
-import math
-
 
 def decide(row: dict, base: dict | None, copy_level: float, contract_ratio_level: float,
            contract_spacing_level: float = 0.9) -> tuple[str, dict]:
@@ -38,8 +36,8 @@ def decide(row: dict, base: dict | None, copy_level: float, contract_ratio_level
         "contract_ratio_level": contract_ratio_level,
         "contract_spacing_level": contract_spacing_level,
     })
-    if row.get("train_collapsed_pixel") or ev["train_entropy"] == -math.inf:  # k or fewer distinct images left:
-        ev["train_collapsed"] = True                                              # contraction at its limit
+    if row.get("train_collapsed_pixel"):  # k or fewer distinct images left: contraction at its limit
+        ev["train_collapsed"] = True
         return "contracting", ev
     try:
         shrinking = (ev["train_spacing"] < contract_spacing_level * ev["train_spacing_it0"]
