@@ -171,7 +171,8 @@ def _load_npy(path: Path, features: bool = False) -> "ImageSet | FeatureSet":
             raise UserError(f"{path}: a 2-D array of {array.dtype}: a feature array must hold floats, and images "
                             f"must have shape (N, H, W[, C])")
         return FeatureSet(check_vectors(array, str(path)), None, path.stem)
-    return ImageSet(as_uint8_images(np.asarray(array), str(path)), None, path.stem)
+    images = np.array(array) if features else array  # images are read whole, into writable memory
+    return ImageSet(as_uint8_images(images, str(path)), None, path.stem)
 
 
 def _load_npz(path: Path, features: bool = False) -> "ImageSet | FeatureSet":
