@@ -26,7 +26,7 @@ ARMS = {
     "threshold_replace_guided": {"paradigm": "replace", "selector": "threshold", "pool_factor": 2,
                                  "guidance": 2.0},
     **{f"{sel}_{par}": {"paradigm": par, "selector": sel, "pool_factor": 2}
-       for sel in ("gated", "herding") for par in ("replace", "accumulate")},
+       for sel in ("gated", "herding", "capped") for par in ("replace", "accumulate")},
 }
 
 # role -> (entropy at the last iteration, gen score at the last, quality at the last, real share at the last)
@@ -45,6 +45,8 @@ LAST = {
     "herding_replace": (7.0, 2.7, 0.17, 0.0),
     "gated_accumulate": (8.0, 2.8, 0.17, 0.55),
     "herding_accumulate": (8.0, 2.8, 0.12, 0.70),
+    "capped_replace": (6.0, 2.6, 0.16, 0.0),
+    "capped_accumulate": (7.0, 2.7, 0.14, 0.60),
 }
 
 
@@ -101,9 +103,10 @@ def test_the_best_selector_is_named_and_compared_with_greedy():
     assert claims["best_selector_beats_greedy_accumulate"]["arms"] == [labels["herding_accumulate"],
                                                                        labels["greedy_accumulate"]]
     assert claims["best_selector_beats_greedy"]["effect"] == pytest.approx(-0.05, abs=0.01)
-    without = config({r: a for r, a in ARMS.items() if r not in ("gated_replace", "herding_replace")})
+    without = config({r: a for r, a in ARMS.items()
+                      if r not in ("gated_replace", "herding_replace", "capped_replace")})
     c = next(c for c in check_claims(rows_for(without), without) if c["id"] == "best_selector_beats_greedy")
-    assert c["verdict"] == "skipped" and "gated_replace or herding_replace" in c["reason"]
+    assert c["verdict"] == "skipped" and "gated_replace or herding_replace or capped_replace" in c["reason"]
 
 
 def test_a_claim_the_data_contradict_fails():

@@ -5,7 +5,8 @@ import pytest
 from conftest import brute_knn
 from test_selection import greedy_reference
 
-from model_collapse.curation import REALISM_K, TIE, bandwidth, inside_manifold
+from model_collapse.curation import REALISM_K, TIE, bandwidth, inside_manifold, spacing
+from model_collapse.rng import numpy_rng
 from model_collapse.errors import UserError
 from model_collapse.selection import select
 
@@ -40,6 +41,21 @@ def herding_reference(x, n, seed, ref):
     return np.array(chosen)
 
 
+def capped_reference(x, n, seed, ref):
+    """The definition: greedy's order while each pick lies at least the reference's median nearest-neighbour
+    distance (float64 differences) from the picks before it; then the rest in a seeded uniform order."""
+    X, R = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    dr = np.sqrt(((R[:, None] - R[None]) ** 2).sum(-1))
+    np.fill_diagonal(dr, np.inf)
+    s = np.median(dr.min(1))
+    order = greedy_reference(X, n, seed)
+    kept = 1
+    while kept < n and np.sqrt(((X[order[:kept]] - X[order[kept]]) ** 2).sum(1).min()) >= s:
+        kept += 1
+    rest = np.setdiff1d(np.arange(len(X)), order[:kept])
+    return np.concatenate([order[:kept], rest[numpy_rng(seed, "capped-fill").permutation(len(rest))[: n - kept]]])
+
+
 def pool_with_ties(rng, m=240, d=4):
     x = np.round(rng.normal(size=(m, d)) * 2) / 2  # coarse grid: many equal distances
     x[20:30] = x[3]  # duplicates
@@ -71,6 +87,23 @@ def test_herding_equals_its_definition(rng, n):
         assert len(set(fast.indices.tolist())) == n
 
 
+@pytest.mark.parametrize("n", [1, 30, 120, 240])
+def test_capped_equals_its_definition(rng, n):
+    for seed in range(3):
+        x = pool_with_ties(rng)
+        ref = np.round(rng.normal(size=(60, 4)) * 2) / 2  # on the same grid: spacings tie with pool distances
+        fast = select(x, n, "capped", seed, reference=ref)
+        np.testing.assert_array_equal(fast.indices, capped_reference(x, n, seed, ref))
+        assert fast.params["spacing"] == spacing(ref)
+        assert len(set(fast.indices.tolist())) == n
+    # a reference wider than the pool keeps greedy's first pick only; one of zero spacing keeps greedy whole
+    x = rng.normal(size=(100, 3))
+    wide = select(x, 50, "capped", 0, reference=rng.normal(size=(40, 3)) * 100)
+    assert wide.params["spread_picks"] == 1
+    same = select(x, 50, "capped", 0, reference=np.repeat(rng.normal(size=(20, 3)), 2, axis=0))
+    np.testing.assert_array_equal(same.indices, select(x, 50, "greedy", 0).indices)
+
+
 def test_curation_keeps_to_the_reference_where_greedy_takes_outliers(rng):
     ref = rng.normal(size=(300, 2))
     x = np.concatenate([rng.normal(size=(400, 2)), rng.normal(size=(20, 2)) * 0.3 + [9, 9]])  # 20 outliers
@@ -82,7 +115,7 @@ def test_curation_keeps_to_the_reference_where_greedy_takes_outliers(rng):
 
 def test_reference_is_required_and_checked(rng):
     x = rng.normal(size=(50, 3))
-    for method in ("gated", "herding"):
+    for method in ("gated", "herding", "capped"):
         with pytest.raises(UserError, match="needs a reference"):
             select(x, 5, method, 0)
         with pytest.raises(UserError, match="dimension"):

@@ -231,6 +231,47 @@ def test_sigkilled_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path):
     assert read_metrics(tmp_path / "crash" / "metrics.jsonl") == read_metrics(tmp_path / "whole" / "metrics.jsonl")
 
 
+def test_killed_at_ten_random_moments_the_run_still_ends_as_an_uninterrupted_one(tmp_path):
+    """SIGKILL to the process group at ten seeded random moments of a small two-arm run, each kill followed by
+    the same command again; after every kill the rows written so far are a prefix of the uninterrupted run's
+    (nothing duplicated, nothing damaged), and the run finished by the eleventh start has its metrics exactly."""
+    import os
+    import signal
+    import time
+
+    sets = ["n_train=16", "iterations=2", "train_steps=40", "checkpoint_every=4", "batch_size=8",
+            "sample_steps=3", "workers=1", "report=false"]
+    cmd = lambda out: [sys.executable, "-m", "model_collapse", "run", "smoke", "--out", str(out), "--quiet",
+                       *sum([["--set", s] for s in sets], [])]
+    t = time.perf_counter()
+    whole = subprocess.run(cmd(tmp_path / "whole"), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    took = time.perf_counter() - t
+    want = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    key = lambda r: (r["arm"], r["iteration"])
+    moments = np.random.default_rng(16).uniform(0.2, 1.0, 10) * took
+    crash = tmp_path / "crash"
+    finished_early = 0
+    for moment in moments:
+        proc = subprocess.Popen(cmd(crash), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=moment)
+            finished_early += 1
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+        if (crash / "metrics.jsonl").exists():
+            got = read_metrics(crash / "metrics.jsonl")
+            assert len({key(r) for r in got}) == len(got), "a row was written twice"
+            assert all(r == next(w for w in want if key(w) == key(r)) for r in got)
+    assert finished_early < len(moments), "no kill landed: the run is too short for this test"
+    again = subprocess.run(cmd(crash), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(read_metrics(crash / "metrics.jsonl"), key=key) == sorted(want, key=key)
+
+
 def test_an_arm_that_fails_stops_the_run_within_seconds(tmp_path):
     """One arm fails at its first selection (its space needs weights that are not here) while the other would
     train for minutes: the run stops within 30 s, names the failed arm, and leaves no worker behind."""

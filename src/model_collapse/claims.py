@@ -19,7 +19,7 @@ import numpy as np
 from model_collapse.config import ArmConfig, RunConfig, arm_guidance, own_iteration0
 from model_collapse.stats import Interval, correlation_ci, mean_ci, number, paired_difference, pearson_r, verdict
 
-CURATION = ("gated", "herding")  # the selectors that measure candidates against a reference (`curation`)
+CURATION = ("gated", "herding", "capped")  # the selectors that measure candidates against a reference (`curation`)
 
 
 @dataclass(frozen=True)

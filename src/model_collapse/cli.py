@@ -23,6 +23,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _seed(text: str) -> int:
+    """A seed option: an integer in [0, 2^63), as a run's config requires."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must lie in [0, 2^63), got {value}")
+    return value
+
+
 def _image_set_options(p: argparse.ArgumentParser, precision: bool = False) -> None:
     """What every command on image sets takes: the feature space, where weights are, output and progress."""
     p.add_argument("--space", default="pixel")
@@ -52,18 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     s = sub.add_parser("select", help="select N images (or feature vectors) from a pool (greedy, threshold, gated, "
-                                      "herding, random)")
+                                      "herding, capped, random)")
     s.add_argument("pool", help=f"images, or a feature array: {FEATURES_HELP}")
     s.add_argument("--n", type=int, required=True)
     s.add_argument("--method", default="greedy")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--tau0", type=float, default=None, help="threshold: first radius (default: from the pool)")
     s.add_argument("--decay", type=float, default=0.95, help="threshold: radius factor per pass")
     s.add_argument("--decay-when", choices=("every_pass", "empty_pass"), default="every_pass",
                    help="threshold: decay after every pass (the authors' code) or only after a pass that accepted "
                         "nothing (the paper's Algorithm 2); both choose the same images")
     s.add_argument("--reference", default=None,
-                   help="gated, herding: images (or a data set) of what good data look like, in the same --space")
+                   help="gated, herding, capped: images (or a data set) of what good data look like, in the same --space")
     s.add_argument("--per-class", action="store_true", help="select within classes, keeping their shares")
     s.add_argument("--out", default=None, help="output .npz (images, labels, indices, method, seed, ...); needed for "
                                                "images, optional for a feature array (the indices go to stdout)")
@@ -82,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fid", help="Frechet distance (FID in the inception space), KID, precision/recall")
     f.add_argument("generated")
     f.add_argument("--ref", required=True)
-    f.add_argument("--seed", type=int, default=0, help="seed of the size-matched reference subset and KID subsets")
+    f.add_argument("--seed", type=_seed, default=0, help="seed of the size-matched reference subset and KID subsets")
     _image_set_options(f)
 
     rp = sub.add_parser("report", help="an HTML report of one or more run directories")
@@ -244,6 +255,8 @@ def cmd_entropy(args) -> int:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     data = _load_any(args.data)
+    if args.k >= len(data):
+        raise UserError(f"--k must be smaller than the number of images ({len(data)}), got {args.k}")
     bars = _bars(args)
     feats = _vectors(args, data, _ctx(args, None if _is_features(data) else data, bars))
     try:

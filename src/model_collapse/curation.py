@@ -15,9 +15,14 @@ training set); in `select`, any `--reference`.
   and k a Gaussian kernel with the median inter-point distance of the reference as bandwidth. It greedily
   minimises the MMD between the chosen set and the reference; the second term repels each pick from the earlier
   ones, so the choice spreads over the reference's support instead of piling up on its densest mode.
+* `capped`: spread up to the reference's spacing, not beyond, then density. Farthest-point picks are kept while
+  each pick lies at least the reference's typical spacing (the median distance of a reference point to its
+  nearest other reference point) from the picks before it; the rest of the N are drawn uniformly (seeded) from the
+  remaining candidates, that is from the model's own density. Greedy alone keeps spreading past the real data's
+  spacing into the outliers; the cap stops it where the reference stops.
 
-Both are exact against their straightforward definitions (tests): the gate decides membership on exact
-distances near each radius; herding takes the arg-max over float64 scores, scores within 1e-9 of the best
+All three are exact against their straightforward definitions (tests): the gate decides membership on exact
+distances near each radius; capped cuts greedy's order on exact float64 distances; herding takes the arg-max over float64 scores, scores within 1e-9 of the best
 counting as ties, which go to the lowest pool index.
 """
 
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
+from model_collapse.farthest import exact_sq
 from model_collapse.metrics import DistanceTile
 from model_collapse.neighbours import knn, rounding_gamma
 from model_collapse.progress import Progress, or_silent
@@ -137,3 +143,38 @@ def select_herding(x: np.ndarray, n: int, seed: int, *, reference: np.ndarray | 
         progress.advance(1)
     progress.close()
     return Selection(chosen, "herding", seed, {"bandwidth": h})
+
+
+def spacing(reference: np.ndarray) -> float:
+    """The reference's typical spacing: the median distance of a reference point to its nearest other one."""
+    return float(np.median(knn(np.asarray(reference, np.float64), None, 1).distances[:, 0]))
+
+
+def pick_values(x: np.ndarray, order: np.ndarray, t: int) -> float:
+    """The exact distance (float64 differences) of the t-th pick of a selection order to the picks before it."""
+    sq = exact_sq(x, np.full(t, order[t]), order[:t])
+    return float(np.sqrt(sq.min()))
+
+
+def select_capped(x: np.ndarray, n: int, seed: int, *, reference: np.ndarray | None = None,
+                  progress: Progress | None = None, **_) -> Selection:
+    """Farthest-point selection capped at the reference's spacing, then a uniform fill (see the module docstring).
+    Reference: a set whose spacing the training set should reach, not exceed (in the loop the real training set,
+    the same size as a training set). Cost: one kNN of the reference (n_ref^2 d), greedy's selection of N, then a
+    binary search for the cut over greedy's order (O(N d log N): farthest-point values only fall)."""
+    ref = _reference(reference, x, "capped")
+    s = spacing(ref)
+    order = select_greedy(x, n, seed, progress=progress).indices
+    X = np.asarray(x)
+    lo, hi = 1, n  # picks before lo are kept (the first has no predecessor); the cut lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pick_values(X, order, mid) >= s:
+            lo = mid + 1
+        else:
+            hi = mid
+    kept = order[:lo]
+    rest = np.setdiff1d(np.arange(len(X)), kept)  # ascending
+    fill = rest[numpy_rng(seed, "capped-fill").permutation(len(rest))[: n - lo]]
+    return Selection(np.concatenate([kept, fill]).astype(np.int64), "capped", seed,
+                     {"spacing": s, "spread_picks": int(lo)})

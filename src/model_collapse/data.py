@@ -124,6 +124,8 @@ def _claimed_bytes(f) -> int:
     version = np.lib.format.read_magic(f)
     shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
                        else np.lib.format.read_array_header_2_0(f))
+    if any(n < 0 for n in shape):
+        raise ValueError(f"a negative dimension in the header's shape {shape}")
     return int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 

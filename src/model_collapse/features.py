@@ -189,8 +189,11 @@ def load_dinov2(name: str, ctx: SpaceContext):
     for c in candidates:
         tried.append(str(c))
         if (c / "config.json").exists():
-            return (AutoModel.from_pretrained(str(c), local_files_only=True),
-                    AutoImageProcessor.from_pretrained(str(c), local_files_only=True))
+            try:
+                return (AutoModel.from_pretrained(str(c), local_files_only=True),
+                        AutoImageProcessor.from_pretrained(str(c), local_files_only=True))
+            except Exception as e:  # a damaged folder fails in many ways (JSON, safetensors, shapes, missing files)
+                raise UserError(f"{c}: not loadable {name} weights ({_first_line(e)})") from None
     tried.append(f"Hugging Face cache ({repo})")
     try:
         return (AutoModel.from_pretrained(repo, local_files_only=True),
@@ -244,14 +247,18 @@ def build_inception(state_dict: dict | None):
 
 
 def _load_state(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # a file that is not a plain state dict
-        raise UserError(f"{path}: not a loadable weights file ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # a damaged file, or one that is not a plain state dict
+        raise UserError(f"{path}: not a loadable weights file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
 
 def load_inception(ctx: SpaceContext):

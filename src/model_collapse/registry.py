@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from model_collapse.errors import UserError
 
 PARADIGMS = ("replace", "accumulate", "fresh")
-SELECTORS = ("random", "greedy", "threshold", "gated", "herding")
+SELECTORS = ("random", "greedy", "threshold", "gated", "herding", "capped")
 SAMPLERS = ("ddpm", "ddim", "dpm", "euler", "euler-ancestral", "unipc")
 DINOV2 = ("dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant")
 SPACES = ("pixel", "domain", "inception") + DINOV2

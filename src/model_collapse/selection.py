@@ -3,7 +3,7 @@
 Selectors take vectors (pixel or feature space) and return pool indices in selection order, never images, so
 every run records exactly which samples were chosen. `spread` holds the methods that maximise spread (random,
 greedy farthest-point, threshold decay); `curation` those that keep spread on the data manifold, measured
-against a reference set (gated, herding).
+against a reference set (gated, herding, capped).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from model_collapse import registry
-from model_collapse.curation import select_gated, select_herding
+from model_collapse.curation import select_capped, select_gated, select_herding
 from model_collapse.errors import UserError
 from model_collapse.farthest import greedy_start  # noqa: F401 - the selection API in one place
 from model_collapse.linalg import first_nonfinite_row
@@ -27,7 +27,7 @@ from model_collapse.spread import (  # noqa: F401 - the selection API in one pla
     select_threshold,
 )
 
-NEEDS_REFERENCE = ("gated", "herding")
+NEEDS_REFERENCE = ("gated", "herding", "capped")
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -38,6 +38,7 @@ SELECTORS: dict[str, Callable[..., Selection]] = {
     "threshold": select_threshold,
     "gated": select_gated,
     "herding": select_herding,
+    "capped": select_capped,
 }
 
 
@@ -65,7 +66,7 @@ def select(
 ) -> Selection:
     """Choose N of the pool's rows with a registered method; with per_class, each class keeps its pool share
     (and a reference-based method compares each class with that class's reference points, when the reference has
-    labels). `reference`: the reference vectors of the `gated` and `herding` methods (NEEDS_REFERENCE).
+    labels). `reference`: the reference vectors of the `gated`, `herding` and `capped` methods (NEEDS_REFERENCE).
 
     Returns pool indices in selection order (class by class with per_class).
     """
