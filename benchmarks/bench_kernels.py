@@ -205,13 +205,17 @@ def herding_baseline(x, ref, n, seed, steps):
     return chosen, t_mu, (time.perf_counter() - t) / steps
 
 
-def bench_curation(quick, rounds):
-    """gated and herding against their straightforward loops (the baselines' per-pick cost extrapolated from a
-    prefix of picks; the one-off passes over the reference timed whole)."""
+def _curation_data(quick):
     m, d, n, r = (16384, 384, 4096, 4096) if quick else (65536, 384, 16384, 16384)
     x = clustered(m, d, seed=2)
     ref = clustered(r, d, seed=2)[: r]  # the same mixture: a realistic reference
-    # gated: membership by one float64 distance pass, then the float32 matrix-vector farthest-point loop
+    return x, ref, m, d, n, r
+
+
+def bench_gated(quick, rounds):
+    """gated against its straightforward loop: membership by one float64 distance pass, then the float32
+    matrix-vector farthest-point loop (its per-step cost extrapolated from a prefix)."""
+    x, ref, m, d, n, r = _curation_data(quick)
     t = time.perf_counter()
     ins = np.flatnonzero(inside_manifold(x, ref))
     t_gate = time.perf_counter() - t
@@ -224,6 +228,41 @@ def bench_curation(quick, rounds):
     print(f"gated M={m} d={d} N={n} reference {r}: baseline {base:.1f} s (gate {t_gate:.1f} s + farthest-point "
           f"extrapolated from {steps} steps at {per_step * 1e3:.2f} ms/step), fast {fast:.1f} s, ratio "
           f"{base / fast:.1f}x; {sel.params['inside']} of {m} inside", flush=True)
+
+
+def bench_capped(quick, rounds):
+    """capped against its straightforward form: the reference's nearest-neighbour spacing by sklearn's brute
+    force, the float32 matrix-vector farthest-point loop (per-step cost extrapolated from a prefix), then each
+    pick's exact distance to the picks before it until one falls below the spacing (a linear scan)."""
+    x, ref, m, d, n, r = _curation_data(quick)
+    t = time.perf_counter()
+    s = float(np.median(_sk_nn(ref, ref, 2)[:, 1]))
+    t_space = time.perf_counter() - t
+    steps = 300
+    order, per_step = greedy_baseline(x, n, 0, steps)
+    t = time.perf_counter()
+    sel = select(x, n, "capped", 0, reference=ref)
+    fast = time.perf_counter() - t
+    full = sel.indices[: sel.params["spread_picks"] + 1]  # the scan's work: every kept pick and the first below
+    t = time.perf_counter()
+    X = np.asarray(x, np.float64)
+    for i in range(1, len(full)):
+        np.sqrt(((X[full[:i]] - X[full[i]]) ** 2).sum(1).min())
+    t_scan = time.perf_counter() - t
+    base = t_space + per_step * n + t_scan
+    print(f"capped M={m} d={d} N={n} reference {r}: baseline {base:.1f} s (spacing {t_space:.1f} s + farthest-"
+          f"point extrapolated from {steps} steps at {per_step * 1e3:.2f} ms/step + scan {t_scan:.1f} s), fast "
+          f"{fast:.1f} s, ratio {base / fast:.1f}x; spacing {sel.params['spacing']:.3f} (sklearn {s:.3f}), "
+          f"{sel.params['spread_picks']} spread picks, first {steps} picks equal greedy's baseline: "
+          f"{list(sel.indices[:min(steps, sel.params['spread_picks'])]) == order[:min(steps, sel.params['spread_picks'])]}",
+          flush=True)
+
+
+def bench_herding(quick, rounds):
+    """herding against its straightforward loop (per-pick cost extrapolated from a prefix of picks; the one-off
+    pass over the reference timed whole)."""
+    x, ref, m, d, n, r = _curation_data(quick)
+    steps = 300
     prefix, t_mu, per_pick = herding_baseline(x, ref, n, 0, steps)
     base = t_mu + per_pick * n
     t = time.perf_counter()
@@ -314,7 +353,7 @@ print(base, peak)
 
 
 BENCHES = {"greedy": bench_greedy, "threshold": bench_threshold,
-           "curation": bench_curation, "entropy": bench_entropy, "score": bench_score, "memory": bench_memory}
+           "gated": bench_gated, "capped": bench_capped, "herding": bench_herding, "entropy": bench_entropy, "score": bench_score, "memory": bench_memory}
 
 
 def main():

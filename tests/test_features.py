@@ -99,6 +99,16 @@ def test_domain_network_is_saved_and_reused(rng, tmp_path):
     features._CACHE.clear()
     f2 = extract("domain", imgs, ctx)  # loaded from the file this time
     np.testing.assert_array_equal(f1, f2)
+    # a damaged file, or whole weights of another network: set aside, trained again, the same features
+    path = tmp_path / "features" / "domain.safetensors"
+    from safetensors.torch import save_file
+
+    for damage in (lambda: path.write_bytes(path.read_bytes()[:100]),
+                   lambda: save_file({"w": torch.zeros(3)}, str(path))):
+        damage()
+        features._CACHE.clear()
+        np.testing.assert_array_equal(extract("domain", imgs, ctx), f1)
+        assert (tmp_path / "features" / "domain.safetensors.damaged").exists()
 
 
 def test_fid_command_in_pixel_and_domain_space(tmp_path, rng, capsys):

@@ -12,7 +12,7 @@ from model_collapse import diffusion as D
 from model_collapse.config import resolve_config
 from model_collapse.errors import UserError
 from model_collapse.loop import run_loop
-from model_collapse.rundir import RunDir, read_metrics
+from model_collapse.rundir import RunDir, read_metrics, readable
 
 REQUIRED_KEYS = {"arm", "iteration", "n_train", "train_entropy_pixel", "train_duplicates", "gen_score_pixel",
                  "gen_score_ratio_pixel", "mem_fraction_pixel", "variance_pixel", "fd_pixel", "verdict"}
@@ -367,17 +367,19 @@ def test_train_factor_and_equal_share_arms(tmp_path):
 
 
 def test_reference_selectors_in_the_loop_and_in_a_feature_space(tmp_path):
-    """gated in replace and herding in accumulate (here in the domain feature space) measure candidates against
-    the real training set."""
+    """gated in replace, herding and capped in accumulate (these two in the domain feature space) measure
+    candidates against the real training set."""
     from model_collapse.data import pixel_vectors
     from model_collapse.selection import select
 
     cfg = tiny_cfg("iterations=2", 'spaces=["pixel", "domain"]', "domain_steps=20",
                    'arms=[{selector="gated", pool_factor=2}, '
-                   '{paradigm="accumulate", selector="herding", pool_factor=2, space="domain"}]')
+                   '{paradigm="accumulate", selector="herding", pool_factor=2, space="domain"}, '
+                   '{paradigm="accumulate", selector="capped", pool_factor=2, space="domain"}]')
     run_loop(cfg, tmp_path / "r", show=False)
     rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
-    assert {r["arm"] for r in rows} == {"replace-gated-k2", "accumulate-herding-k2-domain"} and len(rows) == 4
+    assert {r["arm"] for r in rows} == {"replace-gated-k2", "accumulate-herding-k2-domain",
+                                        "accumulate-capped-k2-domain"} and len(rows) == 6
     it1 = tmp_path / "r" / "arms" / "replace-gated-k2" / "iter_001"
     with np.load(it1 / "selection.npz") as z, np.load(tmp_path / "r" / "iter_000" / "samples.npz") as s, \
             np.load(tmp_path / "r" / "iter_000" / "train.npz") as real:
@@ -387,6 +389,8 @@ def test_reference_selectors_in_the_loop_and_in_a_feature_space(tmp_path):
         np.testing.assert_array_equal(z["indices"], expect)
     with np.load(tmp_path / "r" / "arms" / "accumulate-herding-k2-domain" / "iter_001" / "selection.npz") as z:
         assert str(z["method"]) == "herding" and float(z["bandwidth"]) > 0
+    with np.load(tmp_path / "r" / "arms" / "accumulate-capped-k2-domain" / "iter_001" / "selection.npz") as z:
+        assert str(z["method"]) == "capped" and float(z["spacing"]) > 0 and 1 <= int(z["spread_picks"]) <= 24
 
 
 def test_damaged_stage_files_are_redone_to_the_same_result(tmp_path, capsys):
@@ -400,9 +404,15 @@ def test_damaged_stage_files_are_redone_to_the_same_result(tmp_path, capsys):
     (r / "arms" / "replace-greedy-k2" / "iter_001" / "train_state.safetensors").write_bytes(b"not a checkpoint")
     metrics = sorted(r.rglob("iter_000/metrics.json"))[0]
     metrics.write_text("[1, 2]")
+    # and the run's caches: the real data's statistics and its reference subset
+    caches = [r / "features" / "real_stats_pixel.npz", r / "features" / "real_reference_pixel.npz"]
+    for c in caches:
+        c.write_bytes(c.read_bytes()[: len(c.read_bytes()) // 2])
     capsys.readouterr()
     run_loop(cfg, r, show=False)
-    assert capsys.readouterr().err.count("is damaged; moved to") == 3
+    err = capsys.readouterr().err
+    assert err.count("is damaged; moved to") == 3 + len(caches), err
+    assert all(c.with_name(c.name + ".damaged").exists() and readable(c) for c in caches)
     assert read_metrics(tmp_path / "whole" / "metrics.jsonl") == read_metrics(r / "metrics.jsonl")
     with np.load(samples) as zb, np.load(tmp_path / "whole" / samples.relative_to(r)) as za:
         for k in za.files:

@@ -118,8 +118,11 @@ def select_herding(x: np.ndarray, n: int, seed: int, *, reference: np.ndarray | 
                    progress: Progress | None = None, **_) -> Selection:
     """Kernel herding towards the reference (see the module docstring). Reference: samples of the distribution
     to match. Cost: the pool against the reference once (M n_ref d, float64 tiles), then one float64
-    matrix-vector product of the pool with each pick (M d per pick): the kernel is broad (median bandwidth), so
-    every candidate's score moves at every pick and there is nothing to skip."""
+    matrix-vector product of the pool with each pick (M d per pick, memory-bound: about 16 ms per pick at
+    65,536 x 384, so 16,384 picks take minutes). Nothing cheaper is exact here: the kernel is broad (median
+    bandwidth), so every candidate's score moves at every pick, and the scores lie so close together that no
+    candidate can be ruled out of the next pick without its exact kernel sum (measured in benchmarks/RESULTS.md:
+    bounds, speculative blocks of rows and shortlist simulations were all slower than this loop)."""
     ref = _reference(reference, x, "herding")
     X = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     m = len(X)

@@ -27,6 +27,7 @@ from model_collapse.data import pixel_vectors
 from model_collapse.errors import UserError
 from model_collapse.progress import Progress, or_silent
 from model_collapse.registry import check_name, resolve_device
+from model_collapse.rundir import set_aside, whole
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,17 @@ def domain_network(images_for_shape: np.ndarray, ctx: SpaceContext) -> DomainNet
     key = ("domain", str(path), ctx.seed, real.shape, ctx.domain_steps)
     if key in _CACHE:
         return _CACHE[key]
-    if path is not None and path.exists():
+    net = None
+    if path is not None and whole(path, "training the domain network again"):
         with torch.random.fork_rng(devices=[]):
             net = DomainNet(real.shape[3], real.shape[1], num_classes)
-        net.load_state_dict(load_file(str(path)))
-        net.eval()
-    else:
+        try:
+            net.load_state_dict(load_file(str(path)))
+            net.eval()
+        except RuntimeError:  # whole, but the weights of another network
+            set_aside(path, "training the domain network again")
+            net = None
+    if net is None:
         net = train_domain_net(real, ctx.real_labels, ctx.seed, ctx.domain_steps)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from model_collapse.errors import UserError
 from model_collapse.paradigms import build_training_set
 from model_collapse.registry import resolve_device
 from model_collapse.report import write_report
-from model_collapse.rundir import RunDir, atomic_write_json, read_json, read_metrics, readable
+from model_collapse.rundir import RunDir, atomic_write_json, read_json, read_metrics, whole
 from model_collapse.stages import measure_stage, sample_model, train_model
 from model_collapse.study import Study, arm_label, n_samples, prepare
 from model_collapse.summary import fmt_number, summarize
@@ -56,14 +56,7 @@ def _done(path: Path, shared: bool = True) -> bool:
     """Whether a stage's output is there and whole, decided by the main process and (`shared`) given to the others:
     on a shared file system they could see different things and part ways. A damaged file is moved aside (to
     NAME.damaged) with a warning, so the stage runs again and writes it whole (every stage is deterministic)."""
-    done = False
-    if dist.is_main() and path.exists():
-        done = readable(path)
-        if not done:
-            aside = path.with_name(path.name + ".damaged")
-            print(f"model-collapse: {path} is damaged; moved to {aside.name}, running its stage again",
-                  file=sys.stderr)
-            os.replace(path, aside)
+    done = dist.is_main() and whole(path, "running its stage again")
     return dist.share(done) if shared else done
 
 

@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,6 +125,26 @@ def readable(path: Path) -> bool:
         return True
     except FORMAT_ERRORS:
         return False
+
+
+def set_aside(path: Path, then: str) -> None:
+    """Move a damaged file to NAME.damaged (kept for inspection) with a one-line warning saying what happens next."""
+    aside = path.with_name(path.name + ".damaged")
+    print(f"model-collapse: {path} is damaged; moved to {aside.name}, {then}", file=sys.stderr)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another process moved it first
+        pass
+
+
+def whole(path: Path, then: str) -> bool:
+    """Whether a file that is computed again when missing is there and readable; a damaged one is set aside."""
+    if not path.exists():
+        return False
+    if readable(path):
+        return True
+    set_aside(path, then)
+    return False
 
 
 class RunDir:

@@ -22,7 +22,7 @@ from model_collapse.measure import MemorizationSettings, Reference, reference_in
 from model_collapse.metrics import gaussian_stats
 from model_collapse.registry import MODEL_PRESETS, UNetSpec, resolve_device
 from model_collapse.rng import numpy_rng
-from model_collapse.rundir import RunDir, atomic_save_npz, load_npz
+from model_collapse.rundir import RunDir, atomic_save_npz, load_npz, whole
 
 SHARED = "shared"  # the arm coordinate of iteration 0, which all arms share
 
@@ -68,7 +68,7 @@ class Study:
         processes and for resumes."""
         if name not in self._cache:
             path = RunDir(Path(self.ctx.run_dir)).feature_cache(name) if self.ctx.run_dir else None
-            if path is not None and path.exists():
+            if path is not None and whole(path, "computing it again"):
                 self._cache[name] = load_npz(path)
             else:
                 arrays = compute()
