@@ -94,8 +94,33 @@ def test_capped_equals_its_definition(rng, n):
         ref = np.round(rng.normal(size=(60, 4)) * 2) / 2  # on the same grid: spacings tie with pool distances
         fast = select(x, n, "capped", seed, reference=ref)
         np.testing.assert_array_equal(fast.indices, capped_reference(x, n, seed, ref))
-        assert fast.params["spacing"] == spacing(ref)
+        assert fast.params["spacing"] == spacing(ref) > 0
         assert len(set(fast.indices.tolist())) == n
+    # float32 features with the reference inside the pool (accumulate's case): a reference pair's distance must
+    # compare equal to itself as a spacing and as a pick value (the kNN kernel sums in another order)
+    for seed in range(4):
+        r = np.random.default_rng(seed)
+        ref = r.random((30, 64), dtype=np.float32)
+        x = np.concatenate([(r.random((12, 64)) * 4 + 1.5).astype(np.float32), ref, np.repeat(ref[:1], 10, 0)])
+        for n in (15, 40):
+            np.testing.assert_array_equal(select(x, n, "capped", seed, reference=ref).indices,
+                                          capped_reference(x, n, seed, ref))
+    # the cut on a reference pair itself: pairs whose distance the kNN kernel sums to another last bit than the
+    # definition's order does; the pair's second point must still count as at the spacing
+    from model_collapse.neighbours import knn
+
+    r, found = np.random.default_rng(7), 0
+    while found < 4:
+        a, b = r.random((2, 64), dtype=np.float32)
+        pair = np.stack([a, b])
+        p64 = pair.astype(np.float64)
+        if knn(p64, None, 1).distances[0, 0] == np.sqrt(((p64[0] - p64[1]) ** 2).sum()):
+            continue
+        found += 1
+        far = (r.random((6, 64)) * 100 + 50 * np.arange(1, 7)[:, None]).astype(np.float32)
+        x = np.concatenate([far, pair, np.repeat(a[None], 20, 0)])
+        np.testing.assert_array_equal(select(x, 20, "capped", 0, reference=pair).indices,
+                                      capped_reference(x, 20, 0, pair))
     # a reference wider than the pool keeps greedy's first pick only; one of zero spacing keeps greedy whole
     x = rng.normal(size=(100, 3))
     wide = select(x, 50, "capped", 0, reference=rng.normal(size=(40, 3)) * 100)

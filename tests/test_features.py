@@ -108,7 +108,9 @@ def test_domain_network_is_saved_and_reused(rng, tmp_path):
         damage()
         features._CACHE.clear()
         np.testing.assert_array_equal(extract("domain", imgs, ctx), f1)
-        assert (tmp_path / "features" / "domain.safetensors.damaged").exists()
+        aside = tmp_path / "features" / "domain.safetensors.damaged"
+        assert aside.exists()
+        aside.unlink()
 
 
 def test_fid_command_in_pixel_and_domain_space(tmp_path, rng, capsys):

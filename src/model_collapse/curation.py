@@ -18,8 +18,9 @@ training set); in `select`, any `--reference`.
 * `capped`: spread up to the reference's spacing, not beyond, then density. Farthest-point picks are kept while
   each pick lies at least the reference's typical spacing (the median distance of a reference point to its
   nearest other reference point) from the picks before it; the rest of the N are drawn uniformly (seeded) from the
-  remaining candidates, that is from the model's own density. Greedy alone keeps spreading past the real data's
-  spacing into the outliers; the cap stops it where the reference stops.
+  remaining candidates, that is from the model's own density. Greedy keeps spreading below the real data's
+  spacing once the pool has contracted; the cap stops it there. Its first picks, outliers included, are greedy's:
+  it does not gate, and on a pool as spread as the reference it is greedy.
 
 All three are exact against their straightforward definitions (tests): the gate decides membership on exact
 distances near each radius; capped cuts greedy's order on exact float64 distances; herding takes the arg-max over float64 scores, scores within 1e-9 of the best
@@ -148,15 +149,29 @@ def select_herding(x: np.ndarray, n: int, seed: int, *, reference: np.ndarray | 
     return Selection(chosen, "herding", seed, {"bandwidth": h})
 
 
+SPACING_CANDIDATES = 8  # nearest neighbours whose distances are summed again in the definition's order
+
+
 def spacing(reference: np.ndarray) -> float:
-    """The reference's typical spacing: the median distance of a reference point to its nearest other one."""
-    return float(np.median(knn(np.asarray(reference, np.float64), None, 1).distances[:, 0]))
+    """The reference's typical spacing: the median distance of a reference point to its nearest other one, each
+    distance summed as `exact_sq` sums it (the order greedy's pick values are summed in, so a pair of points in
+    both sets compares equal to itself). The nearest is taken among the kNN kernel's 8 nearest, whose own sums may
+    differ from these in the last bit."""
+    ref = np.ascontiguousarray(reference, np.float64)
+    k = min(SPACING_CANDIDATES, len(ref) - 1)
+    idx = knn(ref, None, k).indices
+    rows = np.repeat(np.arange(len(ref)), k)
+    d2 = exact_sq(ref, rows, idx.reshape(-1)).reshape(len(ref), k)
+    return float(np.median(np.sqrt(d2.min(1))))
 
 
-def pick_values(x: np.ndarray, order: np.ndarray, t: int) -> float:
+def pick_values(x: np.ndarray, order: np.ndarray, t: int, chunk: int = 4096) -> float:
     """The exact distance (float64 differences) of the t-th pick of a selection order to the picks before it."""
-    sq = exact_sq(x, np.full(t, order[t]), order[:t])
-    return float(np.sqrt(sq.min()))
+    best = np.inf
+    for a in range(0, t, chunk):
+        b = min(t, a + chunk)
+        best = min(best, float(exact_sq(x, np.full(b - a, order[t]), order[a:b]).min()))
+    return float(np.sqrt(best))
 
 
 def select_capped(x: np.ndarray, n: int, seed: int, *, reference: np.ndarray | None = None,

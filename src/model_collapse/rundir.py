@@ -121,6 +121,7 @@ def readable(path: Path) -> bool:
 
             load_file(str(path))
         elif path.suffix == ".json":
+            path.read_bytes()  # an I/O error propagates here; read_json_object would call it damage
             read_json_object(path, "stage file")
         return True
     except FORMAT_ERRORS:
@@ -130,11 +131,11 @@ def readable(path: Path) -> bool:
 def set_aside(path: Path, then: str) -> None:
     """Move a damaged file to NAME.damaged (kept for inspection) with a one-line warning saying what happens next."""
     aside = path.with_name(path.name + ".damaged")
-    print(f"model-collapse: {path} is damaged; moved to {aside.name}, {then}", file=sys.stderr)
     try:
         os.replace(path, aside)
     except FileNotFoundError:  # another process moved it first
-        pass
+        return
+    print(f"model-collapse: {path} is damaged; moved to {aside.name}, {then}", file=sys.stderr)
 
 
 def whole(path: Path, then: str) -> bool:

@@ -22,7 +22,7 @@ from model_collapse.measure import MemorizationSettings, Reference, reference_in
 from model_collapse.metrics import gaussian_stats
 from model_collapse.registry import MODEL_PRESETS, UNetSpec, resolve_device
 from model_collapse.rng import numpy_rng
-from model_collapse.rundir import RunDir, atomic_save_npz, load_npz, whole
+from model_collapse.rundir import RunDir, atomic_save_npz, load_npz, set_aside, whole
 
 SHARED = "shared"  # the arm coordinate of iteration 0, which all arms share
 
@@ -63,13 +63,18 @@ class Study:
                              c.adam_beta1, c.adam_beta2, c.ema_decay, c.label_dropout, c.checkpoint_every,
                              c.grad_clip)
 
-    def _cached(self, name: str, compute: Callable[[], dict]) -> dict:
+    def _cached(self, name: str, compute: Callable[[], dict], keys: tuple[str, ...]) -> dict:
         """Arrays computed once per run: kept in memory, and in RUN_DIR/features/<name>.npz for the other
-        processes and for resumes."""
+        processes and for resumes. A file that does not load, or lacks one of `keys`, is set aside and computed
+        again."""
         if name not in self._cache:
             path = RunDir(Path(self.ctx.run_dir)).feature_cache(name) if self.ctx.run_dir else None
-            if path is not None and whole(path, "computing it again"):
-                self._cache[name] = load_npz(path)
+            loaded = load_npz(path) if path is not None and whole(path, "computing it again") else None
+            if loaded is not None and not set(keys) <= set(loaded):
+                set_aside(path, "computing it again")
+                loaded = None
+            if loaded is not None:
+                self._cache[name] = loaded
             else:
                 arrays = compute()
                 if path is not None:
@@ -83,13 +88,14 @@ class Study:
         seeded size-matched subset (`measure.reference_indices`) with its k-NN radii."""
         stats = self._cached(f"real_stats_{space}",
                              lambda: dict(zip(("mu", "sigma"), gaussian_stats(extract(space, self.data.images,
-                                                                                      self.ctx)))))
+                                                                                      self.ctx)))),
+                             ("mu", "sigma"))
 
         def subset():
             pick = reference_indices(len(self.data), self.n_eval, self.cfg.seed)
             return {"features": extract(space, self.data.images[pick], self.ctx)}
 
-        feats = self._cached(f"real_reference_{space}", subset)["features"]
+        feats = self._cached(f"real_reference_{space}", subset, ("features",))["features"]
         key = f"real_reference_radii_{space}"
         if key not in self._cache:
             self._cache[key] = reference_radii(feats, self.cfg.device)
