@@ -230,6 +230,41 @@ def _options_attack(good, out, d):
         "init_from missing": ["--set", f"init_from=\"{d / 'no-model'}\""],
     }.items():
         cases.append((f"run: {name}", run(*extra)))
+    # a fresh attack's findings (fifth session): outputs onto devices and FIFOs, arm names that leave the run
+    # directory, line breaks inside --set, optimiser values torch refuses, a CUDA device the machine lacks
+    os.mkfifo(d / "out-fifo.npz")
+    cases += [("select: out onto a FIFO", ["select", good, "--n", "4", "--out", str(d / "out-fifo.npz")]),
+              ("select: out onto /dev/null", ["select", good, "--n", "4", "--out", "/dev/null"]),
+              ("select: empty out", ["select", good, "--n", "4", "--out", ""]),
+              ("run: empty out", ["run", "smoke", "--out", ""])]
+    for name, extra in {
+        "arm name escaping upwards": ["--set", 'arms.0.name="../../escape"'],
+        "arm name absolute": ["--set", f'arms.0.name="{d / "abs"}"'],
+        "arm name with a separator": ["--set", 'arms.0.name="a/b"'],
+        "arm name hidden": ["--set", 'arms.0.name=".hidden"'],
+        "--set with a line break": ["--set", "n_train=8\nseed=1"],
+        "--set with a table after a line break": ["--set", "iterations=1\n[x]"],
+        "adam_beta1 one": ["--set", "adam_beta1=1.0"], "weight_decay negative": ["--set", "weight_decay=-1.0"],
+        "grad_clip negative": ["--set", "grad_clip=-1.0"], "domain_steps negative": ["--set", "domain_steps=-1"],
+        "mem_ratio zero": ["--set", "mem_ratio=0"], "seeds not integers": ["--set", "seeds=[1.5]"],
+        "a CUDA device the machine lacks": ["--set", 'device="cuda:7"'],
+    }.items():
+        cases.append((f"run: {name}", run(*extra)))
+        if name != "a CUDA device the machine lacks":  # the device is checked when the run starts
+            cases.append((f"run --dry-run: {name}", run("--dry-run", *extra)))
+    deep = d / "deep.toml"
+    deep.write_text("x = " + "[" * 100000 + "]" * 100000 + "\n")
+    cases.append(("run: TOML nested too deeply", ["run", str(deep), "--out", out, "--dry-run"]))
+    for name, make in {"config.json nested too deeply": lambda r: (r / "config.json").write_text("[" * 100000 + "]" * 100000),
+                       "config.json a FIFO": lambda r: os.mkfifo(r / "config.json"),
+                       "config.json /dev/zero": lambda r: os.symlink("/dev/zero", r / "config.json")}.items():
+        r = d / ("report-" + name.replace(" ", "-").replace("/", ""))
+        r.mkdir(exist_ok=True)
+        make(r)
+        cases.append((f"report: {name}", ["report", str(r), "--out", out]))
+    np.save(d / "huge-values.npy", np.random.default_rng(0).random((20, 5)) * 1e200)
+    cases.append(("fid: vectors near the float range", ["fid", str(d / "huge-values.npy"), "--ref",
+                                                        str(d / "huge-values.npy")]))
     (d / "bad.toml").write_text("n_train = [\n")
     (d / "latin1.toml").write_bytes("data = \"d\xe9\"\n".encode("latin-1"))
     (d / "arms-not-list.toml").write_text("arms = 3\n")

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from model_collapse.errors import UserError
 
@@ -147,9 +150,19 @@ def _vectors(args, data, ctx):
     return data.vectors if _is_features(data) else extract(args.space, data.images, ctx)
 
 
+def _finite_or_none(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
 def _emit(obj: dict, as_json: bool, text: str) -> None:
-    if as_json:
-        print(json.dumps(obj))
+    if as_json:  # strict JSON: an infinite or undefined value (a collapsed set's entropy) is null
+        print(json.dumps(_finite_or_none(obj), allow_nan=False))
     else:
         print(text)
 
@@ -174,6 +187,16 @@ def _ctx(args, real=None, progress=None):
                         real_labels=None if real is None else real.labels, progress=progress)
 
 
+def _check_device(device: str | None) -> None:
+    """A CUDA device that this machine does not have, refused before the run directory exists."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def cmd_run(args) -> int:
     from model_collapse.config import config_to_dict, parse_slice, resolve_config
 
@@ -182,6 +205,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
+    _check_device(cfg.device)
     from model_collapse.loop import run_loop
     from model_collapse.summary import format_summary
 
@@ -298,8 +322,17 @@ def cmd_fid(args) -> int:
         raise UserError("the Frechet distance needs at least 2 images in each set")
     ctx = _ctx(args, None if _is_features(ref) else ref, _bars(args))
     fg, fr = _vectors(args, gen, ctx), _vectors(args, ref, ctx)
-    out = {"space": "given" if _is_features(gen) else args.space,
-           **quality(fg, make_reference(fr, len(fg), args.seed), args.seed), "n_generated": len(gen),
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            measured = quality(fg, make_reference(fr, len(fg), args.seed), args.seed)
+        except np.linalg.LinAlgError as e:  # covariances of values near the float range
+            raise UserError(f"the Frechet distance cannot be computed on these vectors ({e})") from None
+    for w in caught:  # a result's warnings are still shown; a refusal's are one line
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    out = {"space": "given" if _is_features(gen) else args.space, **measured, "n_generated": len(gen),
            "n_ref": len(ref)}
     _emit(out, args.json, "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
@@ -338,6 +371,8 @@ def check_output_file(out) -> None:
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a file name")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out}: exists and is not a regular file (a device, a FIFO); give a file name")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: the folder {out.parent} does not exist")
 
@@ -353,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:  # `model-collapse` alone: show help
             _parser().print_help()
             return 0
+        if getattr(args, "out", None) == "":
+            raise UserError("--out: an empty path")
         return COMMANDS[args.command](args)
     except UserError as e:
         msg = " ".join(str(e).split())

@@ -193,6 +193,8 @@ def _coerce(key: str, value: Any, typ: str, where: str) -> Any:
         if base.startswith("tuple[int"):
             if isinstance(value, str):
                 value = [int(v) for v in value.strip("()[]").split(",") if v.strip()]
+            if any(isinstance(v, (bool, str)) or (isinstance(v, float) and not v.is_integer()) for v in value):
+                raise ValueError
             return tuple(int(v) for v in value)
         if base.startswith("tuple[str"):
             if isinstance(value, str):
@@ -243,6 +245,8 @@ def _read_toml(text: str, where: str) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{where}: invalid TOML ({e})") from None
+    except RecursionError:
+        raise UserError(f"{where}: invalid TOML (nested too deeply)") from None
 
 
 def load_preset_dict(name: str) -> dict:
@@ -266,6 +270,8 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value")
+        if "\n" in item or "\r" in item:
+            raise UserError(f"--set {item.splitlines()[0]!r}...: one key=value per --set, without line breaks")
         key, text = item.split("=", 1)
         key, value = key.strip(), parse_value(text.strip())
         if key.startswith("arms."):
@@ -368,6 +374,16 @@ def validate(cfg: RunConfig) -> None:
         check_name("space", s, SPACES)
     labels = [a.label() for a in cfg.arms]
     need(len(set(labels)) == len(labels), f"arm names must be unique, got {labels}")
+    for a in cfg.arms:  # a name is a folder of the run directory: no separators, no escape, no hidden folder
+        need(not a.name or re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}", a.name) is not None,
+             f"arm name {a.name!r}: use letters, digits and _ . + = - (not starting with . or -, at most 100)")
+    need(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1,
+         f"adam_beta1 and adam_beta2 must lie in [0, 1), got {cfg.adam_beta1} and {cfg.adam_beta2}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.grad_clip is None or cfg.grad_clip > 0, f"grad_clip must be > 0 or none, got {cfg.grad_clip}")
+    need(cfg.domain_steps >= 1, f"domain_steps must be >= 1, got {cfg.domain_steps}")
+    need(0 < cfg.mem_ratio <= 1 and 0 < cfg.copy_ratio, f"mem_ratio must lie in (0, 1] and copy_ratio be > 0, got "
+                                                           f"{cfg.mem_ratio} and {cfg.copy_ratio}")
     for a in cfg.arms:
         where = f"arm {a.label()}"
         need(a.paradigm in PARADIGMS, f"{where}: unknown paradigm {a.paradigm!r}; paradigms: {', '.join(PARADIGMS)}")

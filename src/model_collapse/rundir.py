@@ -66,12 +66,21 @@ def read_json(path: Path):
         return json.load(f)
 
 
+JSON_LIMIT = 1 << 26  # a run's JSON files are kilobytes; a bigger one is not ours
+
+
 def read_json_object(path: Path, what: str) -> dict:
     """A JSON object from a file, or a one-line error naming it (unreadable, not UTF-8, not JSON, not an object)."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise UserError(f"{path}: not a regular file (a {what} must be one)")
+    if Path(path).exists() and Path(path).stat().st_size > JSON_LIMIT:
+        raise UserError(f"{path}: {Path(path).stat().st_size:,} bytes, too large for a {what}")
     try:
         value = read_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: unreadable {what} ({str(e)[:120]})") from None
+    except RecursionError:
+        raise UserError(f"{path}: unreadable {what} (nested too deeply)") from None
     if not isinstance(value, dict):
         raise UserError(f"{path}: not a {what} (a JSON {type(value).__name__}, not an object)")
     return value
@@ -84,6 +93,8 @@ def read_metrics(path: Path) -> list[dict]:
     rows = []
     if not Path(path).exists():
         return rows
+    if not Path(path).is_file():
+        raise UserError(f"{path}: not a regular file (metrics.jsonl must be one)")
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
