@@ -3,6 +3,7 @@ keep the promise: exit status 2, one line on stderr starting `model-collapse: er
 stdout, and nothing written (no output file, no run directory, no temporary file). Grow the list when a new kind
 of bad input turns up; every entry runs in-process, in milliseconds, before any training or kNN work."""
 
+import json
 import os
 import struct
 import zipfile
@@ -15,6 +16,7 @@ from PIL import Image
 from conftest import bad_image_inputs
 
 from model_collapse.cli import main
+from model_collapse.config import config_to_dict, resolve_config
 
 
 def _png_header_only(path, width, height):
@@ -210,6 +212,13 @@ def _options_attack(good, out, d):
                         "--set without =": ["--sizes", "4", "--steps", "2", "--set", "train_steps"]}.items():
         cases.append((f"probe: {name}", probe(*extra)))
     cases.append(("probe: out is a file", ["probe", good, "--sizes", "4", "--steps", "2", "--out", good]))
+    for name, extra in {"steps beyond 64 bits": ["--steps", "99999999999999999999999"],
+                        "an empty item in steps": ["--steps", "2,,3"],
+                        "lr nan": ["--steps", "2", "--set", "lr=nan"],
+                        "n_eval zero": ["--steps", "2", "--set", "n_eval=0"],
+                        "batch_size zero": ["--steps", "2", "--set", "batch_size=0"],
+                        "seed negative": ["--steps", "2", "--set", "seed=-1"]}.items():
+        cases.append((f"probe: {name}", ["probe", "digits", "--sizes", "4", *extra, "--out", out]))
     run = lambda *a: ["run", "smoke", "--out", out, *a]
     for name, extra in {
         "--set without =": ["--set", "n_train"], "--set with empty key": ["--set", "=5"],
@@ -289,6 +298,14 @@ def _options_attack(good, out, d):
               ("report: not a run", ["report", str(notrun), "--out", out]),
               ("report: a file", ["report", good, "--out", out])]
     cases += [(f"report: {name}", ["report", str(r), "--out", out]) for name, r in damaged.items()]
+    for name, row in {"a row without its arm": {"iteration": 0}, "a negative iteration": {"arm": "a", "iteration": -1},
+                      "a seed that is text": {"arm": "a", "iteration": 0, "seed": "zero"}}.items():
+        r = d / ("report-rows-" + name.replace(" ", "-"))
+        r.mkdir(exist_ok=True)
+        (r / "config.json").write_text(json.dumps(config_to_dict(resolve_config("smoke"))))
+        (r / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+        cases.append((f"report: metrics with {name}", ["report", str(r), "--out", out]))
+    cases.append(("run: image_size beyond 4096", run("--set", "image_size=100000")))
     # (`model-collapse` alone is not bad input: it prints the help and exits 0)
     cases += [("unknown command", ["train"]), ("help of unknown command", ["nope", "--help"])]
     return cases

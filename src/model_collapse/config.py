@@ -324,7 +324,8 @@ def validate(cfg: RunConfig) -> None:
 
     need(cfg.n_train > 0, f"n_train must be > 0, got {cfg.n_train}")
     need(cfg.n_train >= 2, f"n_train must be >= 2 (entropy and spacing need two images), got {cfg.n_train}")
-    need(cfg.image_size is None or cfg.image_size >= 1, f"image_size must be a positive side, got {cfg.image_size}")
+    need(cfg.image_size is None or 1 <= cfg.image_size <= 4096,
+         f"image_size must be a positive side of at most 4096, got {cfg.image_size}")
     need(cfg.channels is None or (len(cfg.channels) >= 1 and min(cfg.channels) >= 1),
          f"channels must be positive widths, got {cfg.channels}")
     need(cfg.layers_per_block is None or cfg.layers_per_block >= 1, "layers_per_block must be >= 1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -52,12 +53,13 @@ class ProbeConfig:
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
+    items = [v.strip() for v in text.split(",")]
     try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
+        vals = tuple(int(v) for v in items)
     except ValueError:
         raise UserError(f"--{what}: expected comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) <= 0:
-        raise UserError(f"--{what}: expected positive integers, got {text!r}")
+    if not vals or min(vals) <= 0 or max(vals) >= 2**31:
+        raise UserError(f"--{what}: expected positive integers below 2^31, got {text!r}")
     return tuple(sorted(set(vals)))
 
 
@@ -85,6 +87,17 @@ def resolve_probe(data: str, sizes: str | None, steps: str | None, overrides: li
     check_name("sampler", cfg.sampler, SAMPLERS)
     if min(cfg.sizes) < 3:
         raise UserError("--sizes: each training-set size must be at least 3")
+    for ok, msg in ((0 <= cfg.seed < 2**63, f"seed must lie in [0, 2^63), got {cfg.seed}"),
+                    (cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}"),
+                    (math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a finite number > 0, got {cfg.lr}"),
+                    (cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}"),
+                    (0 < cfg.sample_steps <= 1000, f"sample_steps must lie in [1, 1000], got {cfg.sample_steps}"),
+                    (cfg.n_eval > 1, f"n_eval must be > 1, got {cfg.n_eval}"),
+                    (cfg.n_heldout > 1, f"n_heldout must be > 1, got {cfg.n_heldout}"),
+                    (0 < cfg.mem_ratio <= 1 and 0 < cfg.copy_ratio, "mem_ratio must lie in (0, 1], copy_ratio > 0"),
+                    (cfg.workers is None or cfg.workers >= 1, f"workers must be >= 1, got {cfg.workers}")):
+        if not ok:
+            raise UserError(f"probe config: {msg}")
     return cfg
 
 

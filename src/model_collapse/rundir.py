@@ -103,7 +103,9 @@ def read_metrics(path: Path) -> list[dict]:
                 row = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 row = None
-            if not isinstance(row, dict):
+            if not (isinstance(row, dict) and isinstance(row.get("arm"), str)
+                    and isinstance(row.get("iteration"), int) and row["iteration"] >= 0
+                    and isinstance(row.get("seed", 0), int)):
                 raise UserError(f"{path}: line {number} is not a metrics row (damaged file); restore it or move it "
                                 f"away to measure again")
             rows.append(row)
