@@ -158,7 +158,7 @@ def _check_sizes(path: Path) -> None:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
         kind = ".npy array" if path.suffix.lower() == ".npy" else ".npz archive"
-        raise UserError(f"{path}: cannot read as a {kind} ({_short(e)})") from None
+        raise UserError(f"{path}: cannot read as a {kind} ({short_error(e)})") from None
 
 
 def _load_npy(path: Path, features: bool = False) -> "ImageSet | FeatureSet":
@@ -167,7 +167,7 @@ def _load_npy(path: Path, features: bool = False) -> "ImageSet | FeatureSet":
     try:
         array = np.load(path, mmap_mode="r" if features else None, allow_pickle=False)
     except (ValueError, OSError, EOFError, MemoryError) as e:
-        raise UserError(f"{path}: cannot read as a .npy array ({_short(e)})") from None
+        raise UserError(f"{path}: cannot read as a .npy array ({short_error(e)})") from None
     if features and array.ndim == 2:
         if array.dtype.kind != "f":
             raise UserError(f"{path}: a 2-D array of {array.dtype}: a feature array must hold floats, and images "
@@ -192,7 +192,7 @@ def _load_npz(path: Path, features: bool = False) -> "ImageSet | FeatureSet":
     except UserError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as e:
-        raise UserError(f"{path}: cannot read as a .npz archive ({_short(e)})") from None
+        raise UserError(f"{path}: cannot read as a .npz archive ({short_error(e)})") from None
     images = as_uint8_images(images, str(path))
     return ImageSet(images, as_labels(labels, len(images), str(path)), path.stem)
 
@@ -212,9 +212,9 @@ def _read_image_file(path: Path) -> np.ndarray:
             im = im.convert("L" if im.mode in ("1", "L", "LA", "F") else "RGB")
             return np.asarray(im, dtype=np.uint8)
     except Image.DecompressionBombError as e:
-        raise UserError(f"{path}: refused as a decompression bomb ({_short(e)})") from None
+        raise UserError(f"{path}: refused as a decompression bomb ({short_error(e)})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError) as e:
-        raise UserError(f"{path}: cannot read image ({_short(e)})") from None
+        raise UserError(f"{path}: cannot read image ({short_error(e)})") from None
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -301,7 +301,7 @@ def _cifar10_files(root: str | None, names: list[str], download: bool) -> list[P
             download_and_extract_archive(CIFAR10_URL, str(base))
         except Exception as e:  # network errors come in many types
             raise UserError(
-                f"cifar10: not found under {folder} and the download failed ({_short(e)}); "
+                f"cifar10: not found under {folder} and the download failed ({short_error(e)}); "
                 f"place cifar-10-batches-bin there"
             ) from None
         return _cifar10_files(root, names, download=False)
@@ -379,6 +379,6 @@ def pixel_vectors(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:160]

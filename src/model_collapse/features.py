@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from model_collapse import registry
-from model_collapse.data import pixel_vectors
+from model_collapse.data import pixel_vectors, short_error
 from model_collapse.errors import UserError
 from model_collapse.progress import Progress, or_silent
 from model_collapse.registry import check_name, resolve_device
@@ -199,7 +199,7 @@ def load_dinov2(name: str, ctx: SpaceContext):
                 return (AutoModel.from_pretrained(str(c), local_files_only=True),
                         AutoImageProcessor.from_pretrained(str(c), local_files_only=True))
             except Exception as e:  # a damaged folder fails in many ways (JSON, safetensors, shapes, missing files)
-                raise UserError(f"{c}: not loadable {name} weights ({_first_line(e)})") from None
+                raise UserError(f"{c}: not loadable {name} weights ({short_error(e)})") from None
     tried.append(f"Hugging Face cache ({repo})")
     try:
         return (AutoModel.from_pretrained(repo, local_files_only=True),
@@ -260,11 +260,8 @@ def _load_state(path: Path) -> dict:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file, or one that is not a plain state dict
-        raise UserError(f"{path}: not a loadable weights file ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a loadable weights file ({short_error(e)})") from None
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
 
 def load_inception(ctx: SpaceContext):

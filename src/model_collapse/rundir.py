@@ -70,14 +70,15 @@ JSON_LIMIT = 1 << 26  # a run's JSON files are kilobytes; a bigger one is not ou
 
 
 def read_json_object(path: Path, what: str) -> dict:
-    """A JSON object from a file, or a one-line error naming it (unreadable, not UTF-8, not JSON, not an object)."""
-    if Path(path).exists() and not Path(path).is_file():
-        raise UserError(f"{path}: not a regular file (a {what} must be one)")
-    if Path(path).exists() and Path(path).stat().st_size > JSON_LIMIT:
-        raise UserError(f"{path}: {Path(path).stat().st_size:,} bytes, too large for a {what}")
-    try:
-        value = read_json(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    """A JSON object from a file, or a one-line error naming it (not a file, not UTF-8, not JSON, not an object)."""
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise UserError(f"{p}: not a regular file (a {what} must be one)")
+    if p.exists() and p.stat().st_size > JSON_LIMIT:
+        raise UserError(f"{p}: {p.stat().st_size:,} bytes, too large for a {what}")
+    try:  # an I/O error propagates (the command line reports it in one line): it says nothing of the content
+        value = read_json(p)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: unreadable {what} ({str(e)[:120]})") from None
     except RecursionError:
         raise UserError(f"{path}: unreadable {what} (nested too deeply)") from None
@@ -134,7 +135,6 @@ def readable(path: Path) -> bool:
 
             load_file(str(path))
         elif path.suffix == ".json":
-            path.read_bytes()  # an I/O error propagates here; read_json_object would call it damage
             read_json_object(path, "stage file")
         return True
     except FORMAT_ERRORS:
