@@ -306,6 +306,47 @@ def _options_attack(good, out, d):
         (r / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
         cases.append((f"report: metrics with {name}", ["report", str(r), "--out", out]))
     cases.append(("run: image_size beyond 4096", run("--set", "image_size=100000")))
+    # the sixth session: values of the wrong type, checks that needed the data under --dry-run, feature folders,
+    # metric values that are text, a threshold filter that would run for billions of passes, a one-image score
+    for name, text in {"seeds as text": 'seeds = "0"\n', "data_root as a number": "data_root = 5\n",
+                       "spaces as text": 'spaces = "pixel"\n', "name as a number": "[[arms]]\nname = 7\n"}.items():
+        f = d / (name.replace(" ", "-") + ".toml")
+        f.write_text(text)
+        cases.append((f"run --dry-run: config with {name}", ["run", str(f), "--out", out, "--dry-run"]))
+    labelless = d / "no-labels.npy"
+    np.save(labelless, np.zeros((40, 8, 8), np.uint8))
+    for name, extra in {
+        "only an empty arm": ["--only", "0/"], "only a superscript seed": ["--only", "\u00b2"],
+        "n_train beyond the data": ["--set", "n_train=5000"], "image_size 3": ["--set", "image_size=3"],
+        "norm_groups 7": ["--set", "norm_groups=7"], "attention_levels 99": ["--set", "attention_levels=[99]"],
+        "conditional without labels": ["--set", "conditional=true", "--set", f'data="{labelless}"'],
+        "feature_dir a device": ["--set", 'feature_dir="/dev/null"', "--set", 'spaces=["dinov2-small"]',
+                                 "--set", 'quality_metric="kid_pixel"'],
+        "feature_dir without weights": ["--set", f'feature_dir="{d}"', "--set", 'spaces=["inception"]',
+                                        "--set", 'quality_metric="kid_pixel"'],
+        "domain space with feature_dir a file": ["--set", f'feature_dir="{good}"', "--set", 'spaces=["domain"]'],
+        "an empty item in seeds": ["--set", "seeds=0,,1"],
+    }.items():
+        cases.append((f"run: {name}", run(*extra)))
+        cases.append((f"run --dry-run: {name}", run("--dry-run", *extra)))
+    for space in ("domain", "dinov2-small"):
+        cases.append((f"select: {space} with feature_dir a device", ["select", good, "--n", "4", "--space", space,
+                                                                   "--feature-dir", "/dev/null", "--out", out]))
+    r = d / "report-rows-text-values"
+    r.mkdir(exist_ok=True)
+    (r / "config.json").write_text(json.dumps(config_to_dict(resolve_config("smoke"))))
+    (r / "metrics.jsonl").write_text("".join(json.dumps({"arm": "a", "iteration": t, "seed": 0, "fd_pixel": "1.5"})
+                                             + "\n" for t in range(2)))
+    cases.append(("report: metric values that are text", ["report", str(r), "--out", out]))
+    np.save(d / "rows.npy", np.random.default_rng(1).random((40, 6)).astype(np.float32))
+    np.save(d / "one-row.npy", np.random.default_rng(2).random((1, 6)).astype(np.float32))
+    np.save(d / "same-rows.npy", np.ones((5, 6), np.float32))
+    cases += [("select: threshold needing billions of passes", ["select", str(d / "rows.npy"), "--n", "5", "--method",
+                                                                "threshold", "--tau0", "1e300", "--decay",
+                                                                "0.99999999"]),
+              ("score: one training image", ["score", str(d / "rows.npy"), "--train", str(d / "one-row.npy")]),
+              ("score: identical training images", ["score", str(d / "rows.npy"), "--train",
+                                                    str(d / "same-rows.npy")])]
     # (`model-collapse` alone is not bad input: it prints the help and exits 0)
     cases += [("unknown command", ["train"]), ("help of unknown command", ["nope", "--help"])]
     return cases

@@ -273,15 +273,18 @@ def test_killed_at_ten_random_moments_the_run_still_ends_as_an_uninterrupted_one
 
 
 def test_an_arm_that_fails_stops_the_run_within_seconds(tmp_path):
-    """One arm fails at its first selection (its space needs weights that are not here) while the other would
-    train for minutes: the run stops within 30 s, names the failed arm, and leaves no worker behind."""
+    """One arm fails at its first selection (its space's weights are there but damaged, which only loading them
+    finds) while the other would train for minutes: the run stops within 30 s, names the failed arm, and leaves no
+    worker behind."""
     import shutil
     import time
 
     import multiprocessing as mp
 
     run_loop(tiny_cfg("iterations=2"), tmp_path / "small", show=False)  # iteration 0, reused below
-    cfg = tiny_cfg("iterations=2", "train_steps=200000", "workers=2",
+    (tmp_path / "weights" / "dinov2-small").mkdir(parents=True)
+    (tmp_path / "weights" / "dinov2-small" / "config.json").write_text("{damaged")
+    cfg = tiny_cfg("iterations=2", "train_steps=200000", "workers=2", f'feature_dir="{tmp_path / "weights"}"',
                    'arms=[{selector="random"}, {selector="greedy", pool_factor=2, space="dinov2-small"}]')
     RunDir.open(tmp_path / "big", cfg).close()
     shutil.copytree(tmp_path / "small" / "iter_000", tmp_path / "big" / "iter_000")

@@ -334,3 +334,28 @@ def test_threshold_with_a_huge_tau0_skips_its_empty_passes_exactly(rng):
             assert sel.params["passes"] == passes
     with pytest.raises(UserError, match="tau0 must be a finite number"):
         select_threshold(x, 40, 2, tau0=float("inf"))
+
+
+def test_skipping_empty_passes_repeats_the_scalar_decays_exactly_and_refuses_billions(rng):
+    """decay_below is `while tau * tau >= top: tau *= decay` with the same rounding, for decays near 1 too (blocks
+    of a sequential product); a tau0 needing more than MAX_DECAYS passes is refused in one line, at once."""
+    import math
+
+    from model_collapse.spread import decay_below
+
+    checked = 0
+    for _ in range(400):
+        tau, top = float(10 ** rng.uniform(-3, 100)), float(10 ** rng.uniform(-6, 4))
+        decay = float(rng.choice([0.5, 0.95, 0.999, 1 - 1e-5, 1 - 1e-7]))
+        if tau * tau >= top and math.log(tau * tau / top) / -math.log(decay) > 2e5:
+            continue
+        t, p = tau, 0
+        while t * t >= top:
+            t *= decay
+            p += 1
+        assert decay_below(tau, decay, top, 3) == (t, p + 3)
+        checked += 1
+    assert checked > 200
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    with pytest.raises(UserError, match="more than 1,000,000,000 passes"):
+        select_threshold(x, 10, 0, tau0=1e300, decay=0.99999999)

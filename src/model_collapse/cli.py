@@ -181,8 +181,10 @@ def _bars(args):
 
 def _ctx(args, real=None, progress=None):
     """Feature context; `real` is the image set a learned space (domain) is trained on."""
-    from model_collapse.features import SpaceContext
+    from model_collapse.features import SpaceContext, check_weights
 
+    if real is not None:  # images to extract features of (a feature array is used as given)
+        check_weights([args.space], args.feature_dir)
     return SpaceContext(feature_dir=args.feature_dir, real_images=None if real is None else real.images,
                         real_labels=None if real is None else real.labels, progress=progress)
 
@@ -203,6 +205,9 @@ def cmd_run(args) -> int:
     cfg = resolve_config(args.config, args.overrides)
     only = parse_slice(cfg, args.only) if args.only is not None else None
     if args.dry_run:
+        from model_collapse.study import prepare
+
+        prepare(cfg)  # the data, model and weights checks a run makes before writing anything
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
     _check_device(cfg.device)
@@ -295,15 +300,19 @@ def cmd_entropy(args) -> int:
 def cmd_score(args) -> int:
     from model_collapse.features import check_space
     from model_collapse.measure import memorization
+    from model_collapse.metrics import distinct_index
 
     check_space(args.space)
     gen, train = _load_any(args.generated), _load_any(args.train)
     _match(gen, train, "generated", "training")
     bars = _bars(args)
     ctx = _ctx(args, None if _is_features(train) else train, bars)
+    train_vectors = _vectors(args, train, ctx)
+    if len(distinct_index(train_vectors)) < 2:  # the score's scale is the training set's spacing
+        raise UserError(f"--train {args.train}: the score needs at least 2 distinct training images (its scale is "
+                        f"their nearest-neighbour spacing), got {len(distinct_index(train_vectors))}")
     try:
-        _, res = memorization(_vectors(args, train, ctx), _vectors(args, gen, ctx), progress=bars,
-                              precision=args.precision)
+        _, res = memorization(train_vectors, _vectors(args, gen, ctx), progress=bars, precision=args.precision)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = {**res.as_dict(), "space": "given" if _is_features(gen) else args.space}
@@ -383,6 +392,9 @@ COMMANDS = {"run": cmd_run, "select": cmd_select, "entropy": cmd_entropy, "score
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    import warnings  # memory-mapped inputs are read-only, and only read: torch's warning about them is noise
+
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     try:
         args = _parser().parse_args(argv)
         if args.command is None:  # `model-collapse` alone: show help

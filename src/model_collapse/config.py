@@ -189,19 +189,24 @@ def _coerce(key: str, value: Any, typ: str, where: str) -> Any:
                 raise ValueError
             return v
         if base == "str":
-            return str(value)
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if base.startswith("tuple"):
+            if not isinstance(value, (list, tuple)):  # a TOML list; --set's comma lists arrive as lists
+                raise ValueError
         if base.startswith("tuple[int"):
-            if isinstance(value, str):
-                value = [int(v) for v in value.strip("()[]").split(",") if v.strip()]
             if any(isinstance(v, (bool, str)) or (isinstance(v, float) and not v.is_integer()) for v in value):
                 raise ValueError
             return tuple(int(v) for v in value)
         if base.startswith("tuple[str"):
-            if isinstance(value, str):
-                value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
-            return tuple(str(v) for v in value)
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return tuple(value)
     except (TypeError, ValueError):
-        raise UserError(f"{where}{key}: {value!r} is not a valid {base}") from None
+        kind = {"tuple[int, ...]": "list of integers", "tuple[str, ...]": "list of names", "str": "text",
+                "int": "integer", "float": "finite number", "bool": "boolean"}.get(base, base)
+        raise UserError(f"{where}{key}: {value!r} is not a valid {kind}") from None
     raise UserError(f"{where}{key}: cannot set a value of type {base}")
 
 
@@ -264,6 +269,26 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _override_value(key: str, text: str, typ: str | None) -> Any:
+    """A --set value for a field of type `typ`: a text field takes the text as written (`name=123` is the name
+    "123"), a list field also takes comma-separated items (`seeds=0,1,2`, `spaces=pixel,domain`) or one item."""
+    value = parse_value(text)
+    if typ is None:
+        return value
+    base = typ.replace(" | None", "").strip()
+    if isinstance(value, str) and value.lower() in ("none", "null") and "None" in typ:
+        return value
+    if base == "str" and not isinstance(value, str):
+        return text
+    if base.startswith("tuple") and not isinstance(value, list):
+        items = [v.strip() for v in text.strip("()[]").split(",")] if isinstance(value, str) else [value]
+        if "" in items:
+            raise UserError(f"--set {key}={text}: an empty item in the list")
+        return [parse_value(v) if base.startswith("tuple[int") else v for v in items] \
+            if isinstance(value, str) else items
+    return value
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply `key=value` overrides; `arms.<index or name>.<key>=value` changes one arm."""
     d = json.loads(json.dumps(d))
@@ -273,25 +298,25 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         if "\n" in item or "\r" in item:
             raise UserError(f"--set {item.splitlines()[0]!r}...: one key=value per --set, without line breaks")
         key, text = item.split("=", 1)
-        key, value = key.strip(), parse_value(text.strip())
+        key, text = key.strip(), text.strip()
         if key.startswith("arms."):
             parts = key.split(".")
             if len(parts) != 3:
                 raise UserError(f"--set {key}: use arms.<index or name>.<key>=value")
             arms = d.setdefault("arms", config_to_dict(RunConfig())["arms"])
             sel = parts[1]
-            if sel.isdigit() and int(sel) < len(arms):
+            if _digits(sel) and int(sel) < len(arms):
                 arm = arms[int(sel)]
             else:
                 labels = [_arm_from_dict(a, "arms").label() for a in arms]
                 if sel not in labels:
                     raise UserError(f"--set {key}: no arm {sel!r}; arms: {', '.join(labels)} (or an index)")
                 arm = arms[labels.index(sel)]
-            arm[parts[2]] = value
+            arm[parts[2]] = _override_value(key, text, _ARM_TYPES.get(parts[2]))
         else:
             if key not in _FIELD_TYPES:
                 raise UserError(f"--set {key}: unknown config key; valid keys: {', '.join(_FIELD_TYPES)}")
-            d[key] = value
+            d[key] = _override_value(key, text, _FIELD_TYPES[key])
     return d
 
 
@@ -411,21 +436,26 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.guidance == 0 or cfg.conditional, "guidance needs conditional = true")
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (str.isdigit also takes superscripts, which int() refuses), at most 20 of them."""
+    return re.fullmatch(r"[0-9]{1,20}", text) is not None
+
+
 def parse_slice(cfg: RunConfig, text: str) -> list[tuple[int, int | None]]:
     """`--only SEED`, `--only SEED/ARM` (an arm label or index) or `--only @I` (the I-th of every (seed, arm)
     slice, seed by seed, for a scheduler's job array) as [(seed, arm index or None)]."""
     seeds, labels = study_seeds(cfg), [a.label() for a in cfg.arms]
     slices = [(s, i) for s in seeds for i in range(len(labels))]
     if text.startswith("@"):
-        if not text[1:].isdigit() or int(text[1:]) >= len(slices):
+        if not _digits(text[1:]) or int(text[1:]) >= len(slices):
             raise UserError(f"--only {text}: expected @I with 0 <= I < {len(slices)} (seeds x arms)")
         return [slices[int(text[1:])]]
-    seed_text, _, arm_text = text.partition("/")
-    if not seed_text.lstrip("-").isdigit() or int(seed_text) not in seeds:
+    seed_text, slash, arm_text = text.partition("/")
+    if not _digits(seed_text) or int(seed_text) not in seeds:
         raise UserError(f"--only {text}: seed {seed_text!r} is not one of the run's seeds {list(seeds)}")
-    if not arm_text:
+    if not slash:
         return [(int(seed_text), None)]
-    if arm_text.isdigit() and int(arm_text) < len(labels):
+    if _digits(arm_text) and int(arm_text) < len(labels):
         return [(int(seed_text), int(arm_text))]
     if arm_text not in labels:
         raise UserError(f"--only {text}: no arm {arm_text!r}; arms: {', '.join(labels)} (or an index)")

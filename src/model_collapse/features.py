@@ -183,30 +183,35 @@ DINOV2 = {"dinov2-small": "facebook/dinov2-small", "dinov2-base": "facebook/dino
           "dinov2-large": "facebook/dinov2-large", "dinov2-giant": "facebook/dinov2-giant"}
 
 
+def _dinov2_source(name: str, feature_dir: str | None) -> str:
+    """Where DINOv2 weights are: a folder under feature_dir, or the repository name when the Hugging Face cache
+    holds it; never downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = DINOV2[name]
+    tried = []
+    if feature_dir:
+        for c in (Path(feature_dir) / name, Path(feature_dir) / repo.split("/")[1]):
+            tried.append(str(c))
+            if (c / "config.json").is_file():
+                return str(c)
+    tried.append(f"Hugging Face cache ({repo})")
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return repo
+    raise UserError(f"{name}: weights of {repo} not found (looked in {'; '.join(tried)}); download them where a "
+                    f"network exists and pass the folder with feature_dir / --feature-dir")
+
+
 def load_dinov2(name: str, ctx: SpaceContext):
     """DINOv2 model and image processor from feature_dir/<name>, or the Hugging Face cache; never downloads."""
     from transformers import AutoImageProcessor, AutoModel
 
-    repo = DINOV2[name]
-    tried = []
-    candidates = []
-    if ctx.feature_dir:
-        candidates += [Path(ctx.feature_dir) / name, Path(ctx.feature_dir) / repo.split("/")[1]]
-    for c in candidates:
-        tried.append(str(c))
-        if (c / "config.json").exists():
-            try:
-                return (AutoModel.from_pretrained(str(c), local_files_only=True),
-                        AutoImageProcessor.from_pretrained(str(c), local_files_only=True))
-            except Exception as e:  # a damaged folder fails in many ways (JSON, safetensors, shapes, missing files)
-                raise UserError(f"{c}: not loadable {name} weights ({short_error(e)})") from None
-    tried.append(f"Hugging Face cache ({repo})")
+    source = _dinov2_source(name, ctx.feature_dir)
     try:
-        return (AutoModel.from_pretrained(repo, local_files_only=True),
-                AutoImageProcessor.from_pretrained(repo, local_files_only=True))
-    except (OSError, ValueError):
-        raise UserError(f"{name}: weights of {repo} not found (looked in {'; '.join(tried)}); download them where a "
-                        f"network exists and pass the folder with feature_dir / --feature-dir") from None
+        return (AutoModel.from_pretrained(source, local_files_only=True),
+                AutoImageProcessor.from_pretrained(source, local_files_only=True))
+    except Exception as e:  # a damaged folder fails in many ways (JSON, safetensors, shapes, missing files)
+        raise UserError(f"{source}: not loadable {name} weights ({short_error(e)})") from None
 
 
 def _dinov2(name: str) -> Callable[[np.ndarray, SpaceContext], np.ndarray]:
@@ -264,16 +269,33 @@ def _load_state(path: Path) -> dict:
 
 
 
-def load_inception(ctx: SpaceContext):
-    dirs = [Path(ctx.feature_dir)] if ctx.feature_dir else []
+def _inception_file(feature_dir: str | None) -> Path:
+    dirs = [Path(feature_dir)] if feature_dir else []
     dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
     for d in dirs:
         for f in INCEPTION_FILES:
-            if (d / f).exists():
-                return build_inception(_load_state(d / f))
+            if (d / f).is_file():
+                return d / f
     raise UserError(f"inception: FID Inception-v3 weights not found (looked for {' or '.join(INCEPTION_FILES)} in "
                     f"{'; '.join(str(d) for d in dirs)}); put the file there or pass its folder with feature_dir / "
                     f"--feature-dir")
+
+
+def load_inception(ctx: SpaceContext):
+    return build_inception(_load_state(_inception_file(ctx.feature_dir)))
+
+
+def check_weights(spaces, feature_dir: str | None) -> None:
+    """Refuse, before any work, a feature_dir that is not a folder and a space whose weights cannot be found
+    (the weights themselves are checked when loaded)."""
+    if feature_dir is not None and not Path(feature_dir).is_dir():
+        raise UserError(f"feature_dir {feature_dir}: not a folder")
+    for name in dict.fromkeys(spaces):
+        check_space(name)
+        if name in DINOV2:
+            _dinov2_source(name, feature_dir)
+        elif name == "inception":
+            _inception_file(feature_dir)
 
 
 def _inception(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:

@@ -87,6 +87,21 @@ def read_json_object(path: Path, what: str) -> dict:
     return value
 
 
+ROW_TEXT = ("arm", "paradigm", "selector", "verdict")  # a metrics row's text fields; verdict_evidence is an object
+
+
+def _row_values_ok(row: dict) -> bool:
+    """Every field but the text ones and the verdict's evidence is a number, a boolean or null (missing), or a
+    list of numbers (class counts)."""
+    def number(v):
+        return v is None or isinstance(v, (int, float))
+
+    return all(isinstance(v, str) if k in ROW_TEXT else
+               isinstance(v, dict) if k == "verdict_evidence" else
+               number(v) or (isinstance(v, list) and all(number(x) for x in v))
+               for k, v in row.items())
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Rows of a metrics.jsonl. A trailing partial line (a crash mid-append: no newline) is ignored; any other line
     that is not a JSON object is damage, refused in one line naming its number (reading on would drop the rows
@@ -106,7 +121,7 @@ def read_metrics(path: Path) -> list[dict]:
                 row = None
             if not (isinstance(row, dict) and isinstance(row.get("arm"), str)
                     and isinstance(row.get("iteration"), int) and row["iteration"] >= 0
-                    and isinstance(row.get("seed", 0), int)):
+                    and isinstance(row.get("seed", 0), int) and _row_values_ok(row)):
                 raise UserError(f"{path}: line {number} is not a metrics row (damaged file); restore it or move it "
                                 f"away to measure again")
             rows.append(row)

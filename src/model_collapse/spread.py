@@ -119,6 +119,10 @@ def select_threshold(
         raise UserError(f"decay_when must be every_pass or empty_pass, got {decay_when!r}")
     tau = float(tau0)
     passes = 0
+    diameter = 2 * float(norms.max())  # no two points lie farther apart
+    if diameter > 0 and math.log(tau / diameter) / -math.log(decay) > MAX_DECAYS:
+        raise UserError(f"threshold selection: tau0 = {tau0!r} with decay = {decay!r} needs more than {MAX_DECAYS:,} "
+                        f"passes to reach the pool's diameter ({diameter:g}); lower tau0 or the decay")
     progress.start(f"threshold selection, {n} of {m}", n)
     while len(accepted) < n:
         passes += 1
@@ -176,14 +180,33 @@ def select_threshold(
             if len(accepted) == at_start:  # empty: so is every pass while tau^2 >= each point's bound on its value
                 rest = torch.as_tensor(np.flatnonzero(~is_acc))
                 top = float((near[rest] + gamma * (norms[rest] + acc_norm[: len(accepted)].max()) ** 2).max())
-                while tau * tau >= top:  # the same passes, decays and tau as running them (a huge tau0 ends)
-                    tau *= decay
-                    passes += 1
+                tau, passes = decay_below(tau, decay, top, passes)  # a huge tau0 ends
     progress.close()
     return Selection(np.asarray(accepted, dtype=np.int64), "threshold", seed,
                      {"tau0": float(tau0), "decay": float(decay), "decay_when": decay_when, "tau_final": tau,
                       "passes": passes,
                       "order": order.astype(np.int64)})
+
+
+MAX_DECAYS = 10**9  # passes of the threshold filter, counted while empty passes are skipped
+
+
+def decay_below(tau: float, decay: float, top: float, passes: int) -> tuple[float, int]:
+    """`while tau * tau >= top: tau *= decay; passes += 1`, with the same rounding (a sequential product in
+    float64, in growing blocks), refusing beyond MAX_DECAYS passes instead of running for hours."""
+    block = 1
+    with np.errstate(over="ignore", under="ignore"):
+        while tau * tau >= top:
+            if passes >= MAX_DECAYS:
+                raise UserError(f"threshold selection: more than {MAX_DECAYS:,} passes (tau = {tau!r}, decay = "
+                                f"{decay!r}); lower tau0 or the decay")
+            seq = np.multiply.accumulate(np.concatenate([[tau], np.full(block, decay)]))[1:]
+            below = np.flatnonzero(seq * seq < top)
+            if len(below):
+                return float(seq[below[0]]), passes + int(below[0]) + 1
+            tau, passes = float(seq[-1]), passes + block
+            block = min(2 * block, 1 << 20)
+    return tau, passes
 
 
 def _exact_close(X, X64, sq, norms, rows, acc, acc_sq, acc_norm, acc_idx, t2: float, gamma: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from model_collapse.config import ArmConfig, RunConfig
 from model_collapse.data import ImageSet, load_images
 from model_collapse.diffusion import TrainSettings, check_model_shape, pretrained_unet
 from model_collapse.errors import UserError
-from model_collapse.features import SpaceContext, extract
+from model_collapse.features import SpaceContext, check_weights, extract
 from model_collapse.measure import MemorizationSettings, Reference, reference_indices, reference_radii
 from model_collapse.metrics import gaussian_stats
 from model_collapse.registry import MODEL_PRESETS, UNetSpec, resolve_device
@@ -148,6 +148,7 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
     for a in cfg.arms:
         if a.per_class and data.labels is None:
             raise UserError(f"arm {a.label()}: per_class selection needs labels, and {cfg.data} has none")
+    check_weights([*cfg.spaces, *(a.space for a in cfg.arms if a.selector != "random")], cfg.feature_dir)
     if cfg.batch_size % dist.world():
         raise UserError(f"batch_size = {cfg.batch_size} does not divide among {dist.world()} processes: each trains "
                         f"on an equal slice of the global batch (use a multiple of {dist.world()})")
