@@ -1,10 +1,12 @@
 """Training and sampling throughput of the loop's own code against a plain diffusers loop, in the same process.
 
-Run: .venv/bin/python benchmarks/bench_loop.py [--quick] [--rounds R] [--scale demo|unet48 ...]
+Run: .venv/bin/python benchmarks/bench_loop.py [--quick] [--rounds R] [--scale demo|unet48 ...] [--no-machine]
 The plain loop is the textbook one (forward, MSE, backward, clip, AdamW with torch's defaults, EMA lerp per
 parameter); ours is `diffusion.train` (seeded per-step draws, schedules, checkpoint hooks) with its fused
 optimizer, clipping and EMA, and with them off. Sampling: a plain DDIM loop on one batch against
-`diffusion.generate` (one seeded generator per sample, fixed evaluation batch). Rounds alternate the variants and
+`diffusion.generate` (one seeded generator per sample, fixed evaluation batch) with its frozen UNet and without.
+Machine: training steps/s of the whole machine, one model on every thread against one model per core side by side
+(how the loop runs arms and seeds), for the plain loop and ours. Rounds alternate the variants and
 the line reports each round's ratio (this machine's speed drifts); results go into benchmarks/RESULTS.md by hand.
 """
 
@@ -75,7 +77,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench(scale: str, quick: bool, rounds: int) -> None:
+def bench(scale: str, quick: bool, rounds: int, side_by_side: bool = True) -> None:
     preset, side, channels, batch = SCALES[scale]
     steps = (40 if quick else 200) if scale == "demo" else (3 if quick else 10)
     n_sample, sample_steps = (256, 10 if quick else 50) if scale == "demo" else (32, 2 if quick else 5)
@@ -105,14 +107,69 @@ def bench(scale: str, quick: bool, rounds: int) -> None:
 
     model = unet()
     model.eval()
-    ts_plain, ts_ours = [], []
+    ours = lambda freeze: generate(model, "ddim", sample_steps, range(n_sample), 0, ("bench",),
+                                   (side, side, channels), batch_size=n_sample, freeze=freeze)
+    variants = {"plain": lambda: plain_sample(model, n_sample, side, channels, sample_steps),
+                "ours (frozen UNet)": lambda: ours(True), "ours, eager UNet": lambda: ours(False)}
+    times = {k: [] for k in variants}
     for _ in range(rounds):
-        ts_plain.append(timed(lambda: plain_sample(model, n_sample, side, channels, sample_steps)))
-        ts_ours.append(timed(lambda: generate(model, "ddim", sample_steps, range(n_sample), 0, ("bench",),
-                                              (side, side, channels), batch_size=n_sample)))
-    ratios = ", ".join(f"{b / t:.2f}x" for b, t in zip(ts_plain, ts_ours))
-    print(f"sample {scale} DDIM-{sample_steps}, {n_sample} images: plain {n_sample / min(ts_plain):.0f} images/s, "
-          f"ours {n_sample / min(ts_ours):.0f} images/s; speed vs plain per round: {ratios}", flush=True)
+        for k, fn in variants.items():
+            times[k].append(timed(fn))
+    for k, ts in times.items():
+        ratios = ", ".join(f"{b / t:.2f}x" for b, t in zip(times["plain"], ts))
+        print(f"sample {scale} DDIM-{sample_steps}, {n_sample} images, {k}: {n_sample / min(ts):.0f} images/s best; "
+              f"speed vs plain per round: {ratios} (the frozen UNet's trace included)", flush=True)
+    if side_by_side:
+        machine(scale, preset, side, channels, batch, steps, images, rounds)
+
+
+def _worker(kind: str, preset: str, side: int, channels: int, batch: int, steps: int, threads: int, start, done):
+    torch.set_num_threads(threads)
+    images = np.random.default_rng(0).integers(0, 256, size=(256, side, side, channels), dtype=np.uint8)
+    torch.manual_seed(0)
+    model = build_unet(MODEL_PRESETS[preset], side, channels)
+    s = settings(steps, batch)
+    train(build_unet(MODEL_PRESETS[preset], side, channels), images, None, settings(2, batch), 0, ("warm",))
+    start.wait()
+    if kind == "plain":
+        plain_train(model, images, s)
+    else:
+        train(model, images, None, s, 0, ("bench",))
+    done.put(time.perf_counter())
+
+
+def machine(scale, preset, side, channels, batch, steps, images, rounds) -> None:
+    """Training throughput of the whole machine: one model per core side by side, one thread each (how the loop
+    runs its arms and seeds: `workers.thread_budget`), against one model on every thread."""
+    import multiprocessing as mp
+
+    cores = os.cpu_count() or 1
+    ctx = mp.get_context("spawn")
+
+    def side_by_side(kind: str, n: int, threads: int) -> float:
+        start, done = ctx.Barrier(n + 1), ctx.Queue()
+        procs = [ctx.Process(target=_worker, args=(kind, preset, side, channels, batch, steps, threads, start, done))
+                 for _ in range(n)]
+        for p in procs:
+            p.start()
+        start.wait()
+        t0 = time.perf_counter()
+        ends = [done.get() for _ in procs]
+        for p in procs:
+            p.join()
+        return n * steps / (max(ends) - t0)
+
+    rates = {k: [] for k in ("plain, one model", "ours, one model", "plain, side by side", "ours, side by side")}
+    for _ in range(rounds):
+        rates["plain, one model"].append(side_by_side("plain", 1, cores))
+        rates["ours, one model"].append(side_by_side("ours", 1, cores))
+        rates["plain, side by side"].append(side_by_side("plain", cores, 1))
+        rates["ours, side by side"].append(side_by_side("ours", cores, 1))
+    base = rates["plain, one model"]
+    for k, rs in rates.items():
+        ratios = ", ".join(f"{r / b:.2f}x" for b, r in zip(base, rs))
+        print(f"machine {scale}, {cores} cores, {k}: {max(rs):.1f} steps/s best; vs plain one model per round: "
+              f"{ratios}", flush=True)
 
 
 def main():
@@ -120,10 +177,11 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scale", nargs="*", default=list(SCALES), choices=list(SCALES))
+    ap.add_argument("--no-machine", action="store_true", help="skip the side-by-side training throughput")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     for scale in args.scale:
-        bench(scale, args.quick, args.rounds)
+        bench(scale, args.quick, args.rounds, not args.no_machine)
 
 
 if __name__ == "__main__":

@@ -259,8 +259,7 @@ def _options_attack(good, out, d):
         "a CUDA device the machine lacks": ["--set", 'device="cuda:7"'],
     }.items():
         cases.append((f"run: {name}", run(*extra)))
-        if name != "a CUDA device the machine lacks":  # the device is checked when the run starts
-            cases.append((f"run --dry-run: {name}", run("--dry-run", *extra)))
+        cases.append((f"run --dry-run: {name}", run("--dry-run", *extra)))
     deep = d / "deep.toml"
     deep.write_text("x = " + "[" * 100000 + "]" * 100000 + "\n")
     cases.append(("run: TOML nested too deeply", ["run", str(deep), "--out", out, "--dry-run"]))
@@ -338,6 +337,65 @@ def _options_attack(good, out, d):
     (r / "metrics.jsonl").write_text("".join(json.dumps({"arm": "a", "iteration": t, "seed": 0, "fd_pixel": "1.5"})
                                              + "\n" for t in range(2)))
     cases.append(("report: metric values that are text", ["report", str(r), "--out", out]))
+    # the sixth session's fresh attack (helper, 589 bad inputs): config values that fail only after writing, typed
+    # probe values, weights that are there but garbage, features whose distances overflow, NaN weights
+    (d / "date.toml").write_text("seed = 1979-05-27\n")
+    cases.append(("run: a TOML date", ["run", str(d / "date.toml"), "--out", out]))
+    cases.append(("run: an empty config name", ["run", "", "--out", out]))
+    huge_labels = d / "huge-labels.npz"
+    np.savez(huge_labels, images=np.zeros((40, 8, 8), np.uint8) + np.arange(40)[:, None, None].astype(np.uint8),
+             labels=np.full(40, 10**9))
+    weights = d / "garbage-weights"  # made above: dinov2-small's config.json is not JSON; inception is garbage
+    for name, extra in {
+        "batch_size beyond 2^20": ["--set", "batch_size=1000000000000"],
+        "sample_batch beyond 2^20": ["--set", "sample_batch=1000000000000"],
+        "an mps device the machine lacks": ["--set", 'device="mps"'],
+        "an xpu device the machine lacks": ["--set", 'device="xpu:0"'],
+        "compile on the CPU": ["--set", 'device="cpu"', "--set", "compile=true"],
+        "labels up to 10^9": ["--set", "conditional=true", "--set", f'data="{huge_labels}"'],
+        "garbage inception weights": ["--set", 'spaces=["pixel", "inception"]', "--set", f'feature_dir="{weights}"'],
+        "garbage dinov2 folder": ["--set", 'spaces=["pixel", "dinov2-small"]', "--set", f'feature_dir="{weights}"'],
+    }.items():
+        cases.append((f"run: {name}", run(*extra)))
+        cases.append((f"run --dry-run: {name}", run("--dry-run", *extra)))
+    nan_unet = d / "nan-unet"
+    if not nan_unet.exists():
+        import torch
+
+        from model_collapse.diffusion import build_unet
+        from model_collapse.registry import MODEL_PRESETS
+
+        u = build_unet(MODEL_PRESETS["tiny"], 8, 1)
+        with torch.no_grad():
+            for p in u.parameters():
+                p.fill_(float("nan"))
+        u.save_pretrained(str(nan_unet))
+    cases.append(("run: init_from weights of NaN", run("--set", f'init_from="{nan_unet}"')))
+    probe = ["probe", "digits", "--sizes", "4", "--steps", "2", "--out", out]
+    for key, value in {"mem_ratio": "half", "warmup_steps": "soon", "sample_steps": "2.5", "workers": "many",
+                       "copy_ratio": "[1, 2]"}.items():
+        cases.append((f"probe: {key} = {value}", probe + ["--set", f"{key}={value}"]))
+    np.save(d / "identical.npy", np.zeros((40, 8, 8), np.uint8))
+    cases.append(("probe: identical images", ["probe", str(d / "identical.npy"), "--sizes", "4", "--steps", "2",
+                                              "--set", "n_heldout=4", "--set", "n_eval=4", "--out", out]))
+    for name, scale in {"near the float range": 1e300, "below the normal range": 1e-310}.items():
+        np.save(d / f"scale-{scale:g}.npy", np.random.default_rng(3).random((20, 4)) * scale)
+        cases.append((f"entropy: features {name}", ["entropy", str(d / f"scale-{scale:g}.npy")]))
+    cases.append(("score: identical training images in the domain space",
+                  ["score", good, "--train", str(d / "identical.npy"), "--space", "domain"]))
+    big = d / "huge-png"
+    big.mkdir(exist_ok=True)
+    _png_header_only(big / "a.png", 10000, 10000)
+    cases.append(("entropy: a 10000 x 10000 PNG", ["entropy", str(big)]))
+    import torch
+
+    wrong = d / "wrong-inception"
+    wrong.mkdir(exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(wrong / "inception.safetensors"))
+    cases.append(("entropy: inception weights of another network", ["entropy", good, "--space", "inception",
+                                                                    "--feature-dir", str(wrong)]))
     np.save(d / "rows.npy", np.random.default_rng(1).random((40, 6)).astype(np.float32))
     np.save(d / "one-row.npy", np.random.default_rng(2).random((1, 6)).astype(np.float32))
     np.save(d / "same-rows.npy", np.ones((5, 6), np.float32))

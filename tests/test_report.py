@@ -152,3 +152,38 @@ def test_fid_command_and_the_loop_measure_alike(runs, tmp_path, capsys):
     for key in ("fd", "kid", "kid_std", "precision", "recall", "density", "coverage"):
         assert out[key] == pytest.approx(row[f"{key}_pixel"], rel=1e-12, abs=1e-15), key
     assert out["kid_std"] > 0  # subsets of half the samples differ
+
+
+def test_a_damaged_stage_file_or_config_is_refused_in_one_line_and_nothing_is_written(runs, tmp_path, capsys):
+    """`report` on a run whose stage files or config were damaged from outside: exit 2, one line naming the file,
+    and no figure or HTML written (figures are written only once every one is drawn)."""
+    import json
+
+    from model_collapse.cli import main
+
+    damages = {
+        "samples truncated": ("iter_000/samples.npz", lambda f: f.write_bytes(f.read_bytes()[:100])),
+        "samples without images": ("iter_000/samples.npz", lambda f: np.savez(f, other=np.zeros(3))),
+        "samples of another shape": ("iter_000/samples.npz", lambda f: np.savez(f, images=np.zeros((3, 5)))),
+        "neighbours beyond the training set": (
+            "iter_000/neighbours_pixel.npz",
+            lambda f: np.savez(f, nearest=np.full(16, 10**6), d1=np.ones(16), d2=np.ones(16))),
+        "train garbage": ("iter_000/train.npz", lambda f: f.write_bytes(b"PK\x03\x04garbage")),
+        "losses of text": ("iter_000/loss.npz", lambda f: np.savez(f, loss=np.array(["a", "b"]))),
+        "config with no seeds": ("config.json", lambda f: f.write_text(json.dumps({**json.loads(f.read_text()),
+                                                                                   "seeds": []}))),
+        "config with an unknown paradigm": ("config.json", lambda f: f.write_text(f.read_text().replace(
+            '"paradigm": "replace"', '"paradigm": "teleport"'))),
+        "config with 10^12 iterations": ("config.json", lambda f: f.write_text(json.dumps(
+            {**json.loads(f.read_text()), "iterations": 10**12}))),
+    }
+    for name, (rel, damage) in damages.items():
+        run = tmp_path / name.replace(" ", "-")
+        shutil.copytree(runs / "a", run)
+        shutil.rmtree(run / "figures", ignore_errors=True)
+        damage(run / rel)
+        before = sorted(p.relative_to(run) for p in run.rglob("*"))
+        rc = main(["report", str(run)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and rel.split("/")[-1] in err[0], (name, err)
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, name

@@ -190,13 +190,17 @@ def _ctx(args, real=None, progress=None):
 
 
 def _check_device(device: str | None) -> None:
-    """A CUDA device that this machine does not have, refused before the run directory exists."""
-    if device and device.startswith("cuda"):
-        import torch
+    """A device that this machine does not have, refused before the run directory exists."""
+    if not device or device == "cpu":
+        return
+    import torch
 
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    kind, _, index = device.partition(":")
+    backend = getattr(torch, kind, None)
+    available = backend is not None and backend.is_available()
+    count = (backend.device_count() if kind != "mps" else 1) if available else 0
+    if int(index or 0) >= count:
+        raise UserError(f"device {device}: this machine has {count} {kind} device(s)")
 
 
 def cmd_run(args) -> int:
@@ -204,13 +208,13 @@ def cmd_run(args) -> int:
 
     cfg = resolve_config(args.config, args.overrides)
     only = parse_slice(cfg, args.only) if args.only is not None else None
+    _check_device(cfg.device)
     if args.dry_run:
         from model_collapse.study import prepare
 
         prepare(cfg)  # the data, model and weights checks a run makes before writing anything
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
-    _check_device(cfg.device)
     from model_collapse.loop import run_loop
     from model_collapse.summary import format_summary
 
@@ -306,11 +310,17 @@ def cmd_score(args) -> int:
     gen, train = _load_any(args.generated), _load_any(args.train)
     _match(gen, train, "generated", "training")
     bars = _bars(args)
+    def refuse_collapsed(vectors):  # the score's scale is the training set's spacing
+        distinct = len(distinct_index(vectors))
+        if distinct < 2:
+            raise UserError(f"--train {args.train}: the score needs at least 2 distinct training images (its scale "
+                            f"is their nearest-neighbour spacing), got {distinct}")
+
+    if not _is_features(train):  # images that are copies stay copies in every space (up to float noise)
+        refuse_collapsed(train.images.reshape(len(train), -1))
     ctx = _ctx(args, None if _is_features(train) else train, bars)
     train_vectors = _vectors(args, train, ctx)
-    if len(distinct_index(train_vectors)) < 2:  # the score's scale is the training set's spacing
-        raise UserError(f"--train {args.train}: the score needs at least 2 distinct training images (its scale is "
-                        f"their nearest-neighbour spacing), got {len(distinct_index(train_vectors))}")
+    refuse_collapsed(train_vectors)
     try:
         _, res = memorization(train_vectors, _vectors(args, gen, ctx), progress=bars, precision=args.precision)
     except ValueError as e:

@@ -163,7 +163,8 @@ _FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
 _ARM_TYPES = {f.name: f.type for f in fields(ArmConfig)}
 
 
-def _coerce(key: str, value: Any, typ: str, where: str) -> Any:
+def coerce(key: str, value: Any, typ: str, where: str) -> Any:
+    """A config value checked against its field's type (`int`, `float | None`, `tuple[int, ...]`, ...)."""
     optional = "None" in typ
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
@@ -216,7 +217,7 @@ def _arm_from_dict(d: dict, where: str) -> ArmConfig:
     unknown = sorted(set(d) - set(_ARM_TYPES))
     if unknown:
         raise UserError(f"{where}: unknown arm key(s) {', '.join(unknown)}; valid: {', '.join(_ARM_TYPES)}")
-    return ArmConfig(**{k: _coerce(k, v, _ARM_TYPES[k], f"{where}.") for k, v in d.items()})
+    return ArmConfig(**{k: coerce(k, v, _ARM_TYPES[k], f"{where}.") for k, v in d.items()})
 
 
 def config_from_dict(d: dict, where: str = "") -> RunConfig:
@@ -230,7 +231,7 @@ def config_from_dict(d: dict, where: str = "") -> RunConfig:
                 raise UserError(f"{where}arms: expected a non-empty list of arm tables")
             kw[k] = tuple(_arm_from_dict(a, f"{where}arms[{i}]") for i, a in enumerate(v))
         else:
-            kw[k] = _coerce(k, v, _FIELD_TYPES[k], where)
+            kw[k] = coerce(k, v, _FIELD_TYPES[k], where)
     return RunConfig(**kw)
 
 
@@ -245,9 +246,24 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".toml"))
 
 
+def _plain(value, where: str) -> None:
+    """TOML dates and times have no place in a run config (JSON cannot store them): refused by name."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _plain(v, f"{where}{k}.")
+    elif isinstance(value, list):
+        for v in value:
+            _plain(v, where)
+    elif not isinstance(value, (str, int, float, bool)):
+        raise UserError(f"{where.rstrip('.')}: a {type(value).__name__} is not a config value (use numbers, text, "
+                        f"booleans or lists)")
+
+
 def _read_toml(text: str, where: str) -> dict:
     try:
-        return tomllib.loads(text)
+        d = tomllib.loads(text)
+        _plain(d, f"{where}: ")
+        return d
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{where}: invalid TOML ({e})") from None
     except RecursionError:
@@ -269,7 +285,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _override_value(key: str, text: str, typ: str | None) -> Any:
+def override_value(key: str, text: str, typ: str | None) -> Any:
     """A --set value for a field of type `typ`: a text field takes the text as written (`name=123` is the name
     "123"), a list field also takes comma-separated items (`seeds=0,1,2`, `spaces=pixel,domain`) or one item."""
     value = parse_value(text)
@@ -312,16 +328,18 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
                 if sel not in labels:
                     raise UserError(f"--set {key}: no arm {sel!r}; arms: {', '.join(labels)} (or an index)")
                 arm = arms[labels.index(sel)]
-            arm[parts[2]] = _override_value(key, text, _ARM_TYPES.get(parts[2]))
+            arm[parts[2]] = override_value(key, text, _ARM_TYPES.get(parts[2]))
         else:
             if key not in _FIELD_TYPES:
                 raise UserError(f"--set {key}: unknown config key; valid keys: {', '.join(_FIELD_TYPES)}")
-            d[key] = _override_value(key, text, _FIELD_TYPES[key])
+            d[key] = override_value(key, text, _FIELD_TYPES[key])
     return d
 
 
 def resolve_config(source: str | None, overrides: list[str] | None = None) -> RunConfig:
     """A preset name or TOML file (None = the demo preset), plus overrides, validated."""
+    if source is not None and not source.strip():
+        raise UserError("an empty config name; give a preset name or a .toml file (or nothing, for the demo)")
     source = source or "demo"
     if source.endswith(".toml") or Path(source).is_file():
         p = Path(source)
@@ -357,13 +375,13 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.norm_groups is None or cfg.norm_groups >= 1, "norm_groups must be >= 1")
     need(cfg.device is None or re.fullmatch(r"cpu|(cuda|xpu|mps)(:\d+)?", cfg.device) is not None,
          f"device must be cpu, cuda[:N], mps[:N] or xpu[:N], got {cfg.device!r}")
-    need(cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}")
+    need(1 <= cfg.iterations <= 10_000, f"iterations must lie in [1, 10000], got {cfg.iterations}")
     need(cfg.model in MODEL_PRESETS, f"unknown model {cfg.model!r}; models: {', '.join(MODEL_PRESETS)}")
     need(cfg.init_from is None or (isinstance(cfg.init_from, str) and cfg.init_from.strip() != ""),
          "init_from must be a folder written by diffusers' save_pretrained")
     need(not cfg.init_train or cfg.init_from is not None, "init_train needs init_from")
     need(cfg.train_steps > 0, f"train_steps must be > 0, got {cfg.train_steps}")
-    need(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
+    need(0 < cfg.batch_size <= 2**20, f"batch_size must lie in [1, 2^20], got {cfg.batch_size}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {cfg.lr_schedule!r}")
     need(cfg.warmup_steps >= 0, "warmup_steps must be >= 0")
@@ -371,7 +389,9 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.sampler in SAMPLERS, f"unknown sampler {cfg.sampler!r}; samplers: {', '.join(SAMPLERS)}")
     need(0 < cfg.sample_steps <= 1000,
          f"sample_steps must lie in [1, 1000] (the training schedule has 1,000 steps), got {cfg.sample_steps}")
-    need(cfg.sample_batch > 0, "sample_batch must be > 0")
+    need(0 < cfg.sample_batch <= 2**20, f"sample_batch must lie in [1, 2^20], got {cfg.sample_batch}")
+    need(not cfg.compile or cfg.device is None or cfg.device != "cpu",
+         "compile applies to GPUs (on the CPU torch.compile costs minutes per stage and gains little)")
     need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay must lie in (0, 1) or be none")
     need(0 < cfg.decay < 1, f"decay must lie in (0, 1), got {cfg.decay}")
     need(cfg.tau0 is None or 0 < cfg.tau0 < math.inf, f"tau0 must be a finite number > 0, got {cfg.tau0}")

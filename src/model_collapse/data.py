@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from model_collapse.errors import UserError
-from model_collapse.linalg import first_nonfinite_row
+from model_collapse.linalg import abs_max, first_nonfinite_row
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -65,7 +65,14 @@ def check_vectors(x: np.ndarray, where: str) -> np.ndarray:
     row = first_nonfinite_row(x)
     if row is not None:
         raise UserError(f"{where}: row {row} contains NaN or inf")
+    top = abs_max(x)
+    if top > VECTOR_RANGE[1] or 0 < top < VECTOR_RANGE[0]:  # squared distances would overflow or underflow
+        raise UserError(f"{where}: values up to {top:.3g} in magnitude; distances need them within "
+                        f"[{VECTOR_RANGE[0]:g}, {VECTOR_RANGE[1]:g}] (rescale the features)")
     return x
+
+
+VECTOR_RANGE = (1e-150, 1e150)  # the largest |value| of a feature array: its squared distances stay normal floats
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -197,11 +204,22 @@ def _load_npz(path: Path, features: bool = False) -> "ImageSet | FeatureSet":
     return ImageSet(images, as_labels(labels, len(images), str(path)), path.stem)
 
 
+MAX_IMAGE_SIDE = 4096  # as config's image_size: larger images are not what a diffusion study here trains on
+
+
 def _read_image_file(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    import warnings
+
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # PIL's bomb warning is a multi-line message; the size is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            if im.size[0] * im.size[1] > MAX_IMAGE_SIDE**2:
+                raise UserError(f"{path}: an image of {im.size[0]}x{im.size[1]} pixels, more than "
+                                f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}; resize it first")
             im.load()
             if im.mode.startswith("I"):  # 16-bit greyscale (PNG): to 8 bits by rounding, not by clipping at 255
                 wide = np.asarray(im, dtype=np.int64)

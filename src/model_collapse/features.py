@@ -258,15 +258,22 @@ def build_inception(state_dict: dict | None):
 
 
 def _load_state(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    import warnings
 
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch explains a refused pickle at length; the one line below says it
+            warnings.simplefilter("ignore")
+            return _read_state(path)
     except Exception as e:  # a damaged file, or one that is not a plain state dict
         raise UserError(f"{path}: not a loadable weights file ({short_error(e)})") from None
 
+
+def _read_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _inception_file(feature_dir: str | None) -> Path:
@@ -282,20 +289,25 @@ def _inception_file(feature_dir: str | None) -> Path:
 
 
 def load_inception(ctx: SpaceContext):
-    return build_inception(_load_state(_inception_file(ctx.feature_dir)))
+    path = _inception_file(ctx.feature_dir)
+    state = _load_state(path)
+    try:
+        return build_inception(state)
+    except Exception as e:  # a state dict of another network: missing or unexpected keys, other shapes
+        raise UserError(f"{path}: not the FID Inception-v3's weights ({short_error(e)})") from None
 
 
-def check_weights(spaces, feature_dir: str | None) -> None:
-    """Refuse, before any work, a feature_dir that is not a folder and a space whose weights cannot be found
-    (the weights themselves are checked when loaded)."""
+def check_weights(spaces, feature_dir: str | None, load: bool = False) -> None:
+    """Refuse, before any work, a feature_dir that is not a folder and a space whose weights cannot be found;
+    with `load`, also weights that do not load (a run checks this before its run directory exists)."""
     if feature_dir is not None and not Path(feature_dir).is_dir():
         raise UserError(f"feature_dir {feature_dir}: not a folder")
     for name in dict.fromkeys(spaces):
         check_space(name)
         if name in DINOV2:
-            _dinov2_source(name, feature_dir)
+            load_dinov2(name, SpaceContext(feature_dir=feature_dir)) if load else _dinov2_source(name, feature_dir)
         elif name == "inception":
-            _inception_file(feature_dir)
+            load_inception(SpaceContext(feature_dir=feature_dir)) if load else _inception_file(feature_dir)
 
 
 def _inception(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:

@@ -37,3 +37,8 @@ def first_nonfinite_row(x: np.ndarray, tile: int = 65536) -> int | None:
         if bad.any():
             return a + int(np.argmax(bad))
     return None
+
+
+def abs_max(x: np.ndarray, tile: int = 65536) -> float:
+    """The largest |value| of x, a tile of rows at a time (as first_nonfinite_row)."""
+    return max((float(np.abs(x[a : a + tile]).max()) for a in range(0, len(x), tile)), default=0.0)

@@ -126,7 +126,7 @@ def flush_rows(cfg: RunConfig, rd: RunDir) -> None:
             if (arm.label(), t) in done or arm.label() in blocked:
                 continue
             f = rd.arm_sample_dir(cfg, arm, t) / "metrics.json"
-            if not f.exists():
+            if not whole(f, "measuring it again when the run resumes"):
                 blocked.add(arm.label())
                 continue
             row = {"seed": cfg.seed, "arm": arm.label(), "iteration": t, "paradigm": arm.paradigm,

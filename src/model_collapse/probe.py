@@ -22,14 +22,16 @@ from pathlib import Path
 import torch
 
 from model_collapse import diffusion as D
-from model_collapse.config import parse_value
+from model_collapse.config import override_value, coerce
 from model_collapse.data import load_images, pixel_vectors
 from model_collapse.errors import UserError
 from model_collapse.figures import probe_figure
 from model_collapse.measure import MemorizationSettings, make_reference, memorization, quality
+from model_collapse.metrics import distinct_index
 from model_collapse.registry import MODEL_PRESETS, SAMPLERS, check_name
 from model_collapse.rng import derive_seed, numpy_rng
-from model_collapse.rundir import RunDir, atomic_write_bytes, atomic_write_json, probe_row_path, read_json, read_probe
+from model_collapse.rundir import (RunDir, atomic_write_bytes, atomic_write_json, probe_row_path, read_json_object,
+                                   read_probe, whole, whole_row)
 from model_collapse.workers import Job, run_jobs
 
 
@@ -76,13 +78,8 @@ def resolve_probe(data: str, sizes: str | None, steps: str | None, overrides: li
         k, v = item.split("=", 1)
         if k not in names or k in ("sizes", "steps"):
             raise UserError(f"--set {k}: unknown probe key; valid: {', '.join(n for n in names if n not in ('sizes', 'steps'))}")
-        kw[k] = parse_value(v)
-    try:
-        cfg = ProbeConfig(**kw)
-        cfg = dataclasses.replace(cfg, n_eval=int(cfg.n_eval), n_heldout=int(cfg.n_heldout), seed=int(cfg.seed),
-                                  batch_size=int(cfg.batch_size), lr=float(cfg.lr))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"probe config: {e}") from None
+        kw[k] = coerce(k, override_value(k, v.strip(), names[k]), names[k], "probe config: ")
+    cfg = ProbeConfig(**kw)
     check_name("model", cfg.model, MODEL_PRESETS)
     check_name("sampler", cfg.sampler, SAMPLERS)
     if min(cfg.sizes) < 3:
@@ -126,8 +123,10 @@ def probe_size(cfg_dict: dict, out: str, size: int, show: bool) -> None:
     ckpt = d / "train_state.safetensors"
     for steps in cfg.steps:
         row_path = probe_row_path(out, size, steps)
-        if row_path.exists():
+        if whole_row(row_path):
             continue
+        if ckpt.exists():  # a damaged checkpoint is set aside and the size trains again from the start
+            whole(ckpt, "training this size again from the start")
         settings = D.TrainSettings(steps, cfg.batch_size, cfg.lr, "constant", cfg.warmup_steps, 1e-6, 0.95, 0.999,
                                    None, 0.0, 10**9)
         t0 = time.perf_counter()
@@ -150,11 +149,15 @@ def run_probe(cfg: ProbeConfig, out: str | Path, show: bool = True) -> dict:
     """Run (or resume) the probe in `out`; returns its rows and writes probe.json and figures/probe.png."""
     out = Path(out)
     data = load_images(cfg.data)
-    _split(cfg, len(data))
+    perm, _ = _split(cfg, len(data))
+    distinct = len(distinct_index(pixel_vectors(data.images[perm[: min(cfg.sizes)]])))
+    if distinct < 2:
+        raise UserError(f"{cfg.data}: the smallest training set ({min(cfg.sizes)} images) holds {distinct} distinct "
+                        f"image(s); the probe measures memorization against at least 2")
     D.check_model_shape(MODEL_PRESETS[cfg.model], data.shape[0], where=f"model {cfg.model}")
     cfg_dict = json_cfg(cfg)
     stored = out / "probe_config.json"
-    if stored.exists() and read_json(stored) != cfg_dict:
+    if stored.exists() and read_json_object(stored, "probe config") != cfg_dict:
         raise UserError(f"{out} holds a probe with a different config; use another --out")
     if out.exists() and not stored.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists, is not empty, and holds no probe; choose another --out")
@@ -199,13 +202,18 @@ def transition_summary(rows: list[dict]) -> dict:
         "largest_size": sizes[-1],
         "smallest_mem_by_steps": {r["steps"]: r["mem_fraction"] for r in small},
         "largest_mem_by_steps": {r["steps"]: r["mem_fraction"] for r in large},
-        "smallest_rises": small[-1]["mem_fraction"] > small[0]["mem_fraction"],
+        "smallest_rises": None if None in (small[-1]["mem_fraction"], small[0]["mem_fraction"]) else
+        small[-1]["mem_fraction"] > small[0]["mem_fraction"],
     }
 
 
 def format_probe(res: dict) -> str:
     lines = [f"probe: {res['out']}", f"{'size':>6} {'steps':>7} {'mem':>7} {'copy':>7} {'ratio':>7} {'fd':>7}"]
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else f"{'-':>7}"
+
     for r in res["rows"]:
-        lines.append(f"{r['size']:>6} {r['steps']:>7} {r['mem_fraction']:>7.3f} {r['copy_fraction']:>7.3f} "
-                     f"{r['gen_score_ratio']:>7.2f} {r['fd_heldout']:>7.2f}")
+        lines.append(f"{r['size']:>6} {r['steps']:>7} {num(r.get('mem_fraction'), '>7.3f')} "
+                     f"{num(r.get('copy_fraction'), '>7.3f')} {num(r.get('gen_score_ratio'), '>7.2f')} "
+                     f"{num(r.get('fd_heldout'), '>7.2f')}")
     return "\n".join(lines)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from model_collapse.claims import check_claims
-from model_collapse.config import ArmConfig, RunConfig, config_from_dict, study_seeds
+from model_collapse.config import ArmConfig, RunConfig, config_from_dict, study_seeds, validate
+from model_collapse.errors import UserError
 from model_collapse.data import load_images, pixel_vectors
 from model_collapse.figures import (
     fig_correlation,
@@ -31,7 +32,8 @@ from model_collapse.figures import (
     probe_figure,
 )
 from model_collapse.metrics import distinct_index
-from model_collapse.rundir import RunDir, atomic_write_bytes, load_npz, read_json_object, read_metrics, read_probe
+from model_collapse.rundir import (REDO, RunDir, atomic_write_bytes, read_json_object, read_metrics, read_probe,
+                                   stage_array)
 from model_collapse.summary import arm_statistics
 
 @dataclass
@@ -64,6 +66,16 @@ class Arm:
         return self.rd.iter_dir(self.arm.label(), t)
 
 
+def run_config(stored: dict, path: Path) -> RunConfig:
+    """A run's stored config, checked as `run` checks it (a damaged one would draw nonsense or never end)."""
+    try:
+        cfg = config_from_dict(stored)
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{path}: not a valid run config ({e})") from None
+    return cfg
+
+
 def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
     arms, configs = [], {}
     names = [Path(d).resolve().name for d in run_dirs]
@@ -73,7 +85,7 @@ def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
         root = RunDir(Path(d))
         stored = read_json_object(root.config_path, "run config")
         configs[nm] = stored
-        cfg = config_from_dict(stored)
+        cfg = run_config(stored, root.config_path)
         rows = read_metrics(root.metrics_path)
         first = study_seeds(cfg)[0]
         stats = arm_statistics(rows, cfg)
@@ -102,7 +114,7 @@ def _sample_grids(a: Arm) -> list[tuple[int, np.ndarray]]:
     for r in a.rows:
         f = a.iter_dir(r["iteration"]) / "samples.npz"
         if f.exists():
-            grids.append((r["iteration"], load_npz(f)["images"]))
+            grids.append((r["iteration"], _images(f)))
     return grids
 
 
@@ -139,24 +151,38 @@ def nearest_pairs(arm: Arm, t: int, n_pairs: int = 8):
     if not all((d / f).exists() for f in ("neighbours_pixel.npz", "samples.npz")) or \
             not (arm.train_dir(t) / "train.npz").exists():
         return None
-    nb = load_npz(d / "neighbours_pixel.npz")
-    gen = load_npz(d / "samples.npz")["images"]
-    train = load_npz(arm.train_dir(t) / "train.npz")["images"]
+    f = d / "neighbours_pixel.npz"
+    nearest, d1, d2 = (stage_array(f, k, ndim=1, kinds=kind) for k, kind in (("nearest", "iu"), ("d1", "f"),
+                                                                               ("d2", "f")))
+    gen = _images(d / "samples.npz")
+    train = _images(arm.train_dir(t) / "train.npz")
     keep = distinct_index(pixel_vectors(train))
-    order = np.argsort(nb["d1"], kind="stable")[:n_pairs]
-    return [(gen[i], train[keep[nb["nearest"][i]]], float(nb["d1"][i]), float(nb["d2"][i])) for i in order]
+    if not len(nearest) == len(d1) == len(d2) <= len(gen) or gen.shape[1:] != train.shape[1:] or \
+            (len(nearest) and not 0 <= nearest.min() <= nearest.max() < len(keep)):
+        raise UserError(f"{f}: does not match the stage's samples and training set (damaged file); {REDO}")
+    order = np.argsort(d1, kind="stable")[:n_pairs]
+    return [(gen[i], train[keep[nearest[i]]], float(d1[i]), float(d2[i])) for i in order]
+
+
+def _images(f: Path) -> np.ndarray:
+    """A stage's uint8 images (N, H, W, C), or a one-line error naming the damaged file."""
+    images = stage_array(f, "images", ndim=4, kinds="u")
+    if images.dtype != np.uint8 or images.shape[3] not in (1, 3):
+        raise UserError(f"{f}: images of shape {images.shape} and type {images.dtype}, not a stage's (damaged "
+                        f"file); {REDO}")
+    return images
 
 
 def _pixel_samples(a: Arm, t: int) -> np.ndarray | None:
     f = a.iter_dir(t) / "samples.npz"
-    return pixel_vectors(load_npz(f)["images"]) if f.exists() else None
+    return pixel_vectors(_images(f)) if f.exists() else None
 
 
 def _space_samples(space: str):
     """The generated features an iteration cached while it was measured (its first n_eval samples)."""
     def get(a: Arm, t: int) -> np.ndarray | None:
         f = a.iter_dir(t) / f"features_{space}.npz"
-        return load_npz(f)["generated"] if f.exists() else None
+        return stage_array(f, "generated", ndim=2, kinds="f") if f.exists() else None
 
     return get
 
@@ -238,12 +264,10 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     arms, configs = _load_arms(run_dirs)
     colours = palette(len(arms))
     figdir = figures_dir(run_dirs or probes, out)
-    figdir.mkdir(parents=True, exist_ok=True)
-    figures: list[tuple[str, str, bytes]] = []  # (section, file name, png)
+    figures: list[tuple[str, str, bytes]] = []  # (section, file name, png), written once every one is drawn
 
     def add(section, name, png):
         if png is not None:
-            atomic_write_bytes(figdir / name, png)
             figures.append((section, name, png))
 
     add("Metrics over iterations", "curves.png", fig_curves(arms, colours))
@@ -277,7 +301,8 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
         ref = arms[0].rd.feature_cache(f"real_reference_{space}")  # the first seed's, as the samples shown
         if space != "pixel" and ref.exists():  # written by the run when it measured that space
             add("2-D projection", f"projection_{space}.png",
-                fig_projection(arms, colours, load_npz(ref)["features"], _space_samples(space), f"{space} space"))
+                fig_projection(arms, colours, stage_array(ref, "features", ndim=2, kinds="f"), _space_samples(space),
+                               f"{space} space"))
     for i, p in enumerate(probes):
         add("Memorization transition (probe)", f"probe_{i:02d}.png", probe_figure(read_probe(p)))
 
@@ -293,7 +318,7 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
                  f"seeds. Verdict markers (one seed only): circle stable, triangle contracting, cross copying.</p>")
     tables = []
     for (nm, stored), d in zip(configs.items(), run_dirs):
-        cfg = config_from_dict(stored)
+        cfg = run_config(stored, RunDir(d).config_path)
         rows = read_metrics(RunDir(d).metrics_path)
         tables.append(_claims_table(nm if len(configs) > 1 else "", check_claims(rows, cfg), cfg))
     parts[2:2] = tables  # the claims first
@@ -320,6 +345,10 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
         parts.append(f"<h3>{html.escape(nm)}</h3><pre>{html.escape(json.dumps(cfg, indent=2))}</pre>")
     parts.append("</body></html>")
     out = Path(out)
+    if figures:
+        figdir.mkdir(parents=True, exist_ok=True)
+    for _, name, png in figures:
+        atomic_write_bytes(figdir / name, png)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, "\n".join(parts).encode())
     if show:

@@ -22,14 +22,28 @@ from model_collapse.config import EXECUTION_KEYS, ArmConfig, RunConfig, config_t
 from model_collapse.errors import UserError
 
 
+def _replace_or_clean(tmp: Path, path: Path) -> None:
+    """Move a finished temporary file into place; if that fails (the target is a folder, the disk is full), the
+    temporary file goes too."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace_or_clean(tmp, path)
 
 
 def _clean(obj):
@@ -52,8 +66,12 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_save_npz(path: Path, **arrays) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace_or_clean(tmp, path)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -131,7 +149,8 @@ def read_metrics(path: Path) -> list[dict]:
 def _format_errors() -> tuple:
     from safetensors import SafetensorError
 
-    return (zipfile.BadZipFile, ValueError, EOFError, KeyError, SafetensorError, UserError)
+    return (zipfile.BadZipFile, ValueError, EOFError, KeyError, SafetensorError, UserError)  # (UnicodeDecodeError
+    #                                                                                           is a ValueError)
 
 
 FORMAT_ERRORS = _format_errors()  # what reading a damaged file raises (an I/O error is not among them)
@@ -144,13 +163,25 @@ def readable(path: Path) -> bool:
     condemning a good file."""
     try:
         if path.suffix == ".npz":
-            load_npz(path)
+            arrays = load_npz(path)
+            if path.name in ("train.npz", "samples.npz"):  # a stage's images: uint8 (N, H, W, C)
+                images = arrays["images"]
+                return images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
         elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                names, meta = set(f.keys()), f.metadata() or {}
+                for k in names:
+                    f.get_tensor(k)
+            if path.name == "model.safetensors":  # a UNet's weights (its shapes are checked when loaded)
+                return {"conv_in.weight", "conv_out.weight"} <= names
+            if path.name == "train_state.safetensors":  # a checkpoint knows its step
+                return meta.get("step", "").isdigit()
         elif path.suffix == ".json":
-            read_json_object(path, "stage file")
+            obj = read_json_object(path, "stage file")
+            if path.name == "metrics.json":  # a stage's measurements: numbers, the pixel space's always there
+                return "gen_score_pixel" in obj and _row_values_ok(obj)
         return True
     except FORMAT_ERRORS:
         return False
@@ -308,10 +339,9 @@ class RunDir:
     def read_losses(train_dir: Path) -> np.ndarray | None:
         """The loss per step of the stage trained in train_dir (None when not recorded: runs from before)."""
         f = Path(train_dir) / "loss.npz"
-        try:
-            return load_npz(f)["loss"] if f.exists() else None
-        except FORMAT_ERRORS:
+        if not f.exists():
             return None
+        return stage_array(f, "loss", ndim=1, kinds="f")
 
     def append_metrics(self, rows: list[dict]) -> None:
         """Append rows; first drop a partial trailing line left by a crash."""
@@ -346,6 +376,50 @@ def probe_row_path(out: Path, size: int, steps: int) -> Path:
     return Path(out) / f"size_{size:05d}" / f"steps_{steps:07d}.json"
 
 
+def whole_row(path: Path) -> bool:
+    """Whether a probe row (size_S/steps_T.json) is there and whole; a damaged one is set aside to be redone."""
+    if not path.exists():
+        return False
+    try:
+        _probe_row(path)
+        return True
+    except UserError:
+        set_aside(path, "measuring it again")
+        return False
+
+
+def _probe_row(p: Path) -> dict:
+    row = read_json_object(p, "probe row")
+    if not all(isinstance(row.get(k), int) and not isinstance(row.get(k), bool) for k in ("size", "steps")) \
+            or not _row_values_ok({k: v for k, v in row.items() if k not in ("size", "steps")}):
+        raise UserError(f"{p}: not a probe row (damaged file); move it away and rerun the probe to redo it")
+    return row
+
+
 def read_probe(out: Path) -> list[dict]:
-    rows = [read_json(p) for p in sorted(Path(out).glob("size_*/steps_*.json"))]
+    """A probe's rows, one per (size, steps) file; a damaged one is refused in one line naming it."""
+    rows = [_probe_row(p) for p in sorted(Path(out).glob("size_*/steps_*.json"))]
     return sorted(rows, key=lambda r: (r["size"], r["steps"]))
+
+
+def stage_array(path: Path, key: str, ndim: int | None = None, kinds: str | None = None) -> np.ndarray:
+    """One array of a stage's .npz, for reading outside the loop (the report): a damaged file, a missing array or
+    one of another rank or kind (`kinds`: numpy kind letters, "u" for uint8 images, "f" floats, "iu" indices) is
+    a one-line error naming the file. The loop itself redoes such a stage instead (`whole`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file where a stage file should be; {REDO}")
+    try:
+        array = load_npz(path)[key]
+    except KeyError:
+        raise UserError(f"{path}: no {key!r} array (damaged file); {REDO}") from None
+    except FORMAT_ERRORS as e:
+        raise UserError(f"{path}: damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                        f"{REDO}") from None
+    if (ndim is not None and array.ndim != ndim) or (kinds is not None and array.dtype.kind not in kinds):
+        raise UserError(f"{path}: {key!r} is a {array.ndim}-D {array.dtype} array, not what the stage writes "
+                        f"(damaged file); {REDO}")
+    return array
+
+
+REDO = "rerun `model-collapse run` on the run directory to redo that stage, or move the file away"

@@ -63,14 +63,15 @@ class Study:
                              c.adam_beta1, c.adam_beta2, c.ema_decay, c.label_dropout, c.checkpoint_every,
                              c.grad_clip)
 
-    def _cached(self, name: str, compute: Callable[[], dict], keys: tuple[str, ...]) -> dict:
+    def _cached(self, name: str, compute: Callable[[], dict], keys: dict[str, int]) -> dict:
         """Arrays computed once per run: kept in memory, and in RUN_DIR/features/<name>.npz for the other
-        processes and for resumes. A file that does not load, or lacks one of `keys`, is set aside and computed
-        again."""
+        processes and for resumes. A file that does not load, or lacks one of `keys` (name: rank) as a float
+        array of that rank, is set aside and computed again."""
         if name not in self._cache:
             path = RunDir(Path(self.ctx.run_dir)).feature_cache(name) if self.ctx.run_dir else None
             loaded = load_npz(path) if path is not None and whole(path, "computing it again") else None
-            if loaded is not None and not set(keys) <= set(loaded):
+            if loaded is not None and not all(k in loaded and loaded[k].ndim == nd and loaded[k].dtype.kind == "f"
+                                              for k, nd in keys.items()):
                 set_aside(path, "computing it again")
                 loaded = None
             if loaded is not None:
@@ -89,13 +90,13 @@ class Study:
         stats = self._cached(f"real_stats_{space}",
                              lambda: dict(zip(("mu", "sigma"), gaussian_stats(extract(space, self.data.images,
                                                                                       self.ctx)))),
-                             ("mu", "sigma"))
+                             {"mu": 1, "sigma": 2})
 
         def subset():
             pick = reference_indices(len(self.data), self.n_eval, self.cfg.seed)
             return {"features": extract(space, self.data.images[pick], self.ctx)}
 
-        feats = self._cached(f"real_reference_{space}", subset, ("features",))["features"]
+        feats = self._cached(f"real_reference_{space}", subset, {"features": 2})["features"]
         key = f"real_reference_radii_{space}"
         if key not in self._cache:
             self._cache[key] = reference_radii(feats, self.cfg.device)
@@ -128,6 +129,9 @@ def deterministic_kernels() -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+MAX_CLASSES = 100_000
+
+
 def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
     """Load and check the data against the config; raises UserError before anything is written."""
     data = load_images(cfg.data, cfg.data_root, cfg.data_download, cfg.image_size)
@@ -142,13 +146,16 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
         if data.labels is None:
             raise UserError(f"conditional = true needs labels, and {cfg.data} has none")
         num_classes = int(data.labels.max()) + 1
+        if num_classes > MAX_CLASSES:
+            raise UserError(f"{cfg.data}: labels up to {num_classes - 1:,}; a conditional model embeds every class "
+                            f"from 0 to the largest label (at most {MAX_CLASSES:,}): number the classes 0..K-1")
     pretrained = pretrained_unet(cfg.init_from, h, c, num_classes) if cfg.init_from else None
     if pretrained is None:
         check_model_shape(spec, h, where=f"model {cfg.model}")
     for a in cfg.arms:
         if a.per_class and data.labels is None:
             raise UserError(f"arm {a.label()}: per_class selection needs labels, and {cfg.data} has none")
-    check_weights([*cfg.spaces, *(a.space for a in cfg.arms if a.selector != "random")], cfg.feature_dir)
+    check_weights([*cfg.spaces, *(a.space for a in cfg.arms if a.selector != "random")], cfg.feature_dir, load=True)
     if cfg.batch_size % dist.world():
         raise UserError(f"batch_size = {cfg.batch_size} does not divide among {dist.world()} processes: each trains "
                         f"on an equal slice of the global batch (use a multiple of {dist.world()})")

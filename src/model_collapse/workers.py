@@ -55,6 +55,9 @@ def _entry(job: Job, threads: int, parent_pid: int, results) -> None:
         job.fn(*job.args)
     except UserError as e:
         results.put((job.name, "user", str(e)))
+    except OSError as e:  # the file system refused a path (a file where a folder should be, a full disk)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        results.put((job.name, "user", f"{where}{e.strerror or e}"))
     except BaseException as e:  # noqa: BLE001 - everything must reach the parent
         results.put((job.name, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     else:
