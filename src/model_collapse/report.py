@@ -258,6 +258,11 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
+    figdir = figures_dir([Path(d) for d in run_dirs], out)
+    if Path(out).is_dir():  # checked before any work: nothing is written when the report cannot be
+        raise UserError(f"{out}: is a folder where the report's HTML is written; move it away")
+    if figdir.exists() and not figdir.is_dir():
+        raise UserError(f"{figdir}: is a file where the report's figures are written; move it away")
     dirs = [Path(d) for d in run_dirs]
     probes = [d for d in dirs if (d / "probe_config.json").exists() and not (d / "config.json").exists()]
     run_dirs = [d for d in dirs if d not in probes]
@@ -288,10 +293,12 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
         add("Nearest-neighbour pairs", f"pairs_{i:02d}.png", fig_pairs(a.label, _pairs(a)))
     real = None
     try:
-        if not configs:
-            raise ValueError("no run directory")
+        if not configs:  # probes only: nothing to project
+            raise LookupError
         first_cfg = next(iter(configs.values()))
         real = load_images(first_cfg["data"], first_cfg.get("data_root"), False, first_cfg.get("image_size")).images
+    except LookupError:
+        pass
     except Exception as e:  # the report still shows everything else
         print(f"report: no projection figure ({e})", file=sys.stderr)
     if real is not None:

@@ -27,6 +27,9 @@ def _replace_or_clean(tmp: Path, path: Path) -> None:
     temporary file goes too."""
     try:
         os.replace(tmp, path)
+    except IsADirectoryError:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: is a folder where this file is written; move it away") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

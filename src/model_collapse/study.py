@@ -97,6 +97,13 @@ class Study:
             return {"features": extract(space, self.data.images[pick], self.ctx)}
 
         feats = self._cached(f"real_reference_{space}", subset, {"features": 2})["features"]
+        mu, sigma = stats["mu"], stats["sigma"]
+        if not mu.shape[0] == sigma.shape[0] == sigma.shape[1] == feats.shape[1]:  # caches of different spaces
+            for name in (f"real_stats_{space}", f"real_reference_{space}"):
+                self._cache.pop(name)
+                if self.ctx.run_dir:
+                    set_aside(RunDir(Path(self.ctx.run_dir)).feature_cache(name), "computing it again")
+            return self.reference(space)
         key = f"real_reference_radii_{space}"
         if key not in self._cache:
             self._cache[key] = reference_radii(feats, self.cfg.device)
