@@ -4,7 +4,7 @@ Run: .venv/bin/python benchmarks/bench_loop.py [--quick] [--rounds R] [--scale d
 The plain loop is the textbook one (forward, MSE, backward, clip, AdamW with torch's defaults, EMA lerp per
 parameter); ours is `diffusion.train` (seeded per-step draws, schedules, checkpoint hooks) with its fused
 optimizer, clipping and EMA, and with them off. Sampling: a plain DDIM loop on one batch against
-`diffusion.generate` (one seeded generator per sample, fixed evaluation batch) with its frozen UNet and without.
+`diffusion.generate` (one seeded generator per sample, fixed evaluation batch).
 Machine: training steps/s of the whole machine, one model on every thread against one model per core side by side
 (how the loop runs arms and seeds), for the plain loop and ours. Rounds alternate the variants and
 the line reports each round's ratio (this machine's speed drifts); results go into benchmarks/RESULTS.md by hand.
@@ -107,10 +107,9 @@ def bench(scale: str, quick: bool, rounds: int, side_by_side: bool = True) -> No
 
     model = unet()
     model.eval()
-    ours = lambda freeze: generate(model, "ddim", sample_steps, range(n_sample), 0, ("bench",),
-                                   (side, side, channels), batch_size=n_sample, freeze=freeze)
     variants = {"plain": lambda: plain_sample(model, n_sample, side, channels, sample_steps),
-                "ours (frozen UNet)": lambda: ours(True), "ours, eager UNet": lambda: ours(False)}
+                "ours": lambda: generate(model, "ddim", sample_steps, range(n_sample), 0, ("bench",),
+                                         (side, side, channels), batch_size=n_sample)}
     times = {k: [] for k in variants}
     for _ in range(rounds):
         for k, fn in variants.items():
@@ -118,7 +117,7 @@ def bench(scale: str, quick: bool, rounds: int, side_by_side: bool = True) -> No
     for k, ts in times.items():
         ratios = ", ".join(f"{b / t:.2f}x" for b, t in zip(times["plain"], ts))
         print(f"sample {scale} DDIM-{sample_steps}, {n_sample} images, {k}: {n_sample / min(ts):.0f} images/s best; "
-              f"speed vs plain per round: {ratios} (the frozen UNet's trace included)", flush=True)
+              f"speed vs plain per round: {ratios}", flush=True)
     if side_by_side:
         machine(scale, preset, side, channels, batch, steps, images, rounds)
 

@@ -432,58 +432,6 @@ def sample(
     return x.clamp(-1, 1)
 
 
-class _Forward(torch.nn.Module):
-    """The UNet's forward pass as a function of tensors only, for tracing."""
-
-    def __init__(self, unet, labelled: bool):
-        super().__init__()
-        self.unet, self.labelled = unet, labelled
-
-    def forward(self, x, t, class_labels=None):
-        return self.unet(x, t, class_labels=class_labels if self.labelled else None, return_dict=False)[0]
-
-
-class _Eps:
-    def __init__(self, sample: torch.Tensor):
-        self.sample = sample
-
-
-class FrozenUNet:
-    """A UNet's forward pass for sampling, traced and frozen with TorchScript once per input signature (shape and
-    dtype of the noisy batch, the timestep and the labels): the same operators on the same tensors without
-    diffusers' per-module Python, which dominates at small scale. On the CPU its outputs equal the eager model's
-    bit for bit (tests/test_diffusion.py); a signature that cannot be traced runs the eager model. Called like the
-    UNet: `frozen(x, t, class_labels=...).sample`."""
-
-    def __init__(self, unet):
-        self.unet = unet
-        self._graphs: dict = {}
-
-    def __call__(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None):
-        if not torch.is_tensor(t):
-            return self.unet(x, t, class_labels=class_labels)
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype,
-               None if class_labels is None else (tuple(class_labels.shape), class_labels.dtype))
-        if key not in self._graphs:
-            self._graphs[key] = self._trace(x, t, class_labels)
-        graph = self._graphs[key]
-        if graph is None:
-            return self.unet(x, t, class_labels=class_labels)
-        return _Eps(graph(x, t) if class_labels is None else graph(x, t, class_labels))
-
-    def _trace(self, x, t, class_labels):
-        import warnings
-
-        module = _Forward(self.unet, class_labels is not None).eval()
-        args = (x, t) if class_labels is None else (x, t, class_labels)
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # shape-dependent branches become constants: one trace per shape
-                return torch.jit.freeze(torch.jit.trace(module, args, check_trace=False), optimize_numerics=False)
-        except Exception:  # an architecture tracing cannot follow: sample with the eager model
-            return None
-
-
 def _takes_generator(scheduler) -> bool:
     import inspect
 
@@ -506,7 +454,6 @@ def generate(
     progress: Callable[[int], None] | None = None,
     device: str | torch.device = "cpu",
     amp_dtype: torch.dtype | None = None,
-    freeze: bool = True,
 ) -> np.ndarray:
     """Samples with the given indices as uint8 NHWC; sample i depends only on (seed, *coords, "sample", i) and
     `batch_size`, not on which or how many other samples are drawn, in what order, or by how many processes.
@@ -514,15 +461,12 @@ def generate(
     Noise comes from CPU generators, one per sample, whatever the device. The UNet always sees exactly
     `batch_size` rows (the last chunk is padded with zeros): convolution kernels round differently for different
     batch sizes (about 1e-6, enough to flip a uint8 level), but a row's result does not depend on its position.
-    `freeze`: on the CPU without autocast, sample with `FrozenUNet` (the same images, faster).
     """
     train_sched = make_train_scheduler()
     h, w, c = shape
     out = []
     dev = torch.device(device)
     unet.to(dev).eval()
-    if freeze and dev.type == "cpu" and amp_dtype is None and not hasattr(unet, "_orig_mod"):  # not compiled
-        unet = FrozenUNet(unet)
     indices = list(indices)
     for a in range(0, len(indices), batch_size):
         batch = [int(i) for i in indices[a : a + batch_size]]

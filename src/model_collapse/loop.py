@@ -228,6 +228,8 @@ def _run_distributed(cfg: RunConfig, out: Path, show: bool) -> dict:
 def _finish(cfg: RunConfig, root: RunDir, show: bool) -> dict:
     """Merged rows, summary and report from whatever slices are complete, written together under the run's
     merge lock (so that the last slice to finish writes the newest of all three)."""
+    if cfg.report and (root.path / "report.html").is_dir():  # refused before the summary is rewritten
+        raise UserError(f"{root.path / 'report.html'}: is a folder where the report's HTML is written; move it away")
     with root.hold("merge"):
         merge_rows(cfg, root)
         summary = summarize(read_metrics(root.metrics_path), cfg, str(root.path))
