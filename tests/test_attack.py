@@ -396,6 +396,16 @@ def _options_attack(good, out, d):
     save_file({"x": torch.zeros(2)}, str(wrong / "inception.safetensors"))
     cases.append(("entropy: inception weights of another network", ["entropy", good, "--space", "inception",
                                                                     "--feature-dir", str(wrong)]))
+    # the second fresh attack of the sixth session (400 bad inputs, 98.8% kept): what it found
+    damaged = d / "run-with-damaged-config"
+    damaged.mkdir(exist_ok=True)
+    (damaged / "config.json").write_text('{"n_train": "x", "arms": 3}')
+    cases.append(("run: resuming a run whose config.json is damaged", ["run", "smoke", "--out", str(damaged)]))
+    cases.append(("run: --set nested too deeply", run("--set", "channels=" + "[" * 2000 + "2" + "]" * 2000)))
+    for name, extra in {"pool_factor 10^12": ["--set", "arms.1.pool_factor=1e12"],
+                        "n_eval 10^9": ["--set", "n_eval=1000000000"]}.items():
+        cases.append((f"run: {name}", run(*extra)))
+        cases.append((f"run --dry-run: {name}", run("--dry-run", *extra)))
     np.save(d / "rows.npy", np.random.default_rng(1).random((40, 6)).astype(np.float32))
     np.save(d / "one-row.npy", np.random.default_rng(2).random((1, 6)).astype(np.float32))
     np.save(d / "same-rows.npy", np.ones((5, 6), np.float32))

@@ -393,3 +393,19 @@ def test_a_path_the_file_system_refuses_gives_one_line(capsys, tmp_path):
                  ["select", str(tmp_path / ("b" * 300 + ".npz")), "--n", "3", "--json"]):
         rc, _, err = run_cli(capsys, *argv)
         assert_user_error(rc, err, "too long")
+
+
+def test_set_values_keep_their_field_types():
+    """--set: a text field takes the text as written, a list field a TOML list, comma items or one item; a TOML
+    file must give each field its own type (a list as a list, text as text)."""
+    from model_collapse.config import apply_overrides, resolve_config
+    from model_collapse.errors import UserError
+
+    d = apply_overrides({}, ['spaces="pixel"', "seeds=0,1", "arms.0.name=123", "data_root=5", "attention_levels=[2]"])
+    assert d["spaces"] == ["pixel"] and d["seeds"] == [0, 1] and d["arms"][0]["name"] == "123"
+    assert d["data_root"] == "5" and d["attention_levels"] == [2]
+    assert resolve_config("smoke", ["seeds=3", "spaces=pixel,domain"]).seeds == (3,)
+    for bad, match in {"seeds=0,,1": "an empty item", "seeds=a,b": "list of integers", "seeds=[1.5]": "list of integers",
+                       "iterations=true": "integer"}.items():
+        with pytest.raises(UserError, match=match):
+            resolve_config("smoke", [bad])

@@ -130,6 +130,7 @@ class RunConfig:
     )
 
 
+MAX_SAMPLES = 10**7  # images one stage may generate or train on: 10^7 8x8 images are 640 MB already
 EXECUTION_KEYS = ("workers", "device", "report", "channels_last", "compile", "log_with")
 ACCUMULATE_MIXES = ("union", "equal_share")
 THRESHOLD_DECAYS = ("every_pass", "empty_pass")
@@ -283,6 +284,8 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise UserError(f"--set {text[:40]}...: nested too deeply") from None
 
 
 def override_value(key: str, text: str, typ: str | None) -> Any:
@@ -297,7 +300,7 @@ def override_value(key: str, text: str, typ: str | None) -> Any:
     if base == "str" and not isinstance(value, str):
         return text
     if base.startswith("tuple") and not isinstance(value, list):
-        items = [v.strip() for v in text.strip("()[]").split(",")] if isinstance(value, str) else [value]
+        items = [v.strip() for v in value.strip("()[]").split(",")] if isinstance(value, str) else [value]
         if "" in items:
             raise UserError(f"--set {key}={text}: an empty item in the list")
         return [parse_value(v) if base.startswith("tuple[int") else v for v in items] \
@@ -395,7 +398,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay must lie in (0, 1) or be none")
     need(0 < cfg.decay < 1, f"decay must lie in (0, 1), got {cfg.decay}")
     need(cfg.tau0 is None or 0 < cfg.tau0 < math.inf, f"tau0 must be a finite number > 0, got {cfg.tau0}")
-    need(cfg.n_eval is None or cfg.n_eval > 1, "n_eval must be > 1")
+    need(cfg.n_eval is None or 1 < cfg.n_eval <= MAX_SAMPLES, f"n_eval must lie in [2, {MAX_SAMPLES:,}]")
+    need(cfg.n_train <= MAX_SAMPLES, f"n_train must be at most {MAX_SAMPLES:,}, got {cfg.n_train}")
     need(cfg.entropy_k >= 1, "entropy_k must be >= 1")
     need(0 <= cfg.label_dropout < 1, "label_dropout must lie in [0, 1)")
     need(cfg.workers is None or cfg.workers >= 1, "workers must be >= 1")
@@ -436,6 +440,9 @@ def validate(cfg: RunConfig) -> None:
         need(a.selector in SELECTORS,
              f"{where}: unknown selector {a.selector!r}; selectors: {', '.join(SELECTORS)}")
         need(a.pool_factor >= 1, f"{where}: pool_factor must be >= 1, got {a.pool_factor:g}")
+        need(a.pool_factor * cfg.n_train <= MAX_SAMPLES,
+             f"{where}: a pool of pool_factor x n_train = {a.pool_factor * cfg.n_train:,.0f} samples per iteration, "
+             f"more than {MAX_SAMPLES:,}")
         need(0 < a.train_factor <= a.pool_factor,
              f"{where}: train_factor must lie in (0, pool_factor = {a.pool_factor:g}], got {a.train_factor:g}")
         need(a.accumulate_mix in ACCUMULATE_MIXES,

@@ -29,8 +29,8 @@ from model_collapse.config import (
 from model_collapse.errors import UserError
 from model_collapse.paradigms import build_training_set
 from model_collapse.registry import resolve_device
-from model_collapse.report import write_report
-from model_collapse.rundir import RunDir, atomic_write_json, read_json, read_metrics, whole
+from model_collapse.report import check_places, write_report
+from model_collapse.rundir import RunDir, atomic_write_json, checkpoint_step, read_json, read_metrics, whole
 from model_collapse.stages import measure_stage, sample_model, train_model
 from model_collapse.study import Study, arm_label, n_samples, prepare
 from model_collapse.summary import fmt_number, summarize
@@ -43,13 +43,6 @@ def _bar(total: int, desc: str, position: int, show: bool):
 
     return tqdm(total=total, desc=desc, position=position, leave=False, disable=not show, file=sys.stderr,
                 dynamic_ncols=True)
-
-
-def _checkpoint_step(path: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return int(f.metadata()["step"])
 
 
 def _done(path: Path, shared: bool = True) -> bool:
@@ -81,7 +74,7 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
         with _bar(cfg.train_steps, f"{label:>22} it{t} train", position, show) as bar:
             ckpt = d / "train_state.safetensors"
             if _done(ckpt):  # a damaged checkpoint is removed: training starts over, to the same result
-                bar.update(_checkpoint_step(ckpt))
+                bar.update(checkpoint_step(ckpt))
             train_model(study, rd, arm, t, bar, on_checkpoint)
         timings["train_s"] = time.perf_counter() - t0
     dist.barrier()
@@ -96,7 +89,8 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
     if not dist.is_main():  # metrics, once, on the main process
         dist.barrier()
         return {}
-    if not _done(d / "metrics.json", shared=False):  # the main process alone measures
+    if not (_done(d / "metrics.json", shared=False) and _done(d / "neighbours_pixel.npz", shared=False)):
+        # the main process alone measures (the neighbours file is the pixel space's, written with the metrics)
         t0 = time.perf_counter()
         m = measure_stage(study, rd, arm, t)
         timings["metrics_s"] = time.perf_counter() - t0
@@ -228,8 +222,8 @@ def _run_distributed(cfg: RunConfig, out: Path, show: bool) -> dict:
 def _finish(cfg: RunConfig, root: RunDir, show: bool) -> dict:
     """Merged rows, summary and report from whatever slices are complete, written together under the run's
     merge lock (so that the last slice to finish writes the newest of all three)."""
-    if cfg.report and (root.path / "report.html").is_dir():  # refused before the summary is rewritten
-        raise UserError(f"{root.path / 'report.html'}: is a folder where the report's HTML is written; move it away")
+    if cfg.report:  # refused before the summary is rewritten
+        check_places([root.path], root.path / "report.html")
     with root.hold("merge"):
         merge_rows(cfg, root)
         summary = summarize(read_metrics(root.metrics_path), cfg, str(root.path))

@@ -31,7 +31,7 @@ from model_collapse.metrics import distinct_index
 from model_collapse.registry import MODEL_PRESETS, SAMPLERS, check_name
 from model_collapse.rng import derive_seed, numpy_rng
 from model_collapse.rundir import (RunDir, atomic_write_bytes, atomic_write_json, probe_row_path, read_json_object,
-                                   read_probe, whole, whole_row)
+                                   checkpoint_step, read_probe, whole, whole_row)
 from model_collapse.workers import Job, run_jobs
 
 
@@ -125,8 +125,9 @@ def probe_size(cfg_dict: dict, out: str, size: int, show: bool) -> None:
         row_path = probe_row_path(out, size, steps)
         if whole_row(row_path):
             continue
-        if ckpt.exists():  # a damaged checkpoint is set aside and the size trains again from the start
-            whole(ckpt, "training this size again from the start")
+        if ckpt.exists() and whole(ckpt, "training this size again from the start") and checkpoint_step(ckpt) > steps:
+            ckpt.unlink()  # a row to redo before the checkpoint's step: this size trains again from the start (to
+            #                the same weights; the later rows are there already)
         settings = D.TrainSettings(steps, cfg.batch_size, cfg.lr, "constant", cfg.warmup_steps, 1e-6, 0.95, 0.999,
                                    None, 0.0, 10**9)
         t0 = time.perf_counter()

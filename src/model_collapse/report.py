@@ -252,17 +252,22 @@ def _table(arm: Arm) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def check_places(run_dirs: list[Path], out: Path) -> None:
+    """Where the report's HTML and figures go, checked before any work: nothing is written when it cannot be."""
+    figdir = figures_dir([Path(d) for d in run_dirs], out)
+    if Path(out).is_dir():
+        raise UserError(f"{out}: is a folder where the report's HTML is written; move it away")
+    if figdir.exists() and not figdir.is_dir():
+        raise UserError(f"{figdir}: is a file where the report's figures are written; move it away")
+
+
 def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     """Write the HTML report of one or more run directories to `out`, and every figure as a PNG under
     `figures_dir(run_dirs, out)`."""
     import matplotlib
 
     matplotlib.use("Agg")
-    figdir = figures_dir([Path(d) for d in run_dirs], out)
-    if Path(out).is_dir():  # checked before any work: nothing is written when the report cannot be
-        raise UserError(f"{out}: is a folder where the report's HTML is written; move it away")
-    if figdir.exists() and not figdir.is_dir():
-        raise UserError(f"{figdir}: is a file where the report's figures are written; move it away")
+    check_places(run_dirs, out)
     dirs = [Path(d) for d in run_dirs]
     probes = [d for d in dirs if (d / "probe_config.json").exists() and not (d / "config.json").exists()]
     run_dirs = [d for d in dirs if d not in probes]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_collapse.config import EXECUTION_KEYS, ArmConfig, RunConfig, config_to_dict, own_iteration0
+from model_collapse.config import EXECUTION_KEYS, ArmConfig, RunConfig, config_from_dict, config_to_dict, own_iteration0
 from model_collapse.errors import UserError
 
 
@@ -170,6 +170,8 @@ def readable(path: Path) -> bool:
             if path.name in ("train.npz", "samples.npz"):  # a stage's images: uint8 (N, H, W, C)
                 images = arrays["images"]
                 return images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
+            if path.name == "neighbours_pixel.npz":  # each sample's nearest training row and two distances
+                return all(arrays[k].ndim == 1 for k in ("nearest", "d1", "d2"))
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -188,6 +190,14 @@ def readable(path: Path) -> bool:
         return True
     except FORMAT_ERRORS:
         return False
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step a (whole) train_state.safetensors was saved at."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["step"])
 
 
 def set_aside(path: Path, then: str) -> None:
@@ -285,6 +295,10 @@ class RunDir:
         existing = path / "config.json"
         if existing.exists():
             stored = read_json_object(existing, "run config")
+            try:
+                config_from_dict(stored)
+            except UserError as e:
+                raise UserError(f"{existing}: not a valid run config ({e}); restore it, or use another --out") from None
             diff = config_difference(stored, config_to_dict(cfg))
             if diff:
                 raise UserError(
