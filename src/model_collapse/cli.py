@@ -189,26 +189,11 @@ def _ctx(args, real=None, progress=None):
                         real_labels=None if real is None else real.labels, progress=progress)
 
 
-def _check_device(device: str | None) -> None:
-    """A device that this machine does not have, refused before the run directory exists."""
-    if not device or device == "cpu":
-        return
-    import torch
-
-    kind, _, index = device.partition(":")
-    backend = getattr(torch, kind, None)
-    available = backend is not None and backend.is_available()
-    count = (backend.device_count() if kind != "mps" else 1) if available else 0
-    if int(index or 0) >= count:
-        raise UserError(f"device {device}: this machine has {count} {kind} device(s)")
-
-
 def cmd_run(args) -> int:
     from model_collapse.config import config_to_dict, parse_slice, resolve_config
 
     cfg = resolve_config(args.config, args.overrides)
     only = parse_slice(cfg, args.only) if args.only is not None else None
-    _check_device(cfg.device)
     if args.dry_run:
         from model_collapse.study import prepare
 

@@ -236,6 +236,16 @@ def config_from_dict(d: dict, where: str = "") -> RunConfig:
     return RunConfig(**kw)
 
 
+def stored_config(stored: dict, path) -> RunConfig:
+    """A run's config.json, checked as `run` checks a config; a damaged one is a one-line error naming the file."""
+    try:
+        cfg = config_from_dict(stored)
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{path}: not a valid run config ({e}); restore it") from None
+    return cfg
+
+
 def config_to_dict(cfg: RunConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["arms"] = [dataclasses.asdict(a) for a in cfg.arms]
@@ -300,11 +310,12 @@ def override_value(key: str, text: str, typ: str | None) -> Any:
     if base == "str" and not isinstance(value, str):
         return text
     if base.startswith("tuple") and not isinstance(value, list):
-        items = [v.strip() for v in value.strip("()[]").split(",")] if isinstance(value, str) else [value]
+        if not isinstance(value, str):  # one item
+            return [value]
+        items = [v.strip() for v in value.strip("()[]").split(",")]
         if "" in items:
             raise UserError(f"--set {key}={text}: an empty item in the list")
-        return [parse_value(v) if base.startswith("tuple[int") else v for v in items] \
-            if isinstance(value, str) else items
+        return [parse_value(v) for v in items] if base.startswith("tuple[int") else items
     return value
 
 

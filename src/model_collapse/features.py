@@ -304,10 +304,14 @@ def check_weights(spaces, feature_dir: str | None, load: bool = False) -> None:
         raise UserError(f"feature_dir {feature_dir}: not a folder")
     for name in dict.fromkeys(spaces):
         check_space(name)
-        if name in DINOV2:
-            load_dinov2(name, SpaceContext(feature_dir=feature_dir)) if load else _dinov2_source(name, feature_dir)
+        if name in DINOV2 and load:
+            load_dinov2(name, SpaceContext(feature_dir=feature_dir))
+        elif name in DINOV2:
+            _dinov2_source(name, feature_dir)
+        elif name == "inception" and load:
+            load_inception(SpaceContext(feature_dir=feature_dir))
         elif name == "inception":
-            load_inception(SpaceContext(feature_dir=feature_dir)) if load else _inception_file(feature_dir)
+            _inception_file(feature_dir)
 
 
 def _inception(images: np.ndarray, ctx: SpaceContext) -> np.ndarray:

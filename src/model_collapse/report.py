@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from model_collapse.claims import check_claims
-from model_collapse.config import ArmConfig, RunConfig, config_from_dict, study_seeds, validate
+from model_collapse.config import ArmConfig, RunConfig, stored_config, study_seeds
 from model_collapse.errors import UserError
 from model_collapse.data import load_images, pixel_vectors
 from model_collapse.figures import (
@@ -66,16 +66,6 @@ class Arm:
         return self.rd.iter_dir(self.arm.label(), t)
 
 
-def run_config(stored: dict, path: Path) -> RunConfig:
-    """A run's stored config, checked as `run` checks it (a damaged one would draw nonsense or never end)."""
-    try:
-        cfg = config_from_dict(stored)
-        validate(cfg)
-    except UserError as e:
-        raise UserError(f"{path}: not a valid run config ({e})") from None
-    return cfg
-
-
 def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
     arms, configs = [], {}
     names = [Path(d).resolve().name for d in run_dirs]
@@ -85,7 +75,7 @@ def _load_arms(run_dirs: list[Path]) -> tuple[list[Arm], dict]:
         root = RunDir(Path(d))
         stored = read_json_object(root.config_path, "run config")
         configs[nm] = stored
-        cfg = run_config(stored, root.config_path)
+        cfg = stored_config(stored, root.config_path)
         rows = read_metrics(root.metrics_path)
         first = study_seeds(cfg)[0]
         stats = arm_statistics(rows, cfg)
@@ -114,7 +104,7 @@ def _sample_grids(a: Arm) -> list[tuple[int, np.ndarray]]:
     for r in a.rows:
         f = a.iter_dir(r["iteration"]) / "samples.npz"
         if f.exists():
-            grids.append((r["iteration"], _images(f)))
+            grids.append((r["iteration"], stage_array(f, "images")))
     return grids
 
 
@@ -152,10 +142,9 @@ def nearest_pairs(arm: Arm, t: int, n_pairs: int = 8):
             not (arm.train_dir(t) / "train.npz").exists():
         return None
     f = d / "neighbours_pixel.npz"
-    nearest, d1, d2 = (stage_array(f, k, ndim=1, kinds=kind) for k, kind in (("nearest", "iu"), ("d1", "f"),
-                                                                               ("d2", "f")))
-    gen = _images(d / "samples.npz")
-    train = _images(arm.train_dir(t) / "train.npz")
+    nearest, d1, d2 = (stage_array(f, k) for k in ("nearest", "d1", "d2"))
+    gen = stage_array(d / "samples.npz", "images")
+    train = stage_array(arm.train_dir(t) / "train.npz", "images")
     keep = distinct_index(pixel_vectors(train))
     if not len(nearest) == len(d1) == len(d2) <= len(gen) or gen.shape[1:] != train.shape[1:] or \
             (len(nearest) and not 0 <= nearest.min() <= nearest.max() < len(keep)):
@@ -164,25 +153,17 @@ def nearest_pairs(arm: Arm, t: int, n_pairs: int = 8):
     return [(gen[i], train[keep[nearest[i]]], float(d1[i]), float(d2[i])) for i in order]
 
 
-def _images(f: Path) -> np.ndarray:
-    """A stage's uint8 images (N, H, W, C), or a one-line error naming the damaged file."""
-    images = stage_array(f, "images", ndim=4, kinds="u")
-    if images.dtype != np.uint8 or images.shape[3] not in (1, 3):
-        raise UserError(f"{f}: images of shape {images.shape} and type {images.dtype}, not a stage's (damaged "
-                        f"file); {REDO}")
-    return images
-
 
 def _pixel_samples(a: Arm, t: int) -> np.ndarray | None:
     f = a.iter_dir(t) / "samples.npz"
-    return pixel_vectors(_images(f)) if f.exists() else None
+    return pixel_vectors(stage_array(f, "images")) if f.exists() else None
 
 
 def _space_samples(space: str):
     """The generated features an iteration cached while it was measured (its first n_eval samples)."""
     def get(a: Arm, t: int) -> np.ndarray | None:
         f = a.iter_dir(t) / f"features_{space}.npz"
-        return stage_array(f, "generated", ndim=2, kinds="f") if f.exists() else None
+        return stage_array(f, "generated", ndim=2) if f.exists() else None
 
     return get
 
@@ -297,15 +278,13 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
     for i, a in enumerate(arms):
         add("Nearest-neighbour pairs", f"pairs_{i:02d}.png", fig_pairs(a.label, _pairs(a)))
     real = None
-    try:
-        if not configs:  # probes only: nothing to project
-            raise LookupError
+    if configs:  # (probes only: nothing to project)
         first_cfg = next(iter(configs.values()))
-        real = load_images(first_cfg["data"], first_cfg.get("data_root"), False, first_cfg.get("image_size")).images
-    except LookupError:
-        pass
-    except Exception as e:  # the report still shows everything else
-        print(f"report: no projection figure ({e})", file=sys.stderr)
+        try:
+            real = load_images(first_cfg["data"], first_cfg.get("data_root"), False,
+                               first_cfg.get("image_size")).images
+        except Exception as e:  # the report still shows everything else
+            print(f"report: no projection figure ({e})", file=sys.stderr)
     if real is not None:
         add("2-D projection", "projection.png", fig_projection(arms, colours, pixel_vectors(real), _pixel_samples,
                                                                  "pixel space"))
@@ -313,7 +292,7 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
         ref = arms[0].rd.feature_cache(f"real_reference_{space}")  # the first seed's, as the samples shown
         if space != "pixel" and ref.exists():  # written by the run when it measured that space
             add("2-D projection", f"projection_{space}.png",
-                fig_projection(arms, colours, stage_array(ref, "features", ndim=2, kinds="f"), _space_samples(space),
+                fig_projection(arms, colours, stage_array(ref, "features", ndim=2), _space_samples(space),
                                f"{space} space"))
     for i, p in enumerate(probes):
         add("Memorization transition (probe)", f"probe_{i:02d}.png", probe_figure(read_probe(p)))
@@ -330,7 +309,7 @@ def write_report(run_dirs: list[Path], out: Path, show: bool = False) -> Path:
                  f"seeds. Verdict markers (one seed only): circle stable, triangle contracting, cross copying.</p>")
     tables = []
     for (nm, stored), d in zip(configs.items(), run_dirs):
-        cfg = run_config(stored, RunDir(d).config_path)
+        cfg = stored_config(stored, RunDir(d).config_path)
         rows = read_metrics(RunDir(d).metrics_path)
         tables.append(_claims_table(nm if len(configs) > 1 else "", check_claims(rows, cfg), cfg))
     parts[2:2] = tables  # the claims first

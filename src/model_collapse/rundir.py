@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_collapse.config import EXECUTION_KEYS, ArmConfig, RunConfig, config_from_dict, config_to_dict, own_iteration0
+from model_collapse.config import EXECUTION_KEYS, ArmConfig, RunConfig, config_to_dict, own_iteration0, stored_config
 from model_collapse.errors import UserError
 
 
@@ -159,6 +159,22 @@ def _format_errors() -> tuple:
 FORMAT_ERRORS = _format_errors()  # what reading a damaged file raises (an I/O error is not among them)
 
 
+def _images(a: np.ndarray) -> bool:
+    return a.dtype == np.uint8 and a.ndim == 4 and a.shape[3] in (1, 3)
+
+
+def _rank(ndim: int, kinds: str):
+    return lambda a: a.ndim == ndim and a.dtype.kind in kinds
+
+
+STAGE_ARRAYS = {  # what a stage's .npz holds, by file name: array name -> its test (readable, stage_array)
+    "train.npz": {"images": _images},  # uint8 (N, H, W, C)
+    "samples.npz": {"images": _images},
+    "neighbours_pixel.npz": {"nearest": _rank(1, "iu"), "d1": _rank(1, "f"), "d2": _rank(1, "f")},
+    "loss.npz": {"loss": _rank(1, "f")},
+}
+
+
 def readable(path: Path) -> bool:
     """Whether a stage's output file is whole: an .npz whose arrays all load (no pickles), a .safetensors whose
     tensors load, a .json object. Files are written atomically, so a bad one was damaged from outside. Only a
@@ -167,11 +183,7 @@ def readable(path: Path) -> bool:
     try:
         if path.suffix == ".npz":
             arrays = load_npz(path)
-            if path.name in ("train.npz", "samples.npz"):  # a stage's images: uint8 (N, H, W, C)
-                images = arrays["images"]
-                return images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
-            if path.name == "neighbours_pixel.npz":  # each sample's nearest training row and two distances
-                return all(arrays[k].ndim == 1 for k in ("nearest", "d1", "d2"))
+            return all(k in arrays and holds(arrays[k]) for k, holds in STAGE_ARRAYS.get(path.name, {}).items())
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -295,10 +307,7 @@ class RunDir:
         existing = path / "config.json"
         if existing.exists():
             stored = read_json_object(existing, "run config")
-            try:
-                config_from_dict(stored)
-            except UserError as e:
-                raise UserError(f"{existing}: not a valid run config ({e}); restore it, or use another --out") from None
+            stored_config(stored, existing)
             diff = config_difference(stored, config_to_dict(cfg))
             if diff:
                 raise UserError(
@@ -358,7 +367,7 @@ class RunDir:
         f = Path(train_dir) / "loss.npz"
         if not f.exists():
             return None
-        return stage_array(f, "loss", ndim=1, kinds="f")
+        return stage_array(f, "loss")
 
     def append_metrics(self, rows: list[dict]) -> None:
         """Append rows; first drop a partial trailing line left by a crash."""
@@ -419,10 +428,10 @@ def read_probe(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["size"], r["steps"]))
 
 
-def stage_array(path: Path, key: str, ndim: int | None = None, kinds: str | None = None) -> np.ndarray:
+def stage_array(path: Path, key: str, ndim: int | None = None) -> np.ndarray:
     """One array of a stage's .npz, for reading outside the loop (the report): a damaged file, a missing array or
-    one of another rank or kind (`kinds`: numpy kind letters, "u" for uint8 images, "f" floats, "iu" indices) is
-    a one-line error naming the file. The loop itself redoes such a stage instead (`whole`)."""
+    one that fails its STAGE_ARRAYS test (or, for files not there, is not a float array of rank `ndim`) is a
+    one-line error naming the file. The loop itself redoes such a stage instead (`whole`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: not a regular file where a stage file should be; {REDO}")
@@ -433,7 +442,8 @@ def stage_array(path: Path, key: str, ndim: int | None = None, kinds: str | None
     except FORMAT_ERRORS as e:
         raise UserError(f"{path}: damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
                         f"{REDO}") from None
-    if (ndim is not None and array.ndim != ndim) or (kinds is not None and array.dtype.kind not in kinds):
+    holds = STAGE_ARRAYS.get(path.name, {}).get(key) or _rank(ndim, "f")
+    if not holds(array):
         raise UserError(f"{path}: {key!r} is a {array.ndim}-D {array.dtype} array, not what the stage writes "
                         f"(damaged file); {REDO}")
     return array

@@ -136,11 +136,26 @@ def deterministic_kernels() -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def check_device(device: str | None) -> None:
+    """A device that this machine does not have, refused before the run directory exists."""
+    if not device or device == "cpu":
+        return
+    import torch
+
+    kind, _, index = device.partition(":")
+    backend = getattr(torch, kind, None)
+    available = backend is not None and backend.is_available()
+    count = (backend.device_count() if kind != "mps" else 1) if available else 0
+    if int(index or 0) >= count:
+        raise UserError(f"device {device}: this machine has {count} {kind} device(s)")
+
+
 MAX_CLASSES = 100_000
 
 
 def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
     """Load and check the data against the config; raises UserError before anything is written."""
+    check_device(cfg.device)
     data = load_images(cfg.data, cfg.data_root, cfg.data_download, cfg.image_size)
     n, h, w, c = data.images.shape
     if cfg.n_train > n:
