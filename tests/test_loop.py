@@ -561,3 +561,39 @@ def test_stage_files_that_load_but_hold_something_else_count_as_damaged(tmp_path
             f.parent.mkdir(exist_ok=True)
             write(f)
             assert readable(f) == expected, (name, i)
+
+
+def test_jobs_beside_the_caller_fail_and_stop_together():
+    """`jobs_beside`: a job's failure reaches the caller when its own work is done; the caller's failure stops
+    the jobs (here a minute of sleep) within seconds and leaves no worker behind."""
+    import math
+    import multiprocessing as mp
+    import time
+
+    from model_collapse.workers import Job, WorkerError, jobs_beside
+
+    with pytest.raises(WorkerError, match="bad job failed: ValueError"):
+        with jobs_beside([Job("bad job", math.sqrt, (-1.0,))], 1):
+            time.sleep(0.1)
+    t0 = time.perf_counter()
+    with pytest.raises(ZeroDivisionError):
+        with jobs_beside([Job("long job", time.sleep, (60,)), Job("queued job", time.sleep, (60,))], 1):
+            time.sleep(1.0)
+            1 / 0
+    assert time.perf_counter() - t0 < 15 and not mp.active_children()
+
+
+def test_one_seed_on_two_workers_gives_the_files_of_one_process(tmp_path):
+    """workers = 2 with one seed: this process trains iteration 0 beside a worker computing the references, the
+    arms' workers waiting for it; the rows are those of the whole run in one process, and iteration 0 records the
+    seconds of all its parts."""
+    one = run_loop(tiny_cfg("iterations=2", "domain_steps=10", 'spaces=["pixel", "domain"]'), tmp_path / "one",
+                   show=False)
+    two = run_loop(tiny_cfg("iterations=2", "domain_steps=10", 'spaces=["pixel", "domain"]', "workers=2"),
+                   tmp_path / "two", show=False)
+    assert read_metrics(tmp_path / "one" / "metrics.jsonl") == read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert one["claims"] == two["claims"]
+    timings = json.loads((tmp_path / "two" / "iter_000" / "timings.json").read_text())
+    assert set(timings) == {"select_s", "train_s", "sample_s", "metrics_s"}
+    for name in ("domain.safetensors", "real_stats_domain.npz", "real_reference_domain.npz"):
+        assert (tmp_path / "one" / "features" / name).read_bytes() == (tmp_path / "two" / "features" / name).read_bytes()

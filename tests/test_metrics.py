@@ -189,3 +189,24 @@ def test_collapsed_sets_are_recorded_not_refused(rng):
     row = {f"{k}_pixel": (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in m.items()}
     base = {"train_spacing_pixel": 1.0, "train_entropy_pixel": 0.0, "gen_score_ratio_pixel": 1.0}
     assert decide(row, base, 0.1, 0.8)[0] == "contracting"
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_kid_from_whole_kernel_matrices_equals_each_subsets_own_kernels(case, monkeypatch):
+    """The fast path (kernel matrices once, subset sums as indicator products) against each subset's own kernels
+    (the path of sets larger than KID_WHOLE), on seeded sets with duplicate rows, subsets smaller than and equal
+    to the sets, and sets of different sizes."""
+    import model_collapse.metrics as mm
+
+    rng = np.random.default_rng(case)
+    na, nb, d = int(rng.integers(20, 90)), int(rng.integers(20, 90)), int(rng.integers(2, 12))
+    a = rng.normal(size=(na, d))
+    b = rng.normal(size=(nb, d)) + rng.uniform(0, 1)
+    a[: na // 4] = a[0]  # duplicates
+    b[-3:] = a[1]
+    size = [10, 30, 1000][case % 3]
+    fast = mm.kernel_inception_distance(a, b, subsets=9, subset_size=size, seed=case)
+    monkeypatch.setattr(mm, "KID_WHOLE", 0)
+    slow = mm.kernel_inception_distance(a, b, subsets=9, subset_size=size, seed=case)
+    assert fast[0] == pytest.approx(slow[0], rel=1e-9, abs=1e-12)
+    assert fast[1] == pytest.approx(slow[1], rel=1e-6, abs=1e-12)

@@ -169,25 +169,42 @@ def fig_correlation(arms: list, colours, corr: dict, space: str = "pixel") -> by
     return png(fig)
 
 
-def _show(ax, img):
-    ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_xticks([]), ax.set_yticks([])
+GAP = 1  # pixels of background between the images of a mosaic (in units of the images' own pixels)
+
+
+def mosaic(rows: list[list[np.ndarray]], width: int) -> np.ndarray:
+    """Images (h, w, c uint8, all one shape) as one RGB array: `width` cells per row with GAP-pixel white gaps;
+    a row shorter than `width` leaves its last cells white. One image for matplotlib to draw instead of an axes
+    per sample (a report of a few hundred axes spent seconds on tick and layout bookkeeping)."""
+    h, w, _ = rows[0][0].shape
+    out = np.full((len(rows) * (h + GAP) - GAP, width * (w + GAP) - GAP, 3), 255, np.uint8)
+    for r, imgs in enumerate(rows):
+        for i, img in enumerate(imgs[:width]):
+            out[r * (h + GAP) : r * (h + GAP) + h, i * (w + GAP) : i * (w + GAP) + w] = img  # grey broadcasts to RGB
+    return out
+
+
+def _mosaic_axes(ax, rows: list[list[np.ndarray]], width: int, labels: list[str], fontsize: float = 10) -> tuple:
+    """Draw a mosaic on `ax`, each row labelled at its centre; returns the cell size (h, w) in pixels."""
+    h, w, _ = rows[0][0].shape
+    ax.imshow(mosaic(rows, width), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * (h + GAP) + (h - 1) / 2 for r in range(len(rows))], labels, fontsize=fontsize)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    return h, w
 
 
 def fig_samples(label: str, grids: list[tuple[int, np.ndarray]], n_show: int = 12) -> bytes | None:
     """Sample grid: one row per (iteration, its samples), the same sample indices 0..n_show-1 in every row."""
     import matplotlib.pyplot as plt
 
+    grids = [(t, imgs) for t, imgs in grids if len(imgs)]
     if not grids:
         return None
-    fig, axes = plt.subplots(len(grids), n_show, figsize=(0.8 * n_show, 0.85 * len(grids) + 0.5), squeeze=False)
-    for row, (t, imgs) in zip(axes, grids):
-        for i, ax in enumerate(row):
-            if i < len(imgs):
-                _show(ax, imgs[i])
-            else:
-                ax.axis("off")
-        row[0].set_ylabel(f"it {t}", rotation=0, ha="right", va="center")
+    fig, ax = plt.subplots(figsize=(0.8 * n_show, 0.85 * len(grids) + 0.5))
+    _mosaic_axes(ax, [list(imgs[:n_show]) for _, imgs in grids], n_show, [f"it {t}" for t, _ in grids])
     fig.suptitle(f"{label}: samples 0..{n_show - 1} at every iteration")
     fig.tight_layout()
     return png(fig)
@@ -198,21 +215,17 @@ def fig_pairs(label: str, data: list[tuple[int, list]]) -> bytes | None:
     data: (iteration, [(generated, training image, d1, d2), ...])."""
     import matplotlib.pyplot as plt
 
+    data = [(t, pairs) for t, pairs in data if pairs]
     if not data:
         return None
     n = max(len(p) for _, p in data)
-    fig, axes = plt.subplots(2 * len(data), n, figsize=(1.05 * n, 2.5 * len(data) + 0.4), squeeze=False)
-    for k, (t, pairs) in enumerate(data):
-        for j in range(n):
-            top, bottom = axes[2 * k, j], axes[2 * k + 1, j]
-            if j >= len(pairs):
-                top.axis("off"), bottom.axis("off")
-                continue
-            g, tr, d1, d2 = pairs[j]
-            _show(top, g), _show(bottom, tr)
-            top.set_title(f"d={d1:.2f}\nd1/d2={d1 / d2 if d2 else 1:.2f}", fontsize=7)
-        axes[2 * k, 0].set_ylabel(f"it {t}\ngenerated", fontsize=8)
-        axes[2 * k + 1, 0].set_ylabel("nearest\ntraining", fontsize=8)
+    fig, axes = plt.subplots(len(data), 1, figsize=(1.05 * n, 2.5 * len(data) + 0.4), squeeze=False)
+    for ax, (t, pairs) in zip(axes[:, 0], data):
+        h, w = _mosaic_axes(ax, [[g for g, _, _, _ in pairs], [tr for _, tr, _, _ in pairs]], n,
+                            [f"it {t}\ngenerated", "nearest\ntraining"], fontsize=8)
+        for j, (_, _, d1, d2) in enumerate(pairs):
+            ax.text(j * (w + GAP) + (w - 1) / 2, -0.5, f"d={d1:.2f}\nd1/d2={d1 / d2 if d2 else 1:.2f}", fontsize=7,
+                    ha="center", va="bottom")
     fig.suptitle(f"{label}: closest generated samples (top) and the training image each is nearest to (bottom)",
                  fontsize=9)
     fig.tight_layout()

@@ -35,7 +35,7 @@ from model_collapse.stages import measure_stage, sample_model, train_model
 from model_collapse.study import Study, arm_label, n_samples, prepare
 from model_collapse.summary import fmt_number, summarize
 from model_collapse.verdict import add_verdict
-from model_collapse.workers import Job, run_jobs
+from model_collapse.workers import Job, jobs_beside, run_jobs
 
 
 def _bar(total: int, desc: str, position: int, show: bool):
@@ -54,14 +54,16 @@ def _done(path: Path, shared: bool = True) -> bool:
 
 
 def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: bool = True, position: int = 0,
-              on_checkpoint: Callable | None = None) -> dict:
-    """Run whatever is missing of (arm, iteration t) and return its metrics."""
+              on_checkpoint: Callable | None = None, train_only: bool = False, timings: dict | None = None) -> dict:
+    """Run whatever is missing of (arm, iteration t) and return its metrics; with `train_only`, its training set
+    and model only (returns {}). `timings` collects the seconds of the parts run here (and of earlier parts run
+    in this process: they are written with the metrics)."""
     cfg = study.cfg
     label = arm_label(arm)
     d = rd.iter_dir(arm.label() if arm else None, t)
     d.mkdir(parents=True, exist_ok=True)
     show = show and dist.is_main()
-    timings = {}
+    timings = {} if timings is None else timings
     dist.barrier()
     if not _done(d / "train.npz"):
         t0 = time.perf_counter()
@@ -78,6 +80,8 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
             train_model(study, rd, arm, t, bar, on_checkpoint)
         timings["train_s"] = time.perf_counter() - t0
     dist.barrier()
+    if train_only:
+        return {}
     d = rd.arm_sample_dir(cfg, arm, t)
     d.mkdir(parents=True, exist_ok=True)
     if not _done(d / "samples.npz"):
@@ -148,19 +152,61 @@ def _merge_now(cfg: RunConfig, root: RunDir) -> None:
         pass
 
 
-def _iteration0(study: Study, rd: RunDir, show: bool) -> None:
-    """Real-data references of every space (learned spaces are trained here, once per seed), the shared
-    iteration 0, and the arms that sample the shared model with their own guidance. Under the seed's lock: the
-    first process to get here runs it, any other waits and finds it done."""
+def references(study: Study, rd: RunDir) -> None:
+    """The real-data references of every space (learned spaces are trained here, once per seed), under the seed's
+    references lock: a process that gets here while another computes them waits and reads them from the cache."""
+    with rd.hold("references") if dist.world() == 1 else nullcontext():
+        for s in ["pixel"] + list(study.cfg.spaces):
+            study.reference(s)
+
+
+def references_job(cfg_dict: dict, out: str, seed: int) -> None:
+    """A worker job: one seed's references, computed beside the training of its iteration 0."""
+    cfg = config_from_dict(cfg_dict)
+    rd = RunDir(Path(out)).study_dir(cfg, seed)
+    references(prepare(seed_config(cfg, seed), str(rd.path)), rd)
+
+
+def _iteration0(study: Study, rd: RunDir, show: bool, locked: bool = False, timings: dict | None = None) -> None:
+    """The references, the shared iteration 0, and the arms that sample the shared model with their own guidance.
+    Under the seed's iteration-0 lock (taken here unless `locked`): the first process to get here runs it, any
+    other waits and finds it done."""
     # under accelerate every process runs every stage (the main one holds the run's exclusive lock)
-    with rd.hold("iteration0") if dist.world() == 1 else nullcontext():
+    with rd.hold("iteration0") if dist.world() == 1 and not locked else nullcontext():
         if dist.is_main():
-            for s in ["pixel"] + list(study.cfg.spaces):
-                study.reference(s)
-        run_stage(study, rd, None, 0, show=show)  # shared by every arm: one row per arm points at it
+            references(study, rd)
+        run_stage(study, rd, None, 0, show=show, timings=timings)  # shared by every arm: one row per arm points at it
         for arm in study.cfg.arms:
             if own_iteration0(study.cfg, arm):
                 run_stage(study, rd, arm, 0, show=show)
+
+
+def _iteration0_beside(cfg: RunConfig, root: RunDir, out: str, seed: int, jobs: list[Job], workers: int,
+                       show: bool) -> None:
+    """One seed's study on several cores: this process trains iteration 0's model on one core while a worker
+    computes the references (the domain network learns for seconds) and the arms' workers start and wait for
+    iteration 0 (the seed's lock, taken before they start); then this process samples and measures iteration 0
+    on every core, and the arms go on side by side. The same files and numbers as iteration 0 in one process."""
+    import torch
+
+    rd, scfg = root.study_dir(cfg, seed), seed_config(cfg, seed)
+    cfg_dict = config_to_dict(cfg)
+    first = [Job(f"seed {seed}, references", references_job, (cfg_dict, out, seed))]
+    with ExitStack() as held:
+        held.enter_context(rd.hold("iteration0"))
+        with jobs_beside(first + jobs, workers, on_tick=lambda: _merge_now(cfg, root)):
+            try:
+                study = prepare(scfg, str(rd.path))
+                timings, threads = {}, torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    run_stage(study, rd, None, 0, show=show, train_only=True, timings=timings)
+                finally:
+                    torch.set_num_threads(threads)
+                _iteration0(study, rd, show, locked=True, timings=timings)
+                flush_rows(scfg, rd)
+            finally:
+                held.close()  # the arms' workers go on
 
 
 def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] | None, show: bool,
@@ -264,9 +310,10 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
             jobs = [Job(f"arm {cfg.arms[j].label()}" + (f", seed {s}" if cfg.seeds is not None else ""),
                         run_seed, (cfg_dict, str(out), s, (j,), show))
                     for j in range(len(cfg.arms)) for s, jj in arm_slices if jj == j]
-            if len(seeds) == 1:  # one seed: its iteration 0 here, with every core
-                run_seed(cfg_dict, str(out), seeds[0], (), show)
-            run_jobs(jobs, workers, on_tick=lambda: _merge_now(cfg, root))
+            if len(seeds) == 1:  # one seed: its iteration 0 here, beside its references and the arms' start
+                _iteration0_beside(cfg, root, str(out), seeds[0], jobs, workers, show)
+            else:
+                run_jobs(jobs, workers, on_tick=lambda: _merge_now(cfg, root))
         for s in dict.fromkeys(s for s, _ in plan):
             flush_rows(seed_config(cfg, s), root.study_dir(cfg, s))
         return _finish(cfg, root, show)

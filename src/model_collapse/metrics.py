@@ -178,23 +178,41 @@ def frechet_distance_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
 
 
+KID_WHOLE = 4096  # sets up to this size: the kernel matrices once, every subset's sums from them
+
+
 def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
                               seed: int = 0) -> tuple[float, float]:
     """KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, averaged over
-    random subsets; returns (mean, std)."""
+    random subsets; returns (mean, std).
+
+    Sets of at most KID_WHOLE rows: the three kernel matrices are computed once and every subset's sums come from
+    them as products with the subsets' indicator vectors (the same subsets, the same sums up to float64 rounding
+    order; at the demo's 512 against 512 with subsets of 512, every subset is the whole set, and this takes 1% of
+    the time of 100 subsets' kernels). Larger sets: each subset's kernels on their own."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     d = a.shape[1]
     m = min(subset_size, len(a), len(b))
     rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
-        kxx = (x @ x.T / d + 1) ** 3
-        kyy = (y @ y.T / d + 1) ** 3
-        kxy = (x @ y.T / d + 1) ** 3
-        vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                    - 2 * kxy.mean())
+    picks = [(rng.choice(len(a), m, replace=False), rng.choice(len(b), m, replace=False)) for _ in range(subsets)]
+    pairs = m * (m - 1)
+    if max(len(a), len(b)) <= KID_WHOLE:
+        ia, ib = np.zeros((len(a), subsets)), np.zeros((len(b), subsets))
+        for s, (x, y) in enumerate(picks):
+            ia[x, s], ib[y, s] = 1.0, 1.0
+        kxx, kyy, kxy = ((a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3)
+        sxx = ((kxx @ ia) * ia).sum(0) - np.diag(kxx) @ ia
+        syy = ((kyy @ ib) * ib).sum(0) - np.diag(kyy) @ ib
+        sxy = ((kxy @ ib) * ia).sum(0)
+        vals = sxx / pairs + syy / pairs - 2 * sxy / (m * m)
+    else:
+        vals = []
+        for x, y in picks:
+            x, y = a[x], b[y]
+            kxx = (x @ x.T / d + 1) ** 3
+            kyy = (y @ y.T / d + 1) ** 3
+            kxy = (x @ y.T / d + 1) ** 3
+            vals.append((kxx.sum() - np.trace(kxx)) / pairs + (kyy.sum() - np.trace(kyy)) / pairs - 2 * kxy.mean())
     return float(np.mean(vals)), float(np.std(vals))
 
 

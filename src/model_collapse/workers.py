@@ -2,7 +2,8 @@
 
 Fail fast: when one job raises, every other job is stopped within about a second and the error names the job
 (hours of other arms are not worth finishing when the run has failed). Each worker ends itself when its parent
-is gone (the parent holds the run directory's lock), and the cores are split between the workers.
+is gone (the parent holds the run directory's lock), and the cores are split between the workers (torch's
+threads and the BLAS threads of numpy and scipy alike).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import queue
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -49,8 +51,10 @@ def thread_budget(workers: int) -> int:
 def _entry(job: Job, threads: int, parent_pid: int, results) -> None:
     watch_parent(parent_pid)
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
+    threadpool_limits(threads)  # numpy's BLAS too: two workers' default BLAS threads would fight for the cores
     try:
         job.fn(*job.args)
     except UserError as e:
@@ -65,15 +69,18 @@ def _entry(job: Job, threads: int, parent_pid: int, results) -> None:
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | None = None,
-             tick: float = 1.0) -> None:
+             tick: float = 1.0, stop: threading.Event | None = None) -> None:
     """Run every job, at most `workers` at a time, each in a spawned process; call on_tick about every `tick`
-    seconds while they run. The first failure terminates the others and raises (UserError stays UserError)."""
+    seconds while they run. The first failure terminates the others and raises (UserError stays UserError).
+    Setting `stop` (from another thread) terminates the running jobs and returns within about `tick` seconds."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     threads = thread_budget(workers)
     pending, running, done = list(jobs), {}, 0
     try:
         while done < len(jobs):
+            if stop is not None and stop.is_set():
+                return
             while pending and len(running) < workers:
                 job = pending.pop(0)
                 p = ctx.Process(target=_entry, args=(job, threads, os.getpid(), results), daemon=True)
@@ -105,3 +112,28 @@ def run_jobs(jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | No
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+@contextmanager
+def jobs_beside(jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | None = None):
+    """Run `jobs` (as `run_jobs`) in a background thread while the `with` block works in this one; on leaving the
+    block, wait for them and raise their failure. When the block itself raises, the jobs are terminated first."""
+    stop, failure = threading.Event(), []
+
+    def background():
+        try:
+            run_jobs(jobs, workers, on_tick, stop=stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the foreground thread
+            failure.append(e)
+
+    thread = threading.Thread(target=background, name="model-collapse jobs", daemon=True)
+    thread.start()
+    try:
+        yield
+        thread.join()  # an interrupt here, too, stops the jobs
+    except BaseException:
+        stop.set()
+        thread.join()
+        raise
+    if failure:
+        raise failure[0]
