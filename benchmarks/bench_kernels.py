@@ -1,6 +1,6 @@
 """Speed of the exact kNN kernel and the selectors against straightforward baselines, in the same process.
 
-Run: .venv/bin/python benchmarks/bench_kernels.py [--quick] [--only NAME ...]
+Run: .venv/bin/python benchmarks/bench_kernels.py [--quick] [--only NAME ...] [--kinds KIND ...]
 Prints one line per benchmark with both timings and their ratio; results go into benchmarks/RESULTS.md by hand.
 Baselines that would take minutes are timed on a prefix of their (constant-cost) steps and extrapolated; the
 line says so.
@@ -53,14 +53,22 @@ def uniform(m, d, seed=4):
     return np.random.default_rng(seed).random((m, d), dtype=np.float32)
 
 
+def pixels(m, d, seed=5):
+    """Uniform 8-bit pixels (a pool of 32x32x3 noise images): the hardest case for any bound, on the integer values
+    the loop's own pixel-space pools hold."""
+    return np.random.default_rng(seed).integers(0, 256, (m, d), dtype=np.uint8)
+
+
 def pool(kind, m, seed=0):
-    """A pool of m rows of one benchmark kind (uniform: 3,072 columns, the others 384)."""
+    """A pool of m rows of one benchmark kind (uniform and pixels: 3,072 columns, the others 384)."""
     if kind == "uniform":
         return uniform(m, 3072, seed=4 + seed)
+    if kind == "pixels":
+        return pixels(m, 3072, seed=5 + seed)
     return clustered(m, 384, seed=seed) if kind == "clustered" else noisy_clusters(m, 384, seed=seed)
 
 
-KINDS = ("clustered", "noisy", "uniform")
+KINDS = ["clustered", "noisy", "uniform", "pixels"]
 
 
 def matmul_rate(n=2048, reps=5) -> float:
@@ -136,7 +144,7 @@ def bench_greedy(quick, rounds):
     which cost as much as any later step), and the share of the machine's matmul rate the selector reaches on the
     distances it computes (2 d flops each)."""
     for kind in KINDS:
-        m = (4096 if kind == "uniform" else 65536) // (4 if quick else 1)
+        m = (4096 if kind in ("uniform", "pixels") else 65536) // (4 if quick else 1)
         x, n = pool(kind, m), m // 4
         d = x.shape[1]
         steps = min(300, n)
@@ -161,7 +169,7 @@ def bench_threshold(quick, rounds):
     """Each pool kind: the filter (tau0 chosen by it and timed with it) against the sequential definition at the
     same tau0; the matmul share counts one M x N product (2 M N d flops), the work the filter's products amount to."""
     for kind in KINDS:
-        m = (4096 if kind == "uniform" else 16384) // (4 if quick else 1)
+        m = (4096 if kind in ("uniform", "pixels") else 16384) // (4 if quick else 1)
         x, n = pool(kind, m, seed=1), m // 4
         d = x.shape[1]
         rate = matmul_rate()
@@ -361,7 +369,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller sizes (minutes -> seconds)")
     ap.add_argument("--only", nargs="*", default=list(BENCHES))
     ap.add_argument("--rounds", type=int, default=3, help="baseline/ours alternations of the kNN benchmarks")
+    ap.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS, help="pool kinds of greedy and threshold")
     args = ap.parse_args()
+    KINDS[:] = args.kinds
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 matmul "
           f"{matmul_rate():.0f} GFLOP/s", flush=True)
     for name in args.only:

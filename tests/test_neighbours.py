@@ -69,3 +69,37 @@ def test_progress_hears_every_tile_of_the_main_pass(rng):
     rec = Recorder()
     knn(x[:70], x, 2, tile=64, progress=rec)  # 2 query blocks x 5 reference blocks
     assert rec.stages[0] == ("nearest neighbours, 70 x 300", 10) and rec.done[0] == 10
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_8bit_pixels_take_exact_integer_products_and_equal_brute_force(rng, k):
+    """uint8 inputs go through int8 products (exact distances, no rounding bound): the same neighbours and
+    distances as brute force and as the float32 path, on pixels with duplicates, ties (few grey levels), one
+    column, extreme values, odd tiles, against themselves and against other pixels."""
+    import model_collapse.neighbours as nb
+
+    pools = [rng.integers(0, 256, size=(150, 64)).astype(np.uint8),
+             (rng.integers(0, 3, size=(200, 5)) * 120).astype(np.uint8),
+             rng.integers(0, 256, size=(90, 1)).astype(np.uint8),
+             rng.choice(np.array([0, 255], np.uint8), size=(60, 3072))]
+    pools[0][100:140] = pools[0][:40]
+    seen = []
+    real_int8 = nb._Int8
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(nb, "_Int8", lambda x: seen.append(x.shape) or real_int8(x))
+    try:
+        for x in pools:
+            r = knn(x, None, k, tile=37)
+            bd, bi = brute_knn(x.astype(np.float64), None, k)
+            np.testing.assert_array_equal(r.indices, bi)
+            np.testing.assert_allclose(r.distances, bd, rtol=1e-12, atol=1e-12)  # torch's and numpy's sqrt
+            q = np.concatenate([x[:7], rng.integers(0, 256, size=(9, x.shape[1])).astype(np.uint8)])
+            c = knn(q, x, k, tile=16)
+            bd, bi = brute_knn(q.astype(np.float64), x.astype(np.float64), k)
+            np.testing.assert_array_equal(c.indices, bi)
+            np.testing.assert_allclose(c.distances, bd, rtol=1e-12, atol=1e-12)
+            f = knn(q.astype(np.float32), x.astype(np.float32), k, tile=16)  # the float path agrees
+            np.testing.assert_array_equal(f.indices, c.indices)
+    finally:
+        monkey.undo()
+    assert len(seen) == 3 * len(pools)  # every uint8 call took the integer path (cross calls build two)

@@ -359,3 +359,50 @@ def test_skipping_empty_passes_repeats_the_scalar_decays_exactly_and_refuses_bil
     x = rng.normal(size=(50, 4)).astype(np.float32)
     with pytest.raises(UserError, match="more than 1,000,000,000 passes"):
         select_threshold(x, 10, 0, tau0=1e300, decay=0.99999999)
+
+
+def test_greedy_on_8bit_pixels_uses_exact_integer_products(rng):
+    """uint8 pools take the int8 product path (no rounding bound: every distance exact): the definition's picks on
+    pools with duplicates, exact ties (few grey levels), one column, all-equal rows and the extreme values 0 and
+    255; exact values in every band case."""
+    from model_collapse.farthest import _Bounds, farthest_points
+
+    pools = [rng.integers(0, 256, size=(300, 64)).astype(np.uint8),
+             rng.integers(0, 3, size=(250, 12)).astype(np.uint8) * 127,  # 0, 127, 254: ties everywhere
+             rng.integers(0, 256, size=(120, 1)).astype(np.uint8),
+             np.full((40, 7), 255, np.uint8),
+             rng.choice(np.array([0, 255], np.uint8), size=(200, 3072))]  # the largest products
+    pools[0][150:220] = pools[0][:70]
+    for i, x in enumerate(pools):
+        assert _Bounds(x, 2).int8
+        for seed in range(2):
+            for n in (2, len(x) // 3, len(x)):
+                got, _ = farthest_points(x, n, seed, block=[1024, 7][seed])
+                np.testing.assert_array_equal(got, greedy_reference(x, n, seed), err_msg=f"pool {i}, n {n}")
+    x = rng.integers(0, 3, size=(500, 4)).astype(np.uint8)
+    centres = rng.choice(500, 40, replace=False)
+    B = _Bounds(x, 40)
+    for t, c in enumerate(centres):
+        B.add(t, int(c))
+    B.fold(np.arange(500), 40)
+    P = np.setdiff1d(np.arange(500), centres)
+    want = ((x[P, None, :].astype(np.float64) - x[centres][None].astype(np.float64)) ** 2).sum(2).min(1)
+    np.testing.assert_array_equal(B.near[P, 0], want)  # the approximate values are exact here
+    np.testing.assert_array_equal(B.exact(P, B.near[P], B.near_at[P], B.err[P], 40), want)
+
+
+def test_threshold_on_8bit_pixels_uses_exact_integer_products(rng):
+    """uint8 pools: the threshold filter's int8 product path makes the sequential definition's choices, on pools
+    with duplicates, ties at tau itself (few grey levels: many distances equal tau^2 exactly), one column and
+    the extreme values."""
+    pools = [rng.integers(0, 256, size=(300, 48)).astype(np.uint8),
+             rng.integers(0, 3, size=(250, 6)).astype(np.uint8) * 100,
+             rng.integers(0, 256, size=(150, 1)).astype(np.uint8),
+             rng.choice(np.array([0, 255], np.uint8), size=(120, 3072))]
+    pools[0][100:160] = pools[0][:60]
+    for i, x in enumerate(pools):
+        d = np.sqrt(((x[:40, None].astype(np.float64) - x[None, :40]) ** 2).sum(2))
+        for tau0 in (float(np.median(d)), float(d[d > 0].min())):  # the second: a distance of the pool exactly
+            n = min(40, len(np.unique(x, axis=0)))
+            got = select_threshold(x, n, seed=i, tau0=tau0, decay=0.9, chunk=32).indices
+            np.testing.assert_array_equal(got, threshold_reference(x, n, i, tau0, 0.9), err_msg=f"pool {i}, {tau0}")

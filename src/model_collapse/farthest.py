@@ -39,7 +39,7 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.linalg import first_nonfinite_row
-from model_collapse.neighbours import rounding_gamma
+from model_collapse.neighbours import exact_int8, int8_rows, rounding_gamma
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -78,6 +78,22 @@ class _Bounds:
     def __init__(self, x: np.ndarray, n: int):
         self.x = x
         d = x.shape[1]
+        m = len(x)
+        self.near = np.full((m, 3), np.inf)
+        self.near_at = np.zeros((m, 2), dtype=np.int64)
+        self.upto = np.zeros(m, dtype=np.int64)
+        self.ex = np.full(m, np.nan)
+        self.centres = np.empty(n, dtype=np.int64)
+        self.pairs = 0
+        self.int8 = exact_int8(x)
+        if self.int8:  # 8-bit pixels: exact integer products, no rounding to bound
+            xc = int8_rows(x)
+            self.xc = torch.from_numpy(xc)
+            self.sq = torch.from_numpy(_row_sq(xc, np.int64))
+            self.scale2, self.err = 1.0, np.zeros(m)
+            self.cbuf = torch.empty((n, xc.shape[1]), dtype=torch.int8)
+            self.csq = torch.empty(n, dtype=torch.int64)
+            return
         mean = x.mean(0, dtype=np.float64)
         # centred, then scaled by a power of two to a largest norm in [0.5, 1]: no float32 overflow, and underflow
         # (absolute errors of at most 2^-150 per value, 2^-90 in these units: below) only far beneath any distance
@@ -101,15 +117,15 @@ class _Bounds:
         # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
         # and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
         self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + (d + 6) * 2.0**-80
-        m = len(x)
-        self.near = np.full((m, 3), np.inf)
-        self.near_at = np.zeros((m, 2), dtype=np.int64)
-        self.upto = np.zeros(m, dtype=np.int64)
-        self.ex = np.full(m, np.nan)
-        self.centres = np.empty(n, dtype=np.int64)
-        self.cbuf = torch.empty((n, x.shape[1]))
+        self.cbuf = torch.empty((n, d))
         self.csq = torch.empty(n)
-        self.pairs = 0
+
+    def dist(self, rows: torch.Tensor, sq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
+        matrix-product identity, or exact integers (as float64) for 8-bit pixels."""
+        if self.int8:
+            return (sq[:, None] + self.csq[lo:hi][None] - 2 * torch._int_mm(rows, self.cbuf[lo:hi].T)).double()
+        return torch.addmm(sq[:, None] + self.csq[lo:hi][None], rows, self.cbuf[lo:hi].T, alpha=-2.0)
 
     @staticmethod
     def _centred(x: np.ndarray, mean: np.ndarray):
@@ -148,12 +164,10 @@ class _Bounds:
     def _fold_chunk(self, r: np.ndarray, u: np.ndarray, lo: int, hi: int) -> None:
         a, b = int(r.min()), int(r.max()) + 1
         if b - a <= 2 * len(r):  # dense rows: a product over the slice copies nothing (wide rows cost to gather)
-            D = torch.addmm(self.sq[a:b, None] + self.csq[lo:hi][None], self.xc[a:b], self.cbuf[lo:hi].T, alpha=-2.0)
-            D = D[torch.from_numpy(r - a)]
+            D = self.dist(self.xc[a:b], self.sq[a:b], lo, hi)[torch.from_numpy(r - a)]
         else:
             rt = torch.from_numpy(r)
-            D = torch.addmm(self.sq[rt][:, None] + self.csq[lo:hi][None], self.xc[rt], self.cbuf[lo:hi].T,
-                            alpha=-2.0)
+            D = self.dist(self.xc[rt], self.sq[rt], lo, hi)
         if u.max() > lo:  # columns a row has seen already would count its nearest centre twice
             D[torch.arange(hi - lo)[None] < torch.from_numpy(u - lo)[:, None]] = torch.inf
         self.pairs += D.numel()
@@ -193,7 +207,7 @@ class _Bounds:
                               self.exact_pairs(P[two], self.centres[near_at[two, 1]]))
         for i in np.flatnonzero(~one & ~two):
             p = int(P[i])
-            d = (self.sq[p] + self.csq[:t] - 2.0 * (self.cbuf[:t] @ self.xc[p])).double().numpy()
+            d = self.dist(self.xc[p : p + 1], self.sq[p : p + 1], 0, t)[0].double().numpy()
             c = self.centres[:t][d <= band[i]]
             out[i] = self.exact_pairs(np.full(len(c), p), c).min()
         return out
@@ -235,7 +249,7 @@ class _Active:
         self.t = t
         if not len(self.idx):
             return
-        d = self.sq + B.csq[t - 1] - 2.0 * (self.rows @ B.cbuf[t - 1])
+        d = B.dist(self.rows, self.sq, t - 1, t)[:, 0]
         self.work += len(d)
         known = np.flatnonzero(~np.isnan(self.ex))
         if len(known):
@@ -276,9 +290,11 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     what decided them (the start, and the share of all pool-centre distances computed)."""
     m = len(x)
     X = np.ascontiguousarray(x)
-    if X.dtype.kind != "f" or X.itemsize < 4:  # half floats and integers of up to 16 bits are exact in float32
+    if exact_int8(X):
+        pass  # exact int8 products (`_Bounds`)
+    elif X.dtype.kind != "f" or X.itemsize < 4:  # half floats and integers of up to 16 bits are exact in float32
         X = X.astype(np.float32 if X.itemsize <= 2 else np.float64)
-    if first_nonfinite_row(X) is not None:
+    if X.dtype.kind == "f" and first_nonfinite_row(X) is not None:
         raise UserError("selection input contains NaN or inf")
     B = _Bounds(X, n)
     start = greedy_start(m, seed)

@@ -32,6 +32,7 @@ from model_collapse.registry import resolve_device
 
 DEFAULT_TILE = 2048
 DEFAULT_EXTRA = 4
+INT8_DIMS = 2**31 // 2**14 - 1  # 8-bit pixels of up to this many values: int8 products sum exactly in int32
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,46 @@ class _Centred:
             return self.copy[a : a + size]
         return self.x[a : a + size].to(self.dtype) - self.centre
 
+    def rows(self, r: torch.Tensor) -> torch.Tensor:
+        return self.x[r].to(self.dtype) - self.centre
+
     def chunks(self, size: int = 8192):
         for a in range(0, self.x.shape[0], size):
             yield self.tile(a, size)
+
+
+def exact_int8(x: np.ndarray) -> bool:
+    """8-bit pixels whose distances int8 matrix products compute exactly (`int8_rows`)."""
+    return x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] <= INT8_DIMS
+
+
+def int8_rows(x: np.ndarray) -> np.ndarray:
+    """uint8 rows as v - 128 in int8 (the top bit flipped: distances do not change, and products of up to
+    INT8_DIMS values sum exactly in int32), with zero columns up to a multiple of 8 (torch 2.14's CPU `_int_mm` is
+    wrong with one column; zeros add nothing)."""
+    m, d = x.shape
+    out = np.zeros((m, -(-d // 8) * 8), np.int8)
+    for a in range(0, m, 8192):
+        out[a : a + 8192, :d] = (x[a : a + 8192] ^ np.uint8(128)).view(np.int8)
+    return out
+
+
+class _Int8:
+    """8-bit pixels as int8 rows (`farthest.int8_rows`): the identity's products in int32 are exact, and so are
+    the distances (float64 sums of integers below 2^53): nothing to bound, no centring."""
+
+    dtype = torch.float64  # of the distances
+
+    def __init__(self, x: np.ndarray):
+        xi = int8_rows(x)
+        self.x = torch.from_numpy(xi)
+        self.sq = torch.from_numpy(np.einsum("ij,ij->i", xi, xi, dtype=np.int64)).double()
+
+    def tile(self, a: int, size: int) -> torch.Tensor:
+        return self.x[a : a + size]
+
+    def rows(self, r: torch.Tensor) -> torch.Tensor:
+        return self.x[r]
 
 
 def _merge(best_v, best_i, d, cols, m, dim=1):
@@ -101,6 +139,8 @@ def _distances(out, qa, rb, xn, yn):
     """Approximate squared distances of the rows of qa to the rows of rb, written into `out` (no allocation):
     |x|^2 + |y|^2 - 2 x.y, the product accumulated in place onto the norms."""
     torch.add(xn[:, None], yn[None, :], out=out)
+    if qa.dtype == torch.int8:
+        return out.sub_(torch._int_mm(qa, rb.T), alpha=2)
     return out.addmm_(qa, rb.T, alpha=-2.0)
 
 
@@ -137,7 +177,7 @@ def _approx_candidates(X, Y, rows, m, tile, symmetric: bool, progress: Progress 
     progress.start(f"nearest neighbours, {nq} x {nr}", nbq * (nbq + 1) // 2 if symmetric else nbq * nbr)
     for a in range(0, nq, tile):
         qrows = rows[a : a + tile]
-        qa = X.tile(a, tile) if whole else X.x[qrows].to(dtype) - X.centre
+        qa = X.tile(a, tile) if whole else X.rows(qrows)
         for b in range(a if symmetric else 0, nr, tile):
             diagonal = symmetric and b == a
             rb = qa if diagonal else Y.tile(b, tile)
@@ -229,12 +269,17 @@ def knn(
         raise ValueError(f"k = {k} needs at least {k} reference points, have {n_ref}")
     if n == 0:
         return KnnResult(np.zeros((0, k)), np.zeros((0, k), dtype=np.int64))
-    centre = Y.mean(0, keepdim=True)  # any centre gives the same distances; the mean makes the norms small
-    Xc = _Centred(X, centre, dtype)
-    Yc = Xc if symmetric else _Centred(Y, centre, dtype)
-    # bound on |approx - exact| of every pair of a query: rounding of the product, the norms and the centring
-    xn, ymax = Xc.sq.double() * 1.001, float(Yc.sq.max()) * 1.001
-    err = rounding_gamma(d + 4, dtype) * (xn.sqrt() + math.sqrt(ymax)) ** 2
+    if dev.type == "cpu" and exact_int8(np.asarray(queries)) and (symmetric or exact_int8(np.asarray(refs))):
+        Xc = _Int8(np.asarray(queries))  # exact: no bound
+        Yc = Xc if symmetric else _Int8(np.asarray(refs))
+        err = torch.zeros(n, dtype=torch.float64)
+    else:
+        centre = Y.mean(0, keepdim=True)  # any centre gives the same distances; the mean makes the norms small
+        Xc = _Centred(X, centre, dtype)
+        Yc = Xc if symmetric else _Centred(Y, centre, dtype)
+        # bound on |approx - exact| of every pair of a query: rounding of the product, the norms and the centring
+        xn, ymax = Xc.sq.double() * 1.001, float(Yc.sq.max()) * 1.001
+        err = rounding_gamma(d + 4, dtype) * (xn.sqrt() + math.sqrt(ymax)) ** 2
 
     out_d = torch.empty((n, k), dtype=torch.float64, device=dev)
     out_i = torch.empty((n, k), dtype=torch.int64, device=dev)

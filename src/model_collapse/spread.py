@@ -22,7 +22,7 @@ import torch
 from model_collapse.errors import UserError
 from model_collapse.farthest import farthest_points
 from model_collapse.metrics import distinct_index
-from model_collapse.neighbours import knn, rounding_gamma
+from model_collapse.neighbours import exact_int8, int8_rows, knn, rounding_gamma
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -83,19 +83,25 @@ def select_threshold(
     second pass at the same tau accepts nothing and then decays. Only the number of passes differs.
 
     For each chunk, distances to the points accepted so far come from one float32 matrix product, with a
-    rigorous rounding bound; only pairs within that bound of tau^2 are recomputed exactly. Survivors are then
+    rigorous rounding bound; only pairs within that bound of tau^2 are recomputed exactly. 8-bit pixels take
+    int8 products instead, which are exact: no pair is recomputed. Survivors are then
     resolved in visiting order among themselves (the first survivor is accepted and removes the survivors
     within tau of it, and so on), which is what the sequential loop does.
     """
     m, d = x.shape
     if not 0.0 < decay < 1.0:
         raise UserError(f"decay must lie in (0, 1), got {decay}")
-    X64 = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)  # exact distances from these
-    Xc = X64 - X64.mean(0, keepdim=True)  # centred, for the approximate pass only
-    X = Xc.float()
-    sq = (Xc**2).sum(1)
+    if exact_int8(x):  # 8-bit pixels: int8 products give exact distances, nothing to decide again
+        xi = int8_rows(x)
+        X, X64, gamma = torch.from_numpy(xi), None, 0.0
+        sq = torch.from_numpy(np.einsum("ij,ij->i", xi, xi, dtype=np.int64)).double()
+    else:
+        X64 = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)  # exact distances from these
+        Xc = X64 - X64.mean(0, keepdim=True)  # centred, for the approximate pass only
+        X = Xc.float()
+        sq = (Xc**2).sum(1)
+        gamma = rounding_gamma(d + 4, np.float32)
     norms = sq.sqrt()
-    gamma = rounding_gamma(d + 4, np.float32)
     n_distinct = len(distinct_index(x))
     if n_distinct < n:
         raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
@@ -107,7 +113,7 @@ def select_threshold(
     order = numpy_rng(seed, "threshold-order").permutation(m)
     accepted: list[int] = []
     is_acc = np.zeros(m, dtype=bool)
-    acc_buf = torch.empty((n, d), dtype=torch.float32)
+    acc_buf = torch.empty((n, X.shape[1]), dtype=X.dtype)
     acc_sq = torch.empty(n, dtype=torch.float64)
     acc_norm = torch.empty(n, dtype=torch.float64)
     # per point: approximate squared distance to the nearest accepted point among the first upto[p] accepted.
@@ -137,8 +143,7 @@ def select_threshold(
             k = len(accepted)
             lo = int(upto[idx].min())
             if k > lo:
-                approx = torch.addmm(sq[it].float()[:, None] + acc_sq[lo:k].float()[None], X[it], acc_buf[lo:k].T,
-                                     alpha=-2.0).double()
+                approx = _sq_distances(X[it], sq[it], acc_buf[lo:k], acc_sq[lo:k])
                 near[it] = torch.minimum(near[it], approx.min(1).values)
                 upto[idx] = k
             alive = torch.ones(len(idx), dtype=torch.bool)
@@ -209,9 +214,18 @@ def decay_below(tau: float, decay: float, top: float, passes: int) -> tuple[floa
     return tau, passes
 
 
+def _sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    """Squared distances between rows a and rows b (squared norms sq_a, sq_b, float64) as float64: the float32
+    matrix-product identity (within the caller's rounding bound), or exact for int8 rows (`farthest.int8_rows`:
+    int32 products, and float64 sums of integers below 2^53)."""
+    if a.dtype == torch.int8:
+        return sq_a[:, None] + sq_b[None] - 2.0 * torch._int_mm(a, b.T).double()
+    return torch.addmm(sq_a.float()[:, None] + sq_b.float()[None], a, b.T, alpha=-2.0).double()
+
+
 def _exact_close(X, X64, sq, norms, rows, acc, acc_sq, acc_norm, acc_idx, t2: float, gamma: float) -> torch.Tensor:
     """For each row: is some accepted point within tau (exact squared distance <= tau^2)?"""
-    approx = torch.addmm(sq[rows].float()[:, None] + acc_sq.float()[None], X[rows], acc.T, alpha=-2.0).double()
+    approx = _sq_distances(X[rows], sq[rows], acc, acc_sq)
     err = gamma * (norms[rows][:, None] + acc_norm[None]) ** 2
     close = (approx + err <= t2).any(1)
     amb = (approx - err <= t2) & (approx + err > t2) & ~close[:, None]
@@ -227,7 +241,7 @@ def _conflicts(X, X64, sq, norms, surv, t2: float, gamma: float) -> np.ndarray:
 
     One float32 matrix product with the rounding bound; only pairs within the bound of tau^2 are recomputed
     exactly from differences."""
-    approx = torch.addmm(sq[surv].float()[:, None] + sq[surv].float()[None], X[surv], X[surv].T, alpha=-2.0).double()
+    approx = _sq_distances(X[surv], sq[surv], X[surv], sq[surv])
     err = gamma * (norms[surv][:, None] + norms[surv][None]) ** 2
     out = approx + err <= t2
     amb = (approx - err <= t2) & ~out
