@@ -127,3 +127,25 @@ def test_fid_command_in_pixel_and_domain_space(tmp_path, rng, capsys):
                      "--json"]) == 0
         res = json.loads(capsys.readouterr().out)
         assert res["fd"] > 0 and 0 <= res["precision"] <= 1 and "kid" in res
+
+
+def test_the_domain_network_is_the_same_at_any_thread_count():
+    """Whichever process of a run trains the domain network (a worker on one core, or the run's own process on
+    every core), it is the same network: training runs on one thread and restores the caller's count."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from model_collapse.features import train_domain_net
+
+    d = load_digits()
+    imgs = (d.images[:400] * 255 / 16).astype(np.uint8)[..., None]
+    nets = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            nets.append([p.detach().clone() for p in train_domain_net(imgs, d.target[:400], 0, 12).parameters()])
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*nets))

@@ -564,23 +564,44 @@ def test_stage_files_that_load_but_hold_something_else_count_as_damaged(tmp_path
 
 
 def test_jobs_beside_the_caller_fail_and_stop_together():
-    """`jobs_beside`: a job's failure reaches the caller when its own work is done; the caller's failure stops
-    the jobs (here a minute of sleep) within seconds and leaves no worker behind."""
+    """`JobsBeside`: a job's failure interrupts the caller's own work within seconds and is raised as itself; the
+    caller's failure (or cancel) stops the jobs (here a minute of sleep) and leaves no worker behind; wait_for
+    waits for one job, and an interrupt while waiting for all stops them too."""
     import math
     import multiprocessing as mp
+    import signal
+    import threading
     import time
 
-    from model_collapse.workers import Job, WorkerError, jobs_beside
+    from model_collapse.workers import Job, JobsBeside, WorkerError
 
+    t0 = time.perf_counter()
+    beside = JobsBeside([Job("bad job", math.sqrt, (-1.0,))], 1)
     with pytest.raises(WorkerError, match="bad job failed: ValueError"):
-        with jobs_beside([Job("bad job", math.sqrt, (-1.0,))], 1):
-            time.sleep(0.1)
+        try:
+            time.sleep(60)  # the caller's long work, cut short
+        except BaseException as e:
+            beside.cancel()
+            raise beside.failure_of(e)
+    assert time.perf_counter() - t0 < 20
+
+    beside = JobsBeside([Job("quick job", math.sqrt, (4.0,)), Job("long job", time.sleep, (60,)),
+                         Job("queued job", time.sleep, (60,))], 1)
+    beside.wait_for("quick job")
     t0 = time.perf_counter()
     with pytest.raises(ZeroDivisionError):
-        with jobs_beside([Job("long job", time.sleep, (60,)), Job("queued job", time.sleep, (60,))], 1):
-            time.sleep(1.0)
+        try:
             1 / 0
-    assert time.perf_counter() - t0 < 15 and not mp.active_children()
+        except BaseException as e:
+            beside.cancel()
+            raise beside.failure_of(e)
+    assert time.perf_counter() - t0 < 10 and not mp.active_children()
+
+    beside = JobsBeside([Job("long job", time.sleep, (60,))], 1)
+    threading.Timer(3.0, lambda: signal.raise_signal(signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while waiting for the jobs
+        beside.wait()
+    assert not mp.active_children()
 
 
 def test_one_seed_on_two_workers_gives_the_files_of_one_process(tmp_path):

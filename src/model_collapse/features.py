@@ -87,7 +87,18 @@ class DomainNet(torch.nn.Module):
 
 
 def train_domain_net(images: np.ndarray, labels: np.ndarray | None, seed: int, steps: int) -> DomainNet:
-    """Train the domain network deterministically (seeded init, batches and augmentation-free steps)."""
+    """Train the domain network deterministically (seeded init, batches and augmentation-free steps), on one
+    thread whatever the process's thread count: torch's CPU kernels sum in another order on two threads, and the
+    network must be the same whichever process of a run trains it (a worker, or the run's own at every core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_domain_net(images, labels, seed, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_domain_net(images: np.ndarray, labels: np.ndarray | None, seed: int, steps: int) -> DomainNet:
     from model_collapse.diffusion import to_model_space
     from model_collapse.rng import torch_generator
 

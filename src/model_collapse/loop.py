@@ -35,7 +35,7 @@ from model_collapse.stages import measure_stage, sample_model, train_model
 from model_collapse.study import Study, arm_label, n_samples, prepare
 from model_collapse.summary import fmt_number, summarize
 from model_collapse.verdict import add_verdict
-from model_collapse.workers import Job, jobs_beside, run_jobs
+from model_collapse.workers import Job, JobsBeside, run_jobs, thread_budget
 
 
 def _bar(total: int, desc: str, position: int, show: bool):
@@ -183,30 +183,35 @@ def _iteration0(study: Study, rd: RunDir, show: bool, locked: bool = False, timi
 
 def _iteration0_beside(cfg: RunConfig, root: RunDir, out: str, seed: int, jobs: list[Job], workers: int,
                        show: bool) -> None:
-    """One seed's study on several cores: this process trains iteration 0's model on one core while a worker
-    computes the references (the domain network learns for seconds) and the arms' workers start and wait for
-    iteration 0 (the seed's lock, taken before they start); then this process samples and measures iteration 0
-    on every core, and the arms go on side by side. The same files and numbers as iteration 0 in one process."""
+    """One seed's study on several cores: this process trains iteration 0's model on the cores a worker computing
+    the references leaves free, while the arms' workers start and wait for iteration 0 (the seed's lock, taken
+    before they start); then, with the references as that worker computed them (never a second time here),
+    this process samples and measures iteration 0, and the arms go on side by side. A job's failure interrupts
+    this process; this process's failure stops the jobs before the lock is released."""
     import torch
 
     rd, scfg = root.study_dir(cfg, seed), seed_config(cfg, seed)
-    cfg_dict = config_to_dict(cfg)
-    first = [Job(f"seed {seed}, references", references_job, (cfg_dict, out, seed))]
+    refs = f"seed {seed}, references"
+    first = [Job(refs, references_job, (config_to_dict(cfg), out, seed))]
+    own = max(1, (os.cpu_count() or 1) - thread_budget(workers))  # the cores the references' worker leaves
     with ExitStack() as held:
         held.enter_context(rd.hold("iteration0"))
-        with jobs_beside(first + jobs, workers, on_tick=lambda: _merge_now(cfg, root)):
+        beside = JobsBeside(first + jobs, workers, on_tick=lambda: _merge_now(cfg, root))
+        try:
+            study = prepare(scfg, str(rd.path))
+            timings, threads = {}, torch.get_num_threads()
+            torch.set_num_threads(own)
             try:
-                study = prepare(scfg, str(rd.path))
-                timings, threads = {}, torch.get_num_threads()
-                torch.set_num_threads(1)
-                try:
-                    run_stage(study, rd, None, 0, show=show, train_only=True, timings=timings)
-                finally:
-                    torch.set_num_threads(threads)
-                _iteration0(study, rd, show, locked=True, timings=timings)
-                flush_rows(scfg, rd)
+                run_stage(study, rd, None, 0, show=show, train_only=True, timings=timings)
             finally:
-                held.close()  # the arms' workers go on
+                torch.set_num_threads(threads)
+            beside.wait_for(refs)
+            _iteration0(study, rd, show, locked=True, timings=timings)
+            flush_rows(scfg, rd)
+        except BaseException as e:
+            beside.cancel()  # before the lock is released: no waiting worker starts iteration 0 meanwhile
+            raise beside.failure_of(e)
+    beside.wait()
 
 
 def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] | None, show: bool,

@@ -3,18 +3,19 @@
 Fail fast: when one job raises, every other job is stopped within about a second and the error names the job
 (hours of other arms are not worth finishing when the run has failed). Each worker ends itself when its parent
 is gone (the parent holds the run directory's lock), and the cores are split between the workers (torch's
-threads and the BLAS threads of numpy and scipy alike).
+threads and numpy's BLAS threads alike).
 """
 
 from __future__ import annotations
 
+import _thread
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -69,10 +70,12 @@ def _entry(job: Job, threads: int, parent_pid: int, results) -> None:
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | None = None,
-             tick: float = 1.0, stop: threading.Event | None = None) -> None:
+             tick: float = 1.0, stop: threading.Event | None = None,
+             on_done: Callable[[str], None] | None = None) -> None:
     """Run every job, at most `workers` at a time, each in a spawned process; call on_tick about every `tick`
-    seconds while they run. The first failure terminates the others and raises (UserError stays UserError).
-    Setting `stop` (from another thread) terminates the running jobs and returns within about `tick` seconds."""
+    seconds while they run, and on_done(name) as each job succeeds. The first failure terminates the others and
+    raises (UserError stays UserError). Setting `stop` (from another thread) terminates the running jobs and
+    returns within about `tick` seconds."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     threads = thread_budget(workers)
@@ -101,6 +104,8 @@ def run_jobs(jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | No
                 raise UserError(f"{name}: {msg}")
             if status == "error":
                 raise WorkerError(f"{name} failed: {msg}")
+            if on_done:
+                on_done(name)
             if on_tick:
                 on_tick()
     finally:
@@ -114,26 +119,73 @@ def run_jobs(jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | No
                 p.join()
 
 
-@contextmanager
-def jobs_beside(jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | None = None):
-    """Run `jobs` (as `run_jobs`) in a background thread while the `with` block works in this one; on leaving the
-    block, wait for them and raise their failure. When the block itself raises, the jobs are terminated first."""
-    stop, failure = threading.Event(), []
+def _interrupt_main() -> None:
+    """A KeyboardInterrupt in the main thread: a real SIGINT where Python's own handler takes it (it also wakes a
+    sleep or a lock wait), else the simulated one (at the main thread's next Python step)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
 
-    def background():
+
+class JobsBeside:
+    """`run_jobs` in a background thread while this thread does its own work: `wait_for(name)` waits for one job,
+    `wait()` for all of them, each raising the jobs' first failure; `cancel()` terminates them and returns once
+    they are gone. When a job fails while the main thread works, the main thread is interrupted
+    (a KeyboardInterrupt, which `failure_of` turns back into the job's error), so the run stops within seconds as `run_jobs` promises."""
+
+    def __init__(self, jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | None = None):
+        self.failure: BaseException | None = None
+        self._stop, self._finished = threading.Event(), threading.Event()
+        self._done: set[str] = set()
+        self._changed = threading.Condition()
+        self._interrupt = threading.current_thread() is threading.main_thread()
+        self._thread = threading.Thread(target=self._run, args=(list(jobs), workers, on_tick),
+                                        name="model-collapse jobs", daemon=True)
+        self._thread.start()
+
+    def _run(self, jobs, workers, on_tick) -> None:
         try:
-            run_jobs(jobs, workers, on_tick, stop=stop)
+            run_jobs(jobs, workers, on_tick, stop=self._stop, on_done=self._job_done)
         except BaseException as e:  # noqa: BLE001 - handed to the foreground thread
-            failure.append(e)
+            self.failure = e
+            if self._interrupt and not self._stop.is_set():
+                _interrupt_main()
+        finally:
+            self._finished.set()
+            with self._changed:
+                self._changed.notify_all()
 
-    thread = threading.Thread(target=background, name="model-collapse jobs", daemon=True)
-    thread.start()
-    try:
-        yield
-        thread.join()  # an interrupt here, too, stops the jobs
-    except BaseException:
-        stop.set()
-        thread.join()
-        raise
-    if failure:
-        raise failure[0]
+    def _job_done(self, name: str) -> None:
+        with self._changed:
+            self._done.add(name)
+            self._changed.notify_all()
+
+    def failure_of(self, e: BaseException) -> BaseException:
+        """The error to raise for `e`, raised in the foreground: the jobs' failure when it caused `e`."""
+        return self.failure if isinstance(e, KeyboardInterrupt) and self.failure is not None else e
+
+    def wait_for(self, name: str) -> None:
+        with self._changed:
+            while name not in self._done and not self._finished.is_set():
+                self._changed.wait(0.5)
+        if self.failure is not None:
+            raise self.failure
+        if name not in self._done:
+            raise WorkerError(f"{name}: stopped before it finished")
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._finished.wait()
+
+    def wait(self) -> None:
+        try:
+            # an Event, not Thread.join (an interrupted join marks a live thread dead in 3.11), and with a timeout:
+            # a signal the kernel hands to another thread wakes no untimed wait of this one
+            while not self._finished.wait(0.5):
+                pass
+            if self.failure is not None:
+                raise self.failure
+        except BaseException as e:
+            self.cancel()
+            raise self.failure_of(e)
