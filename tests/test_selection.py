@@ -406,3 +406,29 @@ def test_threshold_on_8bit_pixels_uses_exact_integer_products(rng):
             n = min(40, len(np.unique(x, axis=0)))
             got = select_threshold(x, n, seed=i, tau0=tau0, decay=0.9, chunk=32).indices
             np.testing.assert_array_equal(got, threshold_reference(x, n, i, tau0, 0.9), err_msg=f"pool {i}, {tau0}")
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch's note on entering mkldnn.flags
+def test_8bit_pixels_of_65536_values_and_more_and_the_float_fallback(rng):
+    """Rows of 70,000 pixels (twice a product passes 2^31: doubled after widening), dark, light and mixed; and
+    with oneDNN off (the int8 products' fast exact kernel unavailable) uint8 pools take the float path, to the
+    same choices."""
+    import torch
+
+    from model_collapse.farthest import _Bounds, farthest_points
+    from model_collapse.neighbours import knn
+
+    x = np.stack([np.zeros(70_000), np.ones(70_000), np.full(70_000, 255), np.full(70_000, 3),
+                  rng.integers(0, 256, 70_000), rng.integers(250, 256, 70_000)]).astype(np.uint8)
+    for seed in range(3):
+        np.testing.assert_array_equal(farthest_points(x, len(x), seed)[0], greedy_reference(x, len(x), seed))
+    tau0 = float(np.sqrt(((x[0].astype(np.float64) - x[4]) ** 2).sum()))
+    np.testing.assert_array_equal(select_threshold(x, 4, seed=1, tau0=tau0, decay=0.9).indices,
+                                  threshold_reference(x, 4, 1, tau0, 0.9))
+    d = ((x[:, None].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(2)
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_array_equal(knn(x, None, 2).indices, np.argsort(d, axis=1, kind="stable")[:, :2])
+    y = rng.integers(0, 4, size=(120, 9)).astype(np.uint8)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not _Bounds(y, 2).int8
+        np.testing.assert_array_equal(farthest_points(y, 60, 0)[0], greedy_reference(y, 60, 0))

@@ -124,7 +124,8 @@ class _Bounds:
         """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
         matrix-product identity, or exact integers (as float64) for 8-bit pixels."""
         if self.int8:
-            return (sq[:, None] + self.csq[lo:hi][None] - 2 * torch._int_mm(rows, self.cbuf[lo:hi].T)).double()
+            # widened before doubling: twice a product of 65,536 values or more can pass 2^31
+            return (sq[:, None] + self.csq[lo:hi][None] - 2 * torch._int_mm(rows, self.cbuf[lo:hi].T).long()).double()
         return torch.addmm(sq[:, None] + self.csq[lo:hi][None], rows, self.cbuf[lo:hi].T, alpha=-2.0)
 
     @staticmethod

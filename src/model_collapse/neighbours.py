@@ -21,6 +21,7 @@ tile only the sub-blocks on and above its diagonal.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -88,9 +89,32 @@ class _Centred:
             yield self.tile(a, size)
 
 
-def exact_int8(x: np.ndarray) -> bool:
-    """8-bit pixels whose distances int8 matrix products compute exactly (`int8_rows`)."""
-    return x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] <= INT8_DIMS
+def exact_int8(x) -> bool:
+    """Whether x (a numpy array) is 8-bit pixels whose distances int8 matrix products compute exactly here
+    (`int8_rows`): and whether this process's int8 products are exact and fast (`int8_products_exact`)."""
+    return (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] <= INT8_DIMS
+            and int8_products_exact())
+
+
+def int8_products_exact() -> bool:
+    """torch's CPU `_int_mm` goes through oneDNN only on CPUs with AVX-512 VNNI (elsewhere a scalar loop 25x slower
+    than float32 products), and oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA) saturates its int16 pair sums: the
+    int8 path is taken only where oneDNN is on, the CPU has VNNI, and a probe of extreme values comes out exact."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and _int8_probe()
+
+
+@functools.cache
+def _int8_probe() -> bool:
+    if not torch.cpu._is_vnni_supported():
+        return False
+    g = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.full((2, 64), 127, dtype=torch.int8), torch.full((2, 64), -128, dtype=torch.int8),
+                   torch.randint(-128, 128, (13, 64), dtype=torch.int8, generator=g)])
+    b = torch.cat([a, torch.randint(-128, 128, (9, 64), dtype=torch.int8, generator=g)])
+    try:
+        return bool(torch.equal(torch._int_mm(a, b.T).long(), a.long() @ b.long().T))
+    except RuntimeError:
+        return False
 
 
 def int8_rows(x: np.ndarray) -> np.ndarray:
@@ -104,8 +128,15 @@ def int8_rows(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _numpy_of(x):
+    """x as a numpy array where it is one, or a CPU tensor (no copy); else None (a GPU tensor stays one)."""
+    if isinstance(x, torch.Tensor):
+        return x.numpy() if x.device.type == "cpu" and not x.requires_grad else None
+    return np.asarray(x)
+
+
 class _Int8:
-    """8-bit pixels as int8 rows (`farthest.int8_rows`): the identity's products in int32 are exact, and so are
+    """8-bit pixels as int8 rows (`int8_rows`): the identity's products in int32 are exact, and so are
     the distances (float64 sums of integers below 2^53): nothing to bound, no centring."""
 
     dtype = torch.float64  # of the distances
@@ -269,9 +300,9 @@ def knn(
         raise ValueError(f"k = {k} needs at least {k} reference points, have {n_ref}")
     if n == 0:
         return KnnResult(np.zeros((0, k)), np.zeros((0, k), dtype=np.int64))
-    if dev.type == "cpu" and exact_int8(np.asarray(queries)) and (symmetric or exact_int8(np.asarray(refs))):
-        Xc = _Int8(np.asarray(queries))  # exact: no bound
-        Yc = Xc if symmetric else _Int8(np.asarray(refs))
+    if dev.type == "cpu" and exact_int8(_numpy_of(queries)) and (symmetric or exact_int8(_numpy_of(refs))):
+        Xc = _Int8(_numpy_of(queries))  # exact: no bound
+        Yc = Xc if symmetric else _Int8(_numpy_of(refs))
         err = torch.zeros(n, dtype=torch.float64)
     else:
         centre = Y.mean(0, keepdim=True)  # any centre gives the same distances; the mean makes the norms small

@@ -216,7 +216,7 @@ def decay_below(tau: float, decay: float, top: float, passes: int) -> tuple[floa
 
 def _sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
     """Squared distances between rows a and rows b (squared norms sq_a, sq_b, float64) as float64: the float32
-    matrix-product identity (within the caller's rounding bound), or exact for int8 rows (`farthest.int8_rows`:
+    matrix-product identity (within the caller's rounding bound), or exact for int8 rows (`neighbours.int8_rows`:
     int32 products, and float64 sums of integers below 2^53)."""
     if a.dtype == torch.int8:
         return sq_a[:, None] + sq_b[None] - 2.0 * torch._int_mm(a, b.T).double()
