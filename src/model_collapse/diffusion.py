@@ -48,6 +48,12 @@ def check_model_shape(spec: UNetSpec, image_side: int, where: str = "model") -> 
         raise UserError(f"{where}: attention levels {spec.attention_levels} outside 1..{levels}")
 
 
+def preload() -> None:
+    """Import diffusers' UNet now (about 3 s: it pulls in every diffusers transformer block), so that a worker pays
+    it while it waits for iteration 0, not inside its first training stage."""
+    from diffusers import UNet2DModel  # noqa: F401
+
+
 def build_unet(spec: UNetSpec, image_side: int, channels: int, num_classes: int | None = None):
     """A diffusers UNet2DModel; with num_classes, a class embedding with one extra 'null' class for guidance."""
     from diffusers import UNet2DModel

@@ -26,6 +26,7 @@ from model_collapse.config import (
     seed_config,
     study_seeds,
 )
+from model_collapse.diffusion import preload
 from model_collapse.errors import UserError
 from model_collapse.paradigms import build_training_set
 from model_collapse.registry import resolve_device
@@ -222,6 +223,7 @@ def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] |
     rd = RunDir(Path(out)).study_dir(cfg, seed)
     scfg = seed_config(cfg, seed)
     study = prepare(scfg, str(rd.path))
+    preload()  # before the wait for iteration 0's lock
     _iteration0(study, rd, show)
     flush_rows(scfg, rd)
     for t in range(1, cfg.iterations):
