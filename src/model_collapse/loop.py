@@ -222,6 +222,9 @@ def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] |
     cfg = config_from_dict(cfg_dict)
     rd = RunDir(Path(out)).study_dir(cfg, seed)
     scfg = seed_config(cfg, seed)
+    if dist.world() == 1:  # while a worker computes the seed's references, leave it its core
+        with rd.hold("references"):
+            pass
     study = prepare(scfg, str(rd.path))
     preload()  # before the wait for iteration 0's lock
     _iteration0(study, rd, show)
