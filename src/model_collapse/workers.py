@@ -140,6 +140,7 @@ class JobsBeside:
         self._done: set[str] = set()
         self._changed = threading.Condition()
         self._interrupt = threading.current_thread() is threading.main_thread()
+        self._interrupted = False  # whether a KeyboardInterrupt was sent for a job's failure (not a user's Ctrl-C)
         self._thread = threading.Thread(target=self._run, args=(list(jobs), workers, on_tick),
                                         name="model-collapse jobs", daemon=True)
         self._thread.start()
@@ -150,6 +151,7 @@ class JobsBeside:
         except BaseException as e:  # noqa: BLE001 - handed to the foreground thread
             self.failure = e
             if self._interrupt and not self._stop.is_set():
+                self._interrupted = True
                 _interrupt_main()
         finally:
             self._finished.set()
@@ -163,7 +165,7 @@ class JobsBeside:
 
     def failure_of(self, e: BaseException) -> BaseException:
         """The error to raise for `e`, raised in the foreground: the jobs' failure when it caused `e`."""
-        return self.failure if isinstance(e, KeyboardInterrupt) and self.failure is not None else e
+        return self.failure if isinstance(e, KeyboardInterrupt) and self._interrupted else e
 
     def wait_for(self, name: str) -> None:
         with self._changed:
