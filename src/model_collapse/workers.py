@@ -131,8 +131,9 @@ def _interrupt_main() -> None:
 class JobsBeside:
     """`run_jobs` in a background thread while this thread does its own work: `wait_for(name)` waits for one job,
     `wait()` for all of them, each raising the jobs' first failure; `cancel()` terminates them and returns once
-    they are gone. When a job fails while the main thread works, the main thread is interrupted
-    (a KeyboardInterrupt, which `failure_of` turns back into the job's error), so the run stops within seconds as `run_jobs` promises."""
+    they are gone. When a job fails while the main thread works, the main thread is interrupted (a
+    KeyboardInterrupt, which `failure_of` turns back into the job's error): the run stops within seconds, as
+    `run_jobs` promises."""
 
     def __init__(self, jobs: Sequence[Job], workers: int, on_tick: Callable[[], None] | None = None):
         self.failure: BaseException | None = None
