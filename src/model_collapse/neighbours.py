@@ -290,8 +290,13 @@ def knn(
     dev = torch.device(resolve_device(device))
     dtype = torch.float32 if precision == "float32" else torch.float64
     symmetric = refs is None
-    X = _as_tensor(queries, dev)
-    Y = X if symmetric else _as_tensor(refs, dev)
+    int8 = dev.type == "cpu" and exact_int8(_numpy_of(queries)) and (symmetric or exact_int8(_numpy_of(refs)))
+    if int8:  # the exact rows read the uint8 values themselves: no float32 copy of the pool
+        X = torch.from_numpy(_numpy_of(queries))
+        Y = X if symmetric else torch.from_numpy(_numpy_of(refs))
+    else:
+        X = _as_tensor(queries, dev)
+        Y = X if symmetric else _as_tensor(refs, dev)
     if not symmetric and X.shape[1] != Y.shape[1]:
         raise ValueError(f"queries have dimension {X.shape[1]}, references {Y.shape[1]}")
     n, d = X.shape
@@ -300,9 +305,9 @@ def knn(
         raise ValueError(f"k = {k} needs at least {k} reference points, have {n_ref}")
     if n == 0:
         return KnnResult(np.zeros((0, k)), np.zeros((0, k), dtype=np.int64))
-    if dev.type == "cpu" and exact_int8(_numpy_of(queries)) and (symmetric or exact_int8(_numpy_of(refs))):
-        Xc = _Int8(_numpy_of(queries))  # exact: no bound
-        Yc = Xc if symmetric else _Int8(_numpy_of(refs))
+    if int8:
+        Xc = _Int8(X.numpy())  # exact: no bound
+        Yc = Xc if symmetric else _Int8(Y.numpy())
         err = torch.zeros(n, dtype=torch.float64)
     else:
         centre = Y.mean(0, keepdim=True)  # any centre gives the same distances; the mean makes the norms small
