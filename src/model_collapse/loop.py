@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,7 @@ from model_collapse.stages import measure_stage, sample_model, train_model
 from model_collapse.study import Study, arm_label, n_samples, prepare
 from model_collapse.summary import fmt_number, summarize
 from model_collapse.verdict import add_verdict
-from model_collapse.workers import Job, JobsBeside, run_jobs, thread_budget
+from model_collapse.workers import Job, JobFailed, JobsBeside, run_jobs, thread_budget
 
 
 def _bar(total: int, desc: str, position: int, show: bool):
@@ -185,34 +186,39 @@ def _iteration0(study: Study, rd: RunDir, show: bool, locked: bool = False, timi
 def _iteration0_beside(cfg: RunConfig, root: RunDir, out: str, seed: int, jobs: list[Job], workers: int,
                        show: bool) -> None:
     """One seed's study on several cores: this process trains iteration 0's model on the cores a worker computing
-    the references leaves free, while the arms' workers start and wait for iteration 0 (the seed's lock, taken
-    before they start); then, with the references as that worker computed them (never a second time here),
-    this process samples and measures iteration 0, and the arms go on side by side. A job's failure interrupts
-    this process; this process's failure stops the jobs before the lock is released."""
+    the references leaves free; once the references are done, the arms' workers start and wait for iteration 0
+    (the seed's lock, taken before any of them starts); then, with the references as that worker computed them
+    (never a second time here), this process samples and measures iteration 0, and the arms go on side by side.
+    A job's failure interrupts this process; this process's failure stops the jobs before the lock is released."""
     import torch
 
     rd, scfg = root.study_dir(cfg, seed), seed_config(cfg, seed)
     refs = f"seed {seed}, references"
     first = [Job(refs, references_job, (config_to_dict(cfg), out, seed))]
+    jobs = [replace(j, after=refs) for j in jobs]  # they start on the references' core once it is free
     own = max(1, (os.cpu_count() or 1) - thread_budget(workers))  # the cores the references' worker leaves
-    with ExitStack() as held:
-        held.enter_context(rd.hold("iteration0"))
-        beside = JobsBeside(first + jobs, workers, on_tick=lambda: _merge_now(cfg, root))
-        try:
-            study = prepare(scfg, str(rd.path))
-            timings, threads = {}, torch.get_num_threads()
-            torch.set_num_threads(own)
+    try:
+        with ExitStack() as held:
+            held.enter_context(rd.hold("iteration0"))
+            beside = JobsBeside(first + jobs, workers, on_tick=lambda: _merge_now(cfg, root))
             try:
-                run_stage(study, rd, None, 0, show=show, train_only=True, timings=timings)
-            finally:
-                torch.set_num_threads(threads)
-            beside.wait_for(refs)
-            _iteration0(study, rd, show, locked=True, timings=timings)
-            flush_rows(scfg, rd)
-        except BaseException as e:
-            beside.cancel()  # before the lock is released: no waiting worker starts iteration 0 meanwhile
-            raise beside.failure_of(e)
-    beside.wait()
+                study = prepare(scfg, str(rd.path))
+                timings, threads = {}, torch.get_num_threads()
+                torch.set_num_threads(own)
+                try:
+                    run_stage(study, rd, None, 0, show=show, train_only=True, timings=timings)
+                finally:
+                    torch.set_num_threads(threads)
+                beside.wait_for(refs)
+                _iteration0(study, rd, show, locked=True, timings=timings)
+                flush_rows(scfg, rd)
+            except BaseException as e:
+                beside.cancel()  # before the lock is released: no waiting worker starts iteration 0 meanwhile
+                raise beside.failure_of(e)
+        beside.wait()
+    except JobFailed as e:  # a job's signal that landed between the handlers above (the lock's release)
+        beside.cancel()
+        raise beside.failure_of(e) from None
 
 
 def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] | None, show: bool,
@@ -222,9 +228,6 @@ def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] |
     cfg = config_from_dict(cfg_dict)
     rd = RunDir(Path(out)).study_dir(cfg, seed)
     scfg = seed_config(cfg, seed)
-    if dist.world() == 1:  # while a worker computes the seed's references, leave it its core
-        with rd.hold("references"):
-            pass
     study = prepare(scfg, str(rd.path))
     preload()  # before the wait for iteration 0's lock
     _iteration0(study, rd, show)
