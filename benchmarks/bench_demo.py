@@ -19,13 +19,13 @@ import time
 
 def step_ms(steps: int = 200) -> float:
     """ms per training step of the demo's model and batch on one thread, in a child process (as the workers run)."""
-    code = ("import time, numpy as np, torch; torch.set_num_threads(1)\n"
-            "from model_collapse.diffusion import TrainSettings, build_unet, train\n"
+    code = ("import sys, time, numpy as np, torch; torch.set_num_threads(1)\n"
+            f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+            "from bench_loop import settings\n"
+            "from model_collapse.diffusion import build_unet, train\n"
             "from model_collapse.registry import MODEL_PRESETS\n"
             "x = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1)).astype(np.uint8)\n"
-            f"s = TrainSettings(train_steps={steps}, batch_size=32, lr=1e-3, lr_schedule='constant', warmup_steps=50, "
-            "weight_decay=1e-6, adam_beta1=0.95, adam_beta2=0.999, ema_decay=0.995, label_dropout=0.0, "
-            "checkpoint_every=10**9, grad_clip=1.0)\n"
+            f"s = settings({steps}, 32)\n"
             "train(build_unet(MODEL_PRESETS['tiny'], 8, 1), x, None, s, seed=0, coords=('warm',))\n"
             "t = time.perf_counter(); train(build_unet(MODEL_PRESETS['tiny'], 8, 1), x, None, s, seed=0, coords=('a',))\n"
             f"print((time.perf_counter() - t) / {steps} * 1e3)")

@@ -62,13 +62,16 @@ def plain_train(unet, images: np.ndarray, s: TrainSettings) -> None:
 
 
 @torch.no_grad()
-def plain_sample(unet, n: int, side: int, channels: int, steps: int) -> None:
+def plain_sample(unet, n: int, side: int, channels: int, steps: int, bf16: bool = False) -> None:
+    """One batch of n DDIM samples, the textbook way (bf16: the UNet under bf16 autocast)."""
     sampler = make_sampler("ddim", make_train_scheduler())
     sampler.set_timesteps(steps)
     x = torch.randn(n, channels, side, side)
     unet.eval()
     for t in sampler.timesteps:
-        x = sampler.step(unet(x, t).sample, t, x).prev_sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            eps = unet(x, t).sample.float()
+        x = sampler.step(eps, t, x).prev_sample
 
 
 def timed(fn) -> float:

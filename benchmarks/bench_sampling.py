@@ -19,22 +19,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from model_collapse.diffusion import build_unet, make_sampler, make_train_scheduler  # noqa: E402
+from bench_loop import plain_sample  # noqa: E402  (this folder is on the path: the script's own)
+from model_collapse.diffusion import build_unet  # noqa: E402
 from model_collapse.registry import MODEL_PRESETS  # noqa: E402
 
 BATCHES = (128, 256, 512, 1024)
 
 
-@torch.no_grad()
 def images_per_s(unet, n: int, shape: tuple[int, int, int], steps: int, bf16: bool) -> float:
-    sampler = make_sampler("ddim", make_train_scheduler())
-    sampler.set_timesteps(steps)
-    x = torch.randn(n, *shape)
+    c, side, _ = shape
     t0 = time.perf_counter()
-    for t in sampler.timesteps:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            eps = unet(x, t).sample.float()
-        x = sampler.step(eps, t, x).prev_sample
+    plain_sample(unet, n, side, c, steps, bf16=bf16)
     return n / (time.perf_counter() - t0)
 
 

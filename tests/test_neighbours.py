@@ -84,9 +84,9 @@ def test_8bit_pixels_take_exact_integer_products_and_equal_brute_force(rng, k):
              rng.choice(np.array([0, 255], np.uint8), size=(60, 3072))]
     pools[0][100:140] = pools[0][:40]
     seen = []
-    real_int8 = nb._Int8
+    real_int8 = nb.Int8Rows
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(nb, "_Int8", lambda x: seen.append(x.shape) or real_int8(x))
+    monkey.setattr(nb, "Int8Rows", lambda x: seen.append(x.shape) or real_int8(x))
     try:
         for x in pools:
             r = knn(x, None, k, tile=37)

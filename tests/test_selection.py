@@ -271,23 +271,30 @@ def test_farthest_points_block_settings_do_not_change_the_choice(rng):
                 assert params["start"] == want[0] and params["distances_computed"] > 0
 
 
-def test_farthest_exact_values_in_every_band_case(rng):
-    """The exact value of a point (squared distance to its nearest centre) from its approximate three nearest:
-    one centre, two centres, or every centre within the rounding band; against the brute-force minimum."""
+def _bounds_of_40_centres(x, rng):
+    """A farthest-point kernel state with 40 random centres folded into every point of x; the points that are not
+    centres, and their exact squared distances to the nearest centre (brute force, float64)."""
     from model_collapse.farthest import _Bounds
 
-    x = rng.integers(0, 3, size=(500, 4)).astype(np.float32)  # many points equidistant from several centres
-    centres = rng.choice(500, 40, replace=False)
+    centres = rng.choice(len(x), 40, replace=False)
     B = _Bounds(x, 40)
     for t, c in enumerate(centres):
         B.add(t, int(c))
-    B.fold(np.arange(500), 40)
-    P = np.setdiff1d(np.arange(500), centres)
+    B.fold(np.arange(len(x)), 40)
+    P = np.setdiff1d(np.arange(len(x)), centres)
+    want = ((x[P, None, :].astype(np.float64) - x[centres][None].astype(np.float64)) ** 2).sum(2).min(1)
+    return B, P, want
+
+
+def test_farthest_exact_values_in_every_band_case(rng):
+    """The exact value of a point (squared distance to its nearest centre) from its approximate three nearest:
+    one centre, two centres, or every centre within the rounding band; against the brute-force minimum."""
+    x = rng.integers(0, 3, size=(500, 4)).astype(np.float32)  # many points equidistant from several centres
+    B, P, want = _bounds_of_40_centres(x, rng)
     band = B.near[P, 0] + 2 * B.err[P]
     cases = {"one": B.near[P, 1] > band, "two": (B.near[P, 1] <= band) & (B.near[P, 2] > band),
              "band": B.near[P, 2] <= band}
     assert all(c.any() for c in cases.values()), {k: int(c.sum()) for k, c in cases.items()}
-    want = ((x[P, None, :].astype(np.float64) - x[centres][None].astype(np.float64)) ** 2).sum(2).min(1)
     np.testing.assert_array_equal(B.exact(P, B.near[P], B.near_at[P], B.err[P], 40), want * B.scale2)
 
 
@@ -379,14 +386,7 @@ def test_greedy_on_8bit_pixels_uses_exact_integer_products(rng):
             for n in (2, len(x) // 3, len(x)):
                 got, _ = farthest_points(x, n, seed, block=[1024, 7][seed])
                 np.testing.assert_array_equal(got, greedy_reference(x, n, seed), err_msg=f"pool {i}, n {n}")
-    x = rng.integers(0, 3, size=(500, 4)).astype(np.uint8)
-    centres = rng.choice(500, 40, replace=False)
-    B = _Bounds(x, 40)
-    for t, c in enumerate(centres):
-        B.add(t, int(c))
-    B.fold(np.arange(500), 40)
-    P = np.setdiff1d(np.arange(500), centres)
-    want = ((x[P, None, :].astype(np.float64) - x[centres][None].astype(np.float64)) ** 2).sum(2).min(1)
+    B, P, want = _bounds_of_40_centres(rng.integers(0, 3, size=(500, 4)).astype(np.uint8), rng)
     np.testing.assert_array_equal(B.near[P, 0], want)  # the approximate values are exact here
     np.testing.assert_array_equal(B.exact(P, B.near[P], B.near_at[P], B.err[P], 40), want)
 

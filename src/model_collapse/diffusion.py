@@ -51,7 +51,9 @@ def check_model_shape(spec: UNetSpec, image_side: int, where: str = "model") -> 
 def preload() -> None:
     """Import diffusers' UNet now (about 3 s: it pulls in every diffusers transformer block), so that a worker pays
     it while it waits for iteration 0, not inside its first training stage."""
-    from diffusers import UNet2DModel  # noqa: F401
+    import diffusers
+
+    diffusers.UNet2DModel  # noqa: B018 - the attribute's first access imports the module (diffusers loads lazily)
 
 
 def build_unet(spec: UNetSpec, image_side: int, channels: int, num_classes: int | None = None):

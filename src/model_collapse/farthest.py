@@ -39,7 +39,7 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.linalg import first_nonfinite_row
-from model_collapse.neighbours import exact_int8, int8_rows, rounding_gamma
+from model_collapse.neighbours import Int8Rows, exact_int8, int8_sq_distances, rounding_gamma
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -87,12 +87,11 @@ class _Bounds:
         self.pairs = 0
         self.int8 = exact_int8(x)
         if self.int8:  # 8-bit pixels: exact integer products, no rounding to bound
-            xc = int8_rows(x)
-            self.xc = torch.from_numpy(xc)
-            self.sq = torch.from_numpy(_row_sq(xc, np.int64))
+            rows = Int8Rows(x)
+            self.xc, self.sq = rows.x, rows.sq
             self.scale2, self.err = 1.0, np.zeros(m)
-            self.cbuf = torch.empty((n, xc.shape[1]), dtype=torch.int8)
-            self.csq = torch.empty(n, dtype=torch.int64)
+            self.cbuf = torch.empty((n, self.xc.shape[1]), dtype=torch.int8)
+            self.csq = torch.empty(n, dtype=torch.float64)
             return
         mean = x.mean(0, dtype=np.float64)
         # centred, then scaled by a power of two to a largest norm in [0.5, 1]: no float32 overflow, and underflow
@@ -124,8 +123,7 @@ class _Bounds:
         """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
         matrix-product identity, or exact integers (as float64) for 8-bit pixels."""
         if self.int8:
-            # widened before doubling: twice a product of 65,536 values or more can pass 2^31
-            return (sq[:, None] + self.csq[lo:hi][None] - 2 * torch._int_mm(rows, self.cbuf[lo:hi].T).long()).double()
+            return int8_sq_distances(rows, sq, self.cbuf[lo:hi], self.csq[lo:hi])
         return torch.addmm(sq[:, None] + self.csq[lo:hi][None], rows, self.cbuf[lo:hi].T, alpha=-2.0)
 
     @staticmethod
@@ -291,9 +289,9 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     what decided them (the start, and the share of all pool-centre distances computed)."""
     m = len(x)
     X = np.ascontiguousarray(x)
-    if exact_int8(X):
-        pass  # exact int8 products (`_Bounds`)
-    elif X.dtype.kind != "f" or X.itemsize < 4:  # half floats and integers of up to 16 bits are exact in float32
+    # 8-bit pixels stay as they are (exact int8 products, `_Bounds`); half floats and integers of up to 16 bits
+    # are exact in float32
+    if not exact_int8(X) and (X.dtype.kind != "f" or X.itemsize < 4):
         X = X.astype(np.float32 if X.itemsize <= 2 else np.float64)
     if X.dtype.kind == "f" and first_nonfinite_row(X) is not None:
         raise UserError("selection input contains NaN or inf")

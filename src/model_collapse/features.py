@@ -28,6 +28,7 @@ from model_collapse.errors import UserError
 from model_collapse.progress import Progress, or_silent
 from model_collapse.registry import check_name, resolve_device
 from model_collapse.rundir import set_aside, whole
+from model_collapse.workers import torch_threads
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,8 @@ def train_domain_net(images: np.ndarray, labels: np.ndarray | None, seed: int, s
     """Train the domain network deterministically (seeded init, batches and augmentation-free steps), on one
     thread whatever the process's thread count: torch's CPU kernels sum in another order on two threads, and the
     network must be the same whichever process of a run trains it (a worker, or the run's own at every core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _train_domain_net(images, labels, seed, steps)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_domain_net(images: np.ndarray, labels: np.ndarray | None, seed: int, steps: int) -> DomainNet:

@@ -37,7 +37,7 @@ from model_collapse.stages import measure_stage, sample_model, train_model
 from model_collapse.study import Study, arm_label, n_samples, prepare
 from model_collapse.summary import fmt_number, summarize
 from model_collapse.verdict import add_verdict
-from model_collapse.workers import Job, JobFailed, JobsBeside, run_jobs, thread_budget
+from model_collapse.workers import Job, JobFailed, JobsBeside, run_jobs, thread_budget, torch_threads
 
 
 def _bar(total: int, desc: str, position: int, show: bool):
@@ -190,8 +190,6 @@ def _iteration0_beside(cfg: RunConfig, root: RunDir, out: str, seed: int, jobs: 
     (the seed's lock, taken before any of them starts); then, with the references as that worker computed them
     (never a second time here), this process samples and measures iteration 0, and the arms go on side by side.
     A job's failure interrupts this process; this process's failure stops the jobs before the lock is released."""
-    import torch
-
     rd, scfg = root.study_dir(cfg, seed), seed_config(cfg, seed)
     refs = f"seed {seed}, references"
     first = [Job(refs, references_job, (config_to_dict(cfg), out, seed))]
@@ -202,13 +200,9 @@ def _iteration0_beside(cfg: RunConfig, root: RunDir, out: str, seed: int, jobs: 
             held.enter_context(rd.hold("iteration0"))
             beside = JobsBeside(first + jobs, workers, on_tick=lambda: _merge_now(cfg, root))
             try:
-                study = prepare(scfg, str(rd.path))
-                timings, threads = {}, torch.get_num_threads()
-                torch.set_num_threads(own)
-                try:
+                study, timings = prepare(scfg, str(rd.path)), {}
+                with torch_threads(own):
                     run_stage(study, rd, None, 0, show=show, train_only=True, timings=timings)
-                finally:
-                    torch.set_num_threads(threads)
                 beside.wait_for(refs)
                 _iteration0(study, rd, show, locked=True, timings=timings)
                 flush_rows(scfg, rd)

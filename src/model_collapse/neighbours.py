@@ -135,9 +135,10 @@ def _numpy_of(x):
     return np.asarray(x)
 
 
-class _Int8:
-    """8-bit pixels as int8 rows (`int8_rows`): the identity's products in int32 are exact, and so are
-    the distances (float64 sums of integers below 2^53): nothing to bound, no centring."""
+class Int8Rows:
+    """8-bit pixels as int8 rows (`int8_rows`) and their squared norms (float64, exact: integers below 2^53): the
+    identity's products in int32 are exact, and so are the distances (`int8_sq_distances`): nothing to bound, no
+    centring. The kNN kernel reads it as it reads a centred set (`tile`, `rows`, `sq`, `dtype`)."""
 
     dtype = torch.float64  # of the distances
 
@@ -151,6 +152,12 @@ class _Int8:
 
     def rows(self, r: torch.Tensor) -> torch.Tensor:
         return self.x[r]
+
+
+def int8_sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    """Exact squared distances (float64) between int8 rows a and b (`Int8Rows`) with squared norms sq_a, sq_b:
+    the int32 products doubled in float64, where twice a product of 65,536 values or more still fits."""
+    return sq_a[:, None] + sq_b[None] - 2.0 * torch._int_mm(a, b.T).double()
 
 
 def _merge(best_v, best_i, d, cols, m, dim=1):
@@ -290,10 +297,11 @@ def knn(
     dev = torch.device(resolve_device(device))
     dtype = torch.float32 if precision == "float32" else torch.float64
     symmetric = refs is None
-    int8 = dev.type == "cpu" and exact_int8(_numpy_of(queries)) and (symmetric or exact_int8(_numpy_of(refs)))
+    qn, rn = _numpy_of(queries), None if symmetric else _numpy_of(refs)
+    int8 = dev.type == "cpu" and exact_int8(qn) and (symmetric or exact_int8(rn))
     if int8:  # the exact rows read the uint8 values themselves: no float32 copy of the pool
-        X = torch.from_numpy(_numpy_of(queries))
-        Y = X if symmetric else torch.from_numpy(_numpy_of(refs))
+        X = torch.from_numpy(qn)
+        Y = X if symmetric else torch.from_numpy(rn)
     else:
         X = _as_tensor(queries, dev)
         Y = X if symmetric else _as_tensor(refs, dev)
@@ -306,8 +314,8 @@ def knn(
     if n == 0:
         return KnnResult(np.zeros((0, k)), np.zeros((0, k), dtype=np.int64))
     if int8:
-        Xc = _Int8(X.numpy())  # exact: no bound
-        Yc = Xc if symmetric else _Int8(Y.numpy())
+        Xc = Int8Rows(qn)  # exact: no bound
+        Yc = Xc if symmetric else Int8Rows(rn)
         err = torch.zeros(n, dtype=torch.float64)
     else:
         centre = Y.mean(0, keepdim=True)  # any centre gives the same distances; the mean makes the norms small

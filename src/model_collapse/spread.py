@@ -22,7 +22,7 @@ import torch
 from model_collapse.errors import UserError
 from model_collapse.farthest import farthest_points
 from model_collapse.metrics import distinct_index
-from model_collapse.neighbours import exact_int8, int8_rows, knn, rounding_gamma
+from model_collapse.neighbours import Int8Rows, exact_int8, int8_sq_distances, knn, rounding_gamma
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -92,9 +92,8 @@ def select_threshold(
     if not 0.0 < decay < 1.0:
         raise UserError(f"decay must lie in (0, 1), got {decay}")
     if exact_int8(x):  # 8-bit pixels: int8 products give exact distances, nothing to decide again
-        xi = int8_rows(x)
-        X, X64, gamma = torch.from_numpy(xi), None, 0.0
-        sq = torch.from_numpy(np.einsum("ij,ij->i", xi, xi, dtype=np.int64)).double()
+        rows = Int8Rows(x)
+        X, sq, X64, gamma = rows.x, rows.sq, None, 0.0
     else:
         X64 = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)  # exact distances from these
         Xc = X64 - X64.mean(0, keepdim=True)  # centred, for the approximate pass only
@@ -216,10 +215,9 @@ def decay_below(tau: float, decay: float, top: float, passes: int) -> tuple[floa
 
 def _sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
     """Squared distances between rows a and rows b (squared norms sq_a, sq_b, float64) as float64: the float32
-    matrix-product identity (within the caller's rounding bound), or exact for int8 rows (`neighbours.int8_rows`:
-    int32 products, and float64 sums of integers below 2^53)."""
+    matrix-product identity (within the caller's rounding bound), or exact for int8 rows (`neighbours.Int8Rows`)."""
     if a.dtype == torch.int8:
-        return sq_a[:, None] + sq_b[None] - 2.0 * torch._int_mm(a, b.T).double()
+        return int8_sq_distances(a, sq_a, b, sq_b)
     return torch.addmm(sq_a.float()[:, None] + sq_b.float()[None], a, b.T, alpha=-2.0).double()
 
 

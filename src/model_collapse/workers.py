@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -52,6 +53,19 @@ def watch_parent(parent_pid: int) -> None:
 def thread_budget(workers: int) -> int:
     """Torch threads per worker: the cores split evenly, at least one."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n for the block, and back to the caller's count after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _entry(job: Job, threads: int, parent_pid: int, results) -> None:
