@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -282,6 +283,27 @@ def load_weights(path: Path, unet) -> None:
     unet.load_state_dict(load_file(str(path)))
 
 
+def _draw(data: torch.Tensor, lab: torch.Tensor | None, alphas: torch.Tensor, s: TrainSettings, seed: int,
+          coords: Sequence[object], step: int, null_class: int | None, rank: int = 0, world: int = 1):
+    """One step's noised batch (x_t, t, noise, class labels or None): the batch indices, noise, timesteps and label
+    dropout drawn from the generator seeded by (seed, *coords, "train", step), on the CPU whatever the device (a
+    run is the same on any hardware's random streams); under P processes, this process's slice rank::P of it."""
+    dev = data.device
+    g = torch_generator(seed, *coords, "train", step)
+    idx = torch.randint(0, len(data), (s.batch_size,), generator=g)
+    noise = torch.randn((s.batch_size,) + tuple(data.shape[1:]), generator=g)
+    t = torch.randint(0, len(alphas), (s.batch_size,), generator=g)
+    drop = torch.rand(s.batch_size, generator=g) < s.label_dropout
+    idx, noise, t, drop = (v[rank::world].to(dev) for v in (idx, noise, t, drop))
+    a = alphas[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * data[idx] + (1 - a).sqrt() * noise
+    cls = None
+    if lab is not None:
+        cls = lab[idx].clone()
+        cls[drop] = null_class
+    return xt, t, noise, cls
+
+
 def train(
     unet,
     images: np.ndarray,
@@ -328,7 +350,6 @@ def train(
     unet.to(dev)
     data = to_model_space(images).to(dev)
     lab = torch.as_tensor(labels).to(dev) if labels is not None else None
-    n = len(data)
     params = list(unet.parameters())
     opt = _optimizer(unet, s, fused)
     ema = [p.detach().clone() for p in params] if s.ema_decay is not None else None
@@ -341,20 +362,7 @@ def train(
     model = compiled if accelerator is None else accelerator.prepare_model(compiled)
     unet.train()
     while step < s.train_steps:
-        g = torch_generator(seed, *coords, "train", step)
-        # drawn on the CPU whatever the device, so a run is the same on any hardware's random streams
-        idx = torch.randint(0, n, (s.batch_size,), generator=g)
-        noise = torch.randn((s.batch_size,) + tuple(data.shape[1:]), generator=g).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (s.batch_size,), generator=g)
-        drop = torch.rand(s.batch_size, generator=g) < s.label_dropout
-        idx, noise, t, drop = (v[rank::world].to(dev) for v in (idx, noise, t, drop))
-        x0 = data[idx]
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cls = None
-        if lab is not None:
-            cls = lab[idx].clone()
-            cls[drop] = null_class
+        xt, t, noise, cls = _draw(data, lab, alphas, s, seed, coords, step, null_class, rank, world)
         for group in opt.param_groups:
             group["lr"] = s.lr * lr_factor(step, s)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -398,6 +406,137 @@ def train(
     if losses is not None:
         losses[:] = history.cpu().tolist()
     return unet
+
+
+def train_together(
+    unets: Sequence,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray | None],
+    s: TrainSettings,
+    seeds: Sequence[int],
+    coords: Sequence[Sequence[object]],
+    *,
+    checkpoints: Sequence[Path | None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_checkpoint: Callable[[int, int], None] | None = None,
+    null_class: int | None = None,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    losses: Sequence[list] | None = None,
+) -> None:
+    """Train several UNets of one architecture in place at once, as one batched model: their weights stacked and
+    the forward and backward passes vmapped over them (`torch.func`), so each convolution runs once as a grouped
+    convolution for all of them. A step of 8 `tiny` models costs about 5 of one (benchmarks/bench_loop.py).
+
+    Member i is trained as `train(unets[i], images[i], labels[i], s, seeds[i], coords[i], ...)` trains it alone: the
+    same draws, its own optimiser (fused AdamW), clipping, EMA and checkpoint file (the same format: either function
+    resumes the other's checkpoints), and its own losses. Only the convolutions' arithmetic differs from `train`'s
+    (float rounding), and a member's result depends on nothing but itself: not on how many others train beside it
+    nor in which order (tests/test_diffusion.py holds both), so a resumed run equals an uninterrupted one whatever
+    has finished meanwhile. A member whose checkpoint is further on waits for the others to reach its step; a
+    member training alone trains beside an unused copy of itself (a batch of one model would take the plain
+    convolutions' arithmetic). `progress(i, step)` and `on_checkpoint(i, step)` name the member. One process (no
+    accelerator); no fp16 (its loss scaler is shared by the whole batch, which would tie the members together).
+    """
+    import copy
+
+    from torch.func import functional_call, vmap
+
+    k = len(unets)
+    if amp_dtype == torch.float16:
+        raise ValueError("train_together: fp16 needs one loss scaler per model; use bf16 or train the models apart")
+    if not (k == len(images) == len(labels) == len(seeds) == len(coords)):
+        raise ValueError("train_together: one images array, labels entry, seed and coordinates tuple per model")
+    checkpoints = list(checkpoints) if checkpoints is not None else [None] * k
+    dev = torch.device(device)
+    alphas = make_train_scheduler().alphas_cumprod.to(dev)
+    for u in unets:
+        u.to(dev)
+    shapes = [[(n, p.shape, p.dtype) for n, p in u.named_parameters()] for u in unets]
+    if any(sh != shapes[0] for sh in shapes):
+        raise ValueError("train_together: the models differ in their parameters (one architecture only)")
+    if any((y is not None) != (labels[0] is not None) for y in labels):
+        raise ValueError("train_together: every model conditional or none")
+    base = copy.deepcopy(unets[0]).to("meta")  # the architecture; the weights come from `stacked`
+    names = [n for n, _ in unets[0].named_parameters()]
+    params = [list(u.parameters()) for u in unets]
+    bufs = [dict(u.named_buffers()) for u in unets]
+    buffers = {n: torch.stack([b[n] for b in bufs]) for n in bufs[0]}
+    with torch.no_grad():  # one (k, ...) tensor per weight; each model's parameters become views of its row
+        stacked = {n: torch.stack([ps[j] for ps in params]).requires_grad_() for j, n in enumerate(names)}
+        for i, ps in enumerate(params):
+            for n, p in zip(names, ps):
+                p.data = stacked[n].detach()[i]
+    opts = [_optimizer(u, s) for u in unets]
+    emas = [[p.detach().clone() for p in ps] if s.ema_decay is not None else None for ps in params]
+    history = [torch.full((s.train_steps,), float("nan"), device=dev) for _ in unets]
+    start = [load_checkpoint(c, u, o, e, None, h) if c is not None and c.exists() else 0
+             for c, u, o, e, h in zip(checkpoints, unets, opts, emas, history)]
+    data = [to_model_space(x).to(dev) for x in images]
+    labs = [torch.as_tensor(y).to(dev) if y is not None else None for y in labels]
+    conditional = labs[0] is not None
+
+    def forward(p, b, x, t, c):
+        return functional_call(base, (p, b), (x, t), {"class_labels": c}).sample
+
+    batched = vmap(forward, in_dims=(0, 0, 0, 0, 0 if conditional else None))
+    for u in [*unets, base]:
+        u.train()
+    step = min(start)
+    try:
+        while step < s.train_steps:
+            active = [i for i in range(k) if start[i] <= step]
+            draws = [_draw(data[i], labs[i], alphas, s, seeds[i], coords[i], step, null_class) for i in active]
+            rows = torch.tensor(active, device=dev)
+            if len(active) == 1:  # alone beside a copy of itself that takes no gradient
+                w = {n: torch.stack([v[active[0]], v[active[0]].detach()]) for n, v in stacked.items()}
+                draws = draws * 2
+                rows = rows.repeat(2)
+            else:
+                w = stacked if len(active) == k else {n: v[rows] for n, v in stacked.items()}
+            b = {n: v[rows] for n, v in buffers.items()}
+            x, t = torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws])
+            c = torch.stack([d[3] for d in draws]) if conditional else None
+            for i in active:
+                for group in opts[i].param_groups:
+                    group["lr"] = s.lr * lr_factor(step, s)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None), warnings.catch_warnings():
+                # attention has no batching rule in torch 2.14: it runs model by model, correctly (and says so)
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                pred = batched(w, b, x, t, c)
+            loss = [F.mse_loss(pred[j].float(), draws[j][2]) for j in range(len(active))]
+            for v in stacked.values():
+                v.grad = None
+            torch.stack(loss).sum().backward()  # each model's loss reaches its own weights only, with weight 1
+            with torch.no_grad():
+                for j, i in enumerate(active):
+                    history[i][step] = loss[j].detach()
+                    for n, p in zip(names, params[i]):  # a weight no loss reached keeps no gradient, as in `train`
+                        p.grad = None if stacked[n].grad is None else stacked[n].grad[i]
+                    if s.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params[i], s.grad_clip, foreach=True)
+                    opts[i].step()
+                    if emas[i] is not None:
+                        torch._foreach_lerp_(emas[i], [p.detach() for p in params[i]], 1.0 - s.ema_decay)
+            step += 1
+            for i in active:
+                if progress is not None:
+                    progress(i, step)
+                if checkpoints[i] is not None and step % s.checkpoint_every == 0 and step < s.train_steps:
+                    save_checkpoint(checkpoints[i], unets[i], opts[i], emas[i], step, None, history[i])
+                    if on_checkpoint is not None:
+                        on_checkpoint(i, step)
+    finally:  # each model's weights in their own storage again (after a failure too): the EMA ones when done
+        done = step >= s.train_steps
+        with torch.no_grad():
+            for i in range(k):
+                for j, p in enumerate(params[i]):
+                    p.grad = None
+                    p.data = (emas[i][j] if done and emas[i] is not None else p.detach()).clone()
+    for i, u in enumerate(unets):
+        u.eval()
+        if losses is not None:
+            losses[i][:] = history[i].cpu().tolist()
 
 
 # ---------------------------------------------------------------------------------------------- sampling
