@@ -490,11 +490,16 @@ def test_a_run_starts_from_a_saved_diffusers_unet(tmp_path, capsys):
     UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,
                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                 class_embed_type="timestep").save_pretrained(tmp_path / "timestep")
-    for path, pattern in ((tmp_path / "rgb16", "sample_size is 16, but the run needs 8"),
-                          (tmp_path / "nothing", "no diffusers model there"),
-                          (tmp_path / "timestep", "class_embed_type 'timestep' is not supported")):
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                dropout=0.1).save_pretrained(tmp_path / "dropout")
+    for path, pattern, extra in (
+            (tmp_path / "rgb16", "sample_size is 16, but the run needs 8", []),
+            (tmp_path / "nothing", "no diffusers model there", []),
+            (tmp_path / "timestep", "class_embed_type 'timestep' is not supported", []),
+            (tmp_path / "dropout", "has dropout 0.1, which models trained together", ["--set", "batch_models=true"])):
         out = tmp_path / f"bad-{path.name}"
-        rc = main(["run", "smoke", "--out", str(out), "--set", f"init_from={json.dumps(str(path))}"])
+        rc = main(["run", "smoke", "--out", str(out), "--set", f"init_from={json.dumps(str(path))}", *extra])
         err = capsys.readouterr().err
         assert rc == 2 and pattern in err and "Traceback" not in err and not out.exists(), err
 
@@ -616,12 +621,61 @@ def test_one_seed_on_two_workers_gives_the_files_of_one_process(tmp_path):
                    show=False)
     two = run_loop(tiny_cfg("iterations=2", "domain_steps=10", 'spaces=["pixel", "domain"]', "workers=2"),
                    tmp_path / "two", show=False)
-    def rows(run):  # side by side, the arms' rows land in the order their stages finish
-        return sorted(read_metrics(tmp_path / run / "metrics.jsonl"), key=lambda r: (r["arm"], r["iteration"]))
-
-    assert rows("one") == rows("two")
+    # side by side, the arms' rows land in the order their stages finish; the finished file is in (iteration, arm)
+    # order, the same bytes as one process's
+    rows = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [(r["iteration"], r["arm"]) for r in rows] == [(t, a.label()) for t in range(2) for a in tiny_cfg().arms]
+    assert (tmp_path / "one" / "metrics.jsonl").read_bytes() == (tmp_path / "two" / "metrics.jsonl").read_bytes()
     assert one["claims"] == two["claims"]
     timings = json.loads((tmp_path / "two" / "iter_000" / "timings.json").read_text())
     assert set(timings) == {"select_s", "train_s", "sample_s", "metrics_s"}
     for name in ("domain.safetensors", "real_stats_domain.npz", "real_reference_domain.npz"):
         assert (tmp_path / "one" / "features" / name).read_bytes() == (tmp_path / "two" / "features" / name).read_bytes()
+
+
+def test_models_trained_together_give_the_same_files_in_any_grouping_and_after_a_crash(tmp_path):
+    """batch_models: two seeds' three arms trained as one batch of six per iteration; the same slice run alone
+    (beside a copy of itself) and a run crashed in its batched training and resumed give the same model files,
+    samples and metrics rows, bit for bit."""
+    cfg = tiny_cfg("seeds=[0,1]", "batch_models=true",
+                   "arms=[{selector=\"random\"}, {selector=\"greedy\", pool_factor=2}, "
+                   "{paradigm=\"accumulate\", selector=\"random\"}]")
+    whole_and_crashed(cfg, tmp_path)
+    run_loop(cfg, tmp_path / "resumed", show=False)
+    run_loop(cfg, tmp_path / "alone", show=False, only=[(1, 1)])
+    for seed in (0, 1):
+        a = read_metrics(tmp_path / "whole" / f"seed_{seed:03d}" / "metrics.jsonl")
+        b = read_metrics(tmp_path / "resumed" / f"seed_{seed:03d}" / "metrics.jsonl")
+        assert len(a) == 9 and a == b
+        for arm in ("replace-random", "replace-greedy-k2", "accumulate-random"):
+            for t in (1, 2):
+                where = f"seed_{seed:03d}/arms/{arm}/iter_{t:03d}"
+                runs = ("whole", "resumed") + (("alone",) if (seed, arm) == (1, "replace-greedy-k2") else ())
+                files = [(tmp_path / r / where / "model.safetensors").read_bytes() for r in runs]
+                assert all(f == files[0] for f in files)
+                with np.load(tmp_path / runs[0] / where / "samples.npz") as za:
+                    for r in runs[1:]:
+                        with np.load(tmp_path / r / where / "samples.npz") as zb:
+                            np.testing.assert_array_equal(za["images"], zb["images"])
+    timings = json.loads((tmp_path / "whole" / "seed_000" / "arms" / "replace-random" / "iter_001"
+                          / "timings.json").read_text())
+    assert timings["trained_together"] == 6
+
+
+def test_models_trained_together_on_two_workers(tmp_path):
+    """batch_models with workers = 2 (how the presets run on two cores): iteration 0 of each seed in a worker, then
+    two groups of two slices in two workers; every stage is there, each model trained beside another, the rows in
+    (iteration, arm) order; and the settings that cannot apply to models trained together are refused."""
+    cfg = tiny_cfg("seeds=[0,1]", "batch_models=true", "workers=2", "iterations=2")
+    summary = run_loop(cfg, tmp_path / "r", show=False)
+    assert summary["claims"]
+    for seed in (0, 1):
+        rows = read_metrics(tmp_path / "r" / f"seed_{seed:03d}" / "metrics.jsonl")
+        assert [(r["iteration"], r["arm"]) for r in rows] == [(t, a.label()) for t in range(2) for a in cfg.arms]
+        for arm in cfg.arms:
+            timings = json.loads((tmp_path / "r" / f"seed_{seed:03d}" / "arms" / arm.label() / "iter_001"
+                                  / "timings.json").read_text())
+            assert timings["trained_together"] == 2 and timings["train_s"] * 2 == pytest.approx(timings["train_batch_s"])
+    for bad in (["mixed_precision=fp16"], ["compile=true", "device=cuda"], ["channels_last=true"]):
+        with pytest.raises(UserError, match="batch_models"):
+            tiny_cfg("batch_models=true", *bad)

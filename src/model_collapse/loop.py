@@ -4,7 +4,8 @@ Each (arm, iteration) runs four stages, each leaving one file written atomically
 exists: the training set (`paradigms`), the model, the samples and the metrics (`stages`). Training resumes
 from its last checkpoint. All randomness derives from (seed, arm, iteration, phase, index), so a resumed run
 equals an uninterrupted one. Arms run side by side in processes (`workers`), or one after another with every
-process on each stage under `accelerate launch`.
+process on each stage under `accelerate launch`; with `batch_models`, groups of (seed, arm) slices run in step,
+each iteration's models of a group trained together as one batched model.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from model_collapse.paradigms import build_training_set
 from model_collapse.registry import resolve_device
 from model_collapse.report import check_places, write_report
 from model_collapse.rundir import RunDir, atomic_write_json, checkpoint_step, read_json, read_metrics, whole
-from model_collapse.stages import measure_stage, sample_model, train_model
+from model_collapse.stages import measure_stage, sample_model, train_model, train_models_together
 from model_collapse.study import Study, arm_label, n_samples, prepare
 from model_collapse.summary import fmt_number, summarize
 from model_collapse.verdict import add_verdict
@@ -55,6 +56,19 @@ def _done(path: Path, shared: bool = True) -> bool:
     return dist.share(done) if shared else done
 
 
+def _training_set(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, timings: dict) -> None:
+    """The stage's training set, unless it is there (built by the main process)."""
+    d = rd.iter_dir(arm.label() if arm else None, t)
+    d.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if not _done(d / "train.npz"):
+        t0 = time.perf_counter()
+        if dist.is_main():
+            build_training_set(study, rd, arm, t)
+        timings["select_s"] = time.perf_counter() - t0
+    dist.barrier()
+
+
 def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: bool = True, position: int = 0,
               on_checkpoint: Callable | None = None, train_only: bool = False, timings: dict | None = None) -> dict:
     """Run whatever is missing of (arm, iteration t) and return its metrics; with `train_only`, its training set
@@ -66,20 +80,17 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
     d.mkdir(parents=True, exist_ok=True)
     show = show and dist.is_main()
     timings = {} if timings is None else timings
-    dist.barrier()
-    if not _done(d / "train.npz"):
-        t0 = time.perf_counter()
-        if dist.is_main():
-            build_training_set(study, rd, arm, t)
-        timings["select_s"] = time.perf_counter() - t0
-    dist.barrier()
+    _training_set(study, rd, arm, t, timings)
     if not _done(d / "model.safetensors"):
         t0 = time.perf_counter()
         with _bar(cfg.train_steps, f"{label:>22} it{t} train", position, show) as bar:
             ckpt = d / "train_state.safetensors"
             if _done(ckpt):  # a damaged checkpoint is removed: training starts over, to the same result
                 bar.update(checkpoint_step(ckpt))
-            train_model(study, rd, arm, t, bar, on_checkpoint)
+            if cfg.batch_models and arm is not None and t > 0:  # batched arithmetic, even for one model
+                train_models_together([(study, rd, arm, t)], [bar], on_checkpoint)
+            else:
+                train_model(study, rd, arm, t, bar, on_checkpoint)
         timings["train_s"] = time.perf_counter() - t0
     dist.barrier()
     if train_only:
@@ -136,6 +147,17 @@ def flush_rows(cfg: RunConfig, rd: RunDir) -> None:
             rows.append(row)
         if rows:
             rd.append_metrics(rows)
+
+
+def order_rows(cfg: RunConfig, rd: RunDir) -> None:
+    """Rewrite a seed's metrics.jsonl in (iteration, arm) order: with arms side by side, rows land in the order their
+    stages finish, which varies from run to run; the finished file does not."""
+    with rd.hold("rows"):
+        rows = read_metrics(rd.metrics_path)
+        place = {a.label(): i for i, a in enumerate(cfg.arms)}
+        ordered = sorted(rows, key=lambda r: (r["iteration"], place.get(r["arm"], len(place))))
+        if ordered != rows:
+            rd.write_metrics(ordered)
 
 
 def merge_rows(cfg: RunConfig, root: RunDir) -> None:
@@ -232,6 +254,49 @@ def run_seed(cfg_dict: dict, out: str, seed: int, arm_indices: tuple[int, ...] |
             flush_rows(scfg, rd)
 
 
+def run_together(cfg_dict: dict, out: str, slices: tuple[tuple[int, int], ...], show: bool,
+                 on_checkpoint: Callable | None = None) -> None:
+    """A job of a `batch_models` run: the (seed, arm index) slices in step, iteration by iteration: their
+    training sets, then their models trained together as one batched model (`stages.train_models_together`),
+    then each slice's samples and metrics. Each seed's iteration 0 first, as `run_seed` runs it."""
+    cfg = config_from_dict(cfg_dict)
+    root = RunDir(Path(out))
+    studies = {}
+    for seed in dict.fromkeys(s for s, _ in slices):
+        rd = root.study_dir(cfg, seed)
+        studies[seed] = (prepare(seed_config(cfg, seed), str(rd.path)), rd)
+    preload()
+    for study, rd in studies.values():
+        _iteration0(study, rd, show)
+        flush_rows(study.cfg, rd)
+    for t in range(1, cfg.iterations):
+        stages = [(*studies[s], cfg.arms[j], t) for s, j in slices]
+        timings: list[dict] = [{} for _ in stages]
+        for (study, rd, arm, _), tm in zip(stages, timings):
+            _training_set(study, rd, arm, t, tm)
+        todo = [i for i, (_, rd, arm, _) in enumerate(stages)
+                if not _done(rd.iter_dir(arm.label(), t) / "model.safetensors")]
+        if todo:
+            t0 = time.perf_counter()
+            with ExitStack() as held:
+                bars = []
+                for pos, i in enumerate(todo):
+                    study, rd, arm, _ = stages[i]
+                    name = arm.label() + (f" s{study.cfg.seed}" if cfg.seeds is not None else "")
+                    bar = held.enter_context(_bar(cfg.train_steps, f"{name:>22} it{t} train", pos, show))
+                    ckpt = rd.iter_dir(arm.label(), t) / "train_state.safetensors"
+                    if _done(ckpt):  # a damaged checkpoint is removed: that model starts over, to the same result
+                        bar.update(checkpoint_step(ckpt))
+                    bars.append(bar)
+                train_models_together([stages[i] for i in todo], bars, on_checkpoint)
+            batch_s = time.perf_counter() - t0
+            for i in todo:  # each model's share of the batch (so that sums over stages count each second once)
+                timings[i].update(train_s=batch_s / len(todo), train_batch_s=batch_s, trained_together=len(todo))
+        for pos, ((study, rd, arm, _), tm) in enumerate(zip(stages, timings)):
+            run_stage(study, rd, arm, t, show=show, position=pos, timings=tm)
+            flush_rows(study.cfg, rd)
+
+
 def default_workers(cfg: RunConfig, jobs: int) -> int:
     if cfg.workers is not None:
         return min(cfg.workers, jobs)
@@ -286,6 +351,26 @@ def _finish(cfg: RunConfig, root: RunDir, show: bool) -> dict:
     return summary
 
 
+def _run_batched(cfg: RunConfig, root: RunDir, out: str, plan: list, arm_slices: list, workers: int, show: bool,
+                 on_checkpoint: Callable | None) -> None:
+    """`batch_models`: the slices in groups trained as one batched model each (`run_together`), one group per
+    worker, at least two slices to a group (a group of one trains beside a copy of itself); each seed's iteration
+    0 first (seeds side by side)."""
+    cfg_dict = config_to_dict(cfg)
+    groups = max(1, min(workers, len(arm_slices) // 2))
+    # sorted by arm, then seed, and dealt round-robin: each group gets a share of every arm's slices
+    ordered = sorted(arm_slices, key=lambda sj: (sj[1], sj[0]))
+    parts = [tuple(ordered[g::groups]) for g in range(groups)]
+    if groups == 1:
+        run_together(cfg_dict, out, parts[0], show, on_checkpoint)
+        return
+    seeds = list(dict.fromkeys(s for s, _ in plan))
+    run_jobs([Job(f"seed {s}, iteration 0", run_seed, (cfg_dict, out, s, (), show)) for s in seeds],
+             min(workers, len(seeds)))
+    run_jobs([Job(f"models {g + 1} of {groups} ({len(p)} slices)", run_together, (cfg_dict, out, p, show))
+              for g, p in enumerate(parts)], groups, on_tick=lambda: _merge_now(cfg, root))
+
+
 def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoint: Callable | None = None,
              only: list[tuple[int, int | None]] | None = None) -> dict:
     """Run (or resume) a study in RUN_DIR `out`, every seed and arm or only the given (seed, arm index or None
@@ -293,6 +378,9 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
     out = Path(out)
     prepare(cfg)  # the data and model checks, before anything is written
     if dist.world() > 1:
+        if cfg.batch_models:
+            raise UserError("batch_models trains several models in one process; under accelerate launch the "
+                            "processes share each model (data parallel): set batch_models = false")
         if only is not None:
             raise UserError("--only runs one slice per process; under accelerate launch run the whole study")
         return _run_distributed(cfg, out, show)
@@ -304,7 +392,9 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
                 held.enter_context(root.study_dir(cfg, s).hold(f"slice-{cfg.arms[j].label()}", wait=False))
         workers = default_workers(cfg, len(arm_slices))
         cfg_dict = config_to_dict(cfg)
-        if workers <= 1 or cfg.iterations == 1:
+        if cfg.batch_models and cfg.iterations > 1:
+            _run_batched(cfg, root, str(out), plan, arm_slices, workers, show, on_checkpoint)
+        elif workers <= 1 or cfg.iterations == 1:
             for s, i in plan:
                 run_seed(cfg_dict, str(out), s, None if i is None else (i,), show, on_checkpoint)
                 _merge_now(cfg, root)
@@ -323,4 +413,5 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
                 run_jobs(jobs, workers, on_tick=lambda: _merge_now(cfg, root))
         for s in dict.fromkeys(s for s, _ in plan):
             flush_rows(seed_config(cfg, s), root.study_dir(cfg, s))
+            order_rows(cfg, root.study_dir(cfg, s))
         return _finish(cfg, root, show)

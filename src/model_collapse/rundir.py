@@ -1,7 +1,8 @@
 """The run directory: the source of truth of a run.
 
 config.json is written before any work; every artifact is written to a temporary name and renamed into place;
-metrics.jsonl is append-only, one line per (arm, iteration); an exclusive lock refuses a second process.
+metrics.jsonl gets one line per (arm, iteration) appended as each finishes, and is rewritten once, atomically, in
+(iteration, arm) order when the run ends (`loop.order_rows`); an exclusive lock refuses a second process.
 Nothing read back from here is ever unpickled.
 """
 
@@ -348,7 +349,8 @@ class RunDir:
 
     # -- metrics
     def write_metrics(self, rows: list[dict]) -> None:
-        """Replace metrics.jsonl with these rows (the merged file of a run with several seeds)."""
+        """Replace metrics.jsonl with these rows, atomically (the merged file of a run with several seeds, and a
+        seed's rows in order at the end of a run)."""
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(_clean(r)) + "\n" for r in rows).encode())
 
     @property

@@ -73,6 +73,48 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
             tracking.log_losses(cfg.log_with, rd.tracking_dir, tracking.run_name(cfg.seed, label, t), losses)
 
 
+def train_models_together(members: list[tuple[Study, RunDir, ArmConfig, int]], bars=None,
+                          on_checkpoint=None) -> None:
+    """Train the models of several (arm, iteration >= 1) stages at once as one batched model
+    (`diffusion.train_together`, `batch_models = true`): each is the model `train_model` would make of the same
+    stage up to float rounding, and depends on nothing but its own stage. Its stages may belong to different seeds
+    (one study each); one process."""
+    unets, images, labels, seeds, coords, ckpts = [], [], [], [], [], []
+    for study, rd, arm, t in members:
+        cfg, label = study.cfg, arm_label(arm)
+        d = rd.iter_dir(arm.label(), t)
+        tr = load_npz(d / "train.npz")
+        unet = new_unet(study, label, t)
+        if cfg.finetune:
+            D.load_weights(rd.iter_dir(label if t > 1 else None, t - 1) / "model.safetensors", unet)
+        unets.append(unet)
+        images.append(tr["images"])
+        labels.append(tr.get("labels") if cfg.conditional else None)
+        seeds.append(cfg.seed)
+        coords.append((label, t))
+        ckpts.append(d / "train_state.safetensors")
+    study = members[0][0]
+    losses: list[list[float]] = [[] for _ in members]
+
+    def hook(i: int, step: int) -> None:
+        on_checkpoint(arm_label(members[i][2]), members[i][3], step)
+
+    D.train_together(unets, images, labels, study.train_settings(), seeds, coords, checkpoints=ckpts,
+                     progress=(lambda i, step: bars[i].update(1)) if bars else None,
+                     on_checkpoint=hook if on_checkpoint is not None else None,
+                     null_class=study.num_classes, device=study.device, amp_dtype=AMP.get(study.cfg.mixed_precision),
+                     losses=losses)
+    for (study, rd, arm, t), unet, lost, ckpt in zip(members, unets, losses, ckpts):
+        d = rd.iter_dir(arm.label(), t)
+        unet.cpu()
+        rd.save_losses(d, np.asarray(lost, dtype=np.float32))  # before the model: a finished stage has both
+        D.save_weights(d / "model.safetensors", unet)
+        ckpt.unlink(missing_ok=True)
+        if study.cfg.log_with:  # after the model is safe, as in `train_model`
+            name = tracking.run_name(study.cfg.seed, arm_label(arm), t)
+            tracking.log_losses(study.cfg.log_with, rd.tracking_dir, name, lost)
+
+
 def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=None) -> None:
     cfg = study.cfg
     label = arm_label(arm)

@@ -172,6 +172,9 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Study:
             raise UserError(f"{cfg.data}: labels up to {num_classes - 1:,}; a conditional model embeds every class "
                             f"from 0 to the largest label (at most {MAX_CLASSES:,}): number the classes 0..K-1")
     pretrained = pretrained_unet(cfg.init_from, h, c, num_classes) if cfg.init_from else None
+    if pretrained is not None and cfg.batch_models and (pretrained[1].get("dropout") or 0) > 0:
+        raise UserError(f"init_from {cfg.init_from}: its UNet has dropout {pretrained[1]['dropout']}, which models "
+                        f"trained together cannot draw per model; set batch_models = false")
     if pretrained is None:
         check_model_shape(spec, h, where=f"model {cfg.model}")
     for a in cfg.arms:
