@@ -1,9 +1,11 @@
 """Training and sampling throughput of the loop's own code against a plain diffusers loop, in the same process.
 
 Run: .venv/bin/python benchmarks/bench_loop.py [--quick] [--rounds R] [--scale demo|unet48 ...] [--no-machine]
+     [--together K ...]
 The plain loop is the textbook one (forward, MSE, backward, clip, AdamW with torch's defaults, EMA lerp per
 parameter); ours is `diffusion.train` (seeded per-step draws, schedules, checkpoint hooks) with its fused
-optimizer, clipping and EMA, and with them off. Sampling: a plain DDIM loop on one batch against
+optimizer, clipping and EMA, with them off, and K models trained together as one batched model
+(`diffusion.train_together`, the loop's `batch_models`; times per model). Sampling: a plain DDIM loop on one batch against
 `diffusion.generate` (one seeded generator per sample, fixed evaluation batch).
 Machine: training steps/s of the whole machine, one model on every thread against one model per core side by side
 (how the loop runs arms and seeds), for the plain loop and ours. Rounds alternate the variants and
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from model_collapse.diffusion import (  # noqa: E402
-    TrainSettings, build_unet, generate, make_sampler, make_train_scheduler, train)
+    TrainSettings, build_unet, generate, make_sampler, make_train_scheduler, train, train_together)
 from model_collapse.registry import MODEL_PRESETS  # noqa: E402
 
 SCALES = {"demo": ("tiny", 8, 1, 32), "unet48": ("unet48", 32, 3, 32)}  # preset, side, channels, batch
@@ -80,7 +82,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench(scale: str, quick: bool, rounds: int, side_by_side: bool = True) -> None:
+def together(preset: str, side: int, channels: int, images: np.ndarray, s: TrainSettings, k: int) -> None:
+    """k models trained as one batched model (`diffusion.train_together`, `batch_models = true`)."""
+    unets = []
+    for i in range(k):
+        torch.manual_seed(i)
+        unets.append(build_unet(MODEL_PRESETS[preset], side, channels))
+    train_together(unets, [images] * k, [None] * k, s, list(range(k)), [("bench",)] * k)
+
+
+def bench(scale: str, quick: bool, rounds: int, side_by_side: bool = True, ks: tuple[int, ...] = (8,)) -> None:
     preset, side, channels, batch = SCALES[scale]
     steps = (40 if quick else 200) if scale == "demo" else (3 if quick else 10)
     n_sample, sample_steps = (256, 10 if quick else 50) if scale == "demo" else (32, 2 if quick else 5)
@@ -96,17 +107,22 @@ def bench(scale: str, quick: bool, rounds: int, side_by_side: bool = True) -> No
         "ours": lambda: train(unet(), images, None, s, 0, ("bench",)),
         "ours, fused off": lambda: train(unet(), images, None, s, 0, ("bench",), fused=False),
     }
+    per = {k: 1 for k in variants}  # models each call trains
+    for k in ks:
+        variants[f"ours, {k} models together"] = lambda k=k: together(preset, side, channels, images, s, k)
+        per[f"ours, {k} models together"] = k
     train(unet(), images, None, settings(2, batch), 0, ("warm",))  # warm-up: thread pools, first-call dispatch
+    together(preset, side, channels, images, settings(2, batch), 2)
     times = {k: [] for k in variants}
     for _ in range(rounds):
         for k, fn in variants.items():
-            times[k].append(timed(fn))
+            times[k].append(timed(fn) / per[k])  # seconds per model
     base = times["plain"]
     for k, ts in times.items():
         ratios = ", ".join(f"{b / t:.2f}x" for b, t in zip(base, ts))
         print(f"train {scale} ({preset}, {side}x{side}x{channels}, batch {batch}, {steps} steps) {k}: "
-              f"{steps / min(ts):.1f} steps/s best, {np.median(ts) / steps * 1e3:.1f} ms/step median; speed vs plain "
-              f"per round: {ratios}", flush=True)
+              f"{steps / min(ts):.1f} steps/s per model best, {np.median(ts) / steps * 1e3:.1f} ms/step per model "
+              f"median; speed vs plain per round: {ratios}", flush=True)
 
     model = unet()
     model.eval()
@@ -122,35 +138,42 @@ def bench(scale: str, quick: bool, rounds: int, side_by_side: bool = True) -> No
         print(f"sample {scale} DDIM-{sample_steps}, {n_sample} images, {k}: {n_sample / min(ts):.0f} images/s best; "
               f"speed vs plain per round: {ratios}", flush=True)
     if side_by_side:
-        machine(scale, preset, side, channels, batch, steps, images, rounds)
+        machine(scale, preset, side, channels, batch, steps, images, rounds, ks)
 
 
-def _worker(kind: str, preset: str, side: int, channels: int, batch: int, steps: int, threads: int, start, done):
+def _worker(kind: str, preset: str, side: int, channels: int, batch: int, steps: int, threads: int, start, done,
+            k: int = 1):
     torch.set_num_threads(threads)
     images = np.random.default_rng(0).integers(0, 256, size=(256, side, side, channels), dtype=np.uint8)
     torch.manual_seed(0)
     model = build_unet(MODEL_PRESETS[preset], side, channels)
     s = settings(steps, batch)
     train(build_unet(MODEL_PRESETS[preset], side, channels), images, None, settings(2, batch), 0, ("warm",))
+    if kind == "together":
+        together(preset, side, channels, images, settings(2, batch), 2)
     start.wait()
     if kind == "plain":
         plain_train(model, images, s)
+    elif kind == "together":
+        together(preset, side, channels, images, s, k)
     else:
         train(model, images, None, s, 0, ("bench",))
     done.put(time.perf_counter())
 
 
-def machine(scale, preset, side, channels, batch, steps, images, rounds) -> None:
+def machine(scale, preset, side, channels, batch, steps, images, rounds, ks=()) -> None:
     """Training throughput of the whole machine: one model per core side by side, one thread each (how the loop
-    runs its arms and seeds: `workers.thread_budget`), against one model on every thread."""
+    runs its arms and seeds: `workers.thread_budget`), and k models trained together per core (`batch_models`),
+    against one model on every thread."""
     import multiprocessing as mp
 
     cores = os.cpu_count() or 1
     ctx = mp.get_context("spawn")
 
-    def side_by_side(kind: str, n: int, threads: int) -> float:
+    def side_by_side(kind: str, n: int, threads: int, k: int = 1) -> float:
         start, done = ctx.Barrier(n + 1), ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(kind, preset, side, channels, batch, steps, threads, start, done))
+        procs = [ctx.Process(target=_worker,
+                             args=(kind, preset, side, channels, batch, steps, threads, start, done, k))
                  for _ in range(n)]
         for p in procs:
             p.start()
@@ -159,14 +182,17 @@ def machine(scale, preset, side, channels, batch, steps, images, rounds) -> None
         ends = [done.get() for _ in procs]
         for p in procs:
             p.join()
-        return n * steps / (max(ends) - t0)
+        return n * k * steps / (max(ends) - t0)
 
     rates = {k: [] for k in ("plain, one model", "ours, one model", "plain, side by side", "ours, side by side")}
+    rates.update({f"ours, {k} models together per core": [] for k in ks})
     for _ in range(rounds):
         rates["plain, one model"].append(side_by_side("plain", 1, cores))
         rates["ours, one model"].append(side_by_side("ours", 1, cores))
         rates["plain, side by side"].append(side_by_side("plain", cores, 1))
         rates["ours, side by side"].append(side_by_side("ours", cores, 1))
+        for k in ks:
+            rates[f"ours, {k} models together per core"].append(side_by_side("together", cores, 1, k))
     base = rates["plain, one model"]
     for k, rs in rates.items():
         ratios = ", ".join(f"{r / b:.2f}x" for b, r in zip(base, rs))
@@ -180,10 +206,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scale", nargs="*", default=list(SCALES), choices=list(SCALES))
     ap.add_argument("--no-machine", action="store_true", help="skip the side-by-side training throughput")
+    ap.add_argument("--together", type=int, nargs="*", default=[8],
+                    help="numbers of models trained together as one batched model (batch_models)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     for scale in args.scale:
-        bench(scale, args.quick, args.rounds, not args.no_machine)
+        bench(scale, args.quick, args.rounds, not args.no_machine, tuple(args.together))
 
 
 if __name__ == "__main__":
