@@ -458,7 +458,7 @@ def train_together(
     if any((y is not None) != (labels[0] is not None) for y in labels):
         raise ValueError("train_together: every model conditional or none")
     base = copy.deepcopy(unets[0]).to("meta")  # the architecture; the weights come from `stacked`
-    names = [n for n, _ in unets[0].named_parameters()]
+    names = [n for n, _, _ in shapes[0]]
     params = [list(u.parameters()) for u in unets]
     bufs = [dict(u.named_buffers()) for u in unets]
     buffers = {n: torch.stack([b[n] for b in bufs]) for n in bufs[0]}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -56,6 +56,19 @@ def _done(path: Path, shared: bool = True) -> bool:
     return dist.share(done) if shared else done
 
 
+@contextmanager
+def _train_bar(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, position: int, show: bool,
+               name_seed: bool = False):
+    """A stage's training progress bar, started at its checkpoint's step. A damaged checkpoint is removed (`_done`):
+    training starts over, to the same result."""
+    label = arm_label(arm) + (f" s{study.cfg.seed}" if name_seed else "")
+    with _bar(study.cfg.train_steps, f"{label:>22} it{t} train", position, show) as bar:
+        ckpt = rd.iter_dir(arm.label() if arm else None, t) / "train_state.safetensors"
+        if _done(ckpt):
+            bar.update(checkpoint_step(ckpt))
+        yield bar
+
+
 def _training_set(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, timings: dict) -> None:
     """The stage's training set, unless it is there (built by the main process)."""
     d = rd.iter_dir(arm.label() if arm else None, t)
@@ -83,10 +96,7 @@ def run_stage(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, *, show: 
     _training_set(study, rd, arm, t, timings)
     if not _done(d / "model.safetensors"):
         t0 = time.perf_counter()
-        with _bar(cfg.train_steps, f"{label:>22} it{t} train", position, show) as bar:
-            ckpt = d / "train_state.safetensors"
-            if _done(ckpt):  # a damaged checkpoint is removed: training starts over, to the same result
-                bar.update(checkpoint_step(ckpt))
+        with _train_bar(study, rd, arm, t, position, show) as bar:
             if cfg.batch_models and arm is not None and t > 0:  # batched arithmetic, even for one model
                 train_models_together([(study, rd, arm, t)], [bar], on_checkpoint)
             else:
@@ -279,15 +289,8 @@ def run_together(cfg_dict: dict, out: str, slices: tuple[tuple[int, int], ...], 
         if todo:
             t0 = time.perf_counter()
             with ExitStack() as held:
-                bars = []
-                for pos, i in enumerate(todo):
-                    study, rd, arm, _ = stages[i]
-                    name = arm.label() + (f" s{study.cfg.seed}" if cfg.seeds is not None else "")
-                    bar = held.enter_context(_bar(cfg.train_steps, f"{name:>22} it{t} train", pos, show))
-                    ckpt = rd.iter_dir(arm.label(), t) / "train_state.safetensors"
-                    if _done(ckpt):  # a damaged checkpoint is removed: that model starts over, to the same result
-                        bar.update(checkpoint_step(ckpt))
-                    bars.append(bar)
+                bars = [held.enter_context(_train_bar(*stages[i], pos, show, cfg.seeds is not None))
+                        for pos, i in enumerate(todo)]
                 train_models_together([stages[i] for i in todo], bars, on_checkpoint)
             batch_s = time.perf_counter() - t0
             for i in todo:  # each model's share of the batch (so that sums over stages count each second once)
@@ -351,7 +354,7 @@ def _finish(cfg: RunConfig, root: RunDir, show: bool) -> dict:
     return summary
 
 
-def _run_batched(cfg: RunConfig, root: RunDir, out: str, plan: list, arm_slices: list, workers: int, show: bool,
+def _run_batched(cfg: RunConfig, root: RunDir, out: str, arm_slices: list, workers: int, show: bool,
                  on_checkpoint: Callable | None) -> None:
     """`batch_models`: the slices in groups trained as one batched model each (`run_together`), one group per
     worker, at least two slices to a group (a group of one trains beside a copy of itself); each seed's iteration
@@ -364,7 +367,7 @@ def _run_batched(cfg: RunConfig, root: RunDir, out: str, plan: list, arm_slices:
     if groups == 1:
         run_together(cfg_dict, out, parts[0], show, on_checkpoint)
         return
-    seeds = list(dict.fromkeys(s for s, _ in plan))
+    seeds = list(dict.fromkeys(s for s, _ in arm_slices))
     run_jobs([Job(f"seed {s}, iteration 0", run_seed, (cfg_dict, out, s, (), show)) for s in seeds],
              min(workers, len(seeds)))
     run_jobs([Job(f"models {g + 1} of {groups} ({len(p)} slices)", run_together, (cfg_dict, out, p, show))
@@ -393,7 +396,7 @@ def run_loop(cfg: RunConfig, out: str | Path, *, show: bool = True, on_checkpoin
         workers = default_workers(cfg, len(arm_slices))
         cfg_dict = config_to_dict(cfg)
         if cfg.batch_models and cfg.iterations > 1:
-            _run_batched(cfg, root, str(out), plan, arm_slices, workers, show, on_checkpoint)
+            _run_batched(cfg, root, str(out), arm_slices, workers, show, on_checkpoint)
         elif workers <= 1 or cfg.iterations == 1:
             for s, i in plan:
                 run_seed(cfg_dict, str(out), s, None if i is None else (i,), show, on_checkpoint)

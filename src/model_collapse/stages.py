@@ -40,14 +40,34 @@ def _fast(study: Study, unet):
     return torch.compile(unet) if study.cfg.compile else unet
 
 
+def _start_unet(study: Study, rd: RunDir, arm: ArmConfig | None, t: int):
+    """The UNet a stage's training starts from: fresh (seeded by its coordinates), or with `finetune` the previous
+    iteration's model."""
+    label = arm_label(arm)
+    unet = new_unet(study, label, t)
+    if study.cfg.finetune and t > 0:
+        D.load_weights(rd.iter_dir(label if t > 1 else None, t - 1) / "model.safetensors", unet)
+    return unet
+
+
+def _save_trained(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, unet, losses: list[float]) -> None:
+    """A trained stage's losses, then its model (a finished stage has both); its checkpoint goes; then the
+    tracker's copy of the losses (a tracker's failure costs a warning, never the stage). Main process only."""
+    cfg = study.cfg
+    d = rd.iter_dir(arm.label() if arm else None, t)
+    rd.save_losses(d, np.asarray(losses, dtype=np.float32))
+    D.save_weights(d / "model.safetensors", unet)
+    (d / "train_state.safetensors").unlink(missing_ok=True)
+    if cfg.log_with:
+        tracking.log_losses(cfg.log_with, rd.tracking_dir, tracking.run_name(cfg.seed, arm_label(arm), t), losses)
+
+
 def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=None, on_checkpoint=None) -> None:
     cfg = study.cfg
     label = arm_label(arm)
     d = rd.iter_dir(arm.label() if arm else None, t)
     tr = load_npz(d / "train.npz")
-    unet = new_unet(study, label, t)
-    if cfg.finetune and t > 0:
-        D.load_weights(rd.iter_dir(label if t > 1 else None, t - 1) / "model.safetensors", unet)
+    unet = _start_unet(study, rd, arm, t)
     if t == 0 and study.pretrained is not None:
         D.load_pretrained_weights(study.pretrained[0], unet)
         if not cfg.init_train:  # the given model is iteration 0's: nothing to train
@@ -55,22 +75,17 @@ def train_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=Non
                 rd.save_losses(d, np.zeros(0, dtype=np.float32))
                 D.save_weights(d / "model.safetensors", unet)
             return
-    ckpt = d / "train_state.safetensors"
     labels = tr.get("labels") if cfg.conditional else None
     hook = (lambda step: on_checkpoint(label, t, step)) if on_checkpoint else None
     acc = dist.accelerator()
     losses: list[float] = []
-    D.train(_fast(study, unet), tr["images"], labels, study.train_settings(), cfg.seed, (label, t), checkpoint=ckpt,
-            progress=(lambda step: bar.update(1)) if bar else None, on_checkpoint=hook,
-            null_class=study.num_classes, device=study.device, accelerator=acc,
+    D.train(_fast(study, unet), tr["images"], labels, study.train_settings(), cfg.seed, (label, t),
+            checkpoint=d / "train_state.safetensors", progress=(lambda step: bar.update(1)) if bar else None,
+            on_checkpoint=hook, null_class=study.num_classes, device=study.device, accelerator=acc,
             amp_dtype=AMP.get(cfg.mixed_precision), losses=losses)
     unet.cpu()
     if dist.is_main():
-        rd.save_losses(d, np.asarray(losses, dtype=np.float32))  # before the model: a finished stage has both
-        D.save_weights(d / "model.safetensors", unet)
-        ckpt.unlink(missing_ok=True)
-        if cfg.log_with:  # after the model is safe: a tracker's failure costs a warning, never the stage
-            tracking.log_losses(cfg.log_with, rd.tracking_dir, tracking.run_name(cfg.seed, label, t), losses)
+        _save_trained(study, rd, arm, t, unet, losses)
 
 
 def train_models_together(members: list[tuple[Study, RunDir, ArmConfig, int]], bars=None,
@@ -79,40 +94,28 @@ def train_models_together(members: list[tuple[Study, RunDir, ArmConfig, int]], b
     (`diffusion.train_together`, `batch_models = true`): each is the model `train_model` would make of the same
     stage up to float rounding, and depends on nothing but its own stage. Its stages may belong to different seeds
     (one study each); one process."""
-    unets, images, labels, seeds, coords, ckpts = [], [], [], [], [], []
+    unets, images, labels = [], [], []
     for study, rd, arm, t in members:
-        cfg, label = study.cfg, arm_label(arm)
-        d = rd.iter_dir(arm.label(), t)
-        tr = load_npz(d / "train.npz")
-        unet = new_unet(study, label, t)
-        if cfg.finetune:
-            D.load_weights(rd.iter_dir(label if t > 1 else None, t - 1) / "model.safetensors", unet)
-        unets.append(unet)
+        tr = load_npz(rd.iter_dir(arm.label(), t) / "train.npz")
+        unets.append(_start_unet(study, rd, arm, t))
         images.append(tr["images"])
-        labels.append(tr.get("labels") if cfg.conditional else None)
-        seeds.append(cfg.seed)
-        coords.append((label, t))
-        ckpts.append(d / "train_state.safetensors")
+        labels.append(tr.get("labels") if study.cfg.conditional else None)
     study = members[0][0]
     losses: list[list[float]] = [[] for _ in members]
 
     def hook(i: int, step: int) -> None:
         on_checkpoint(arm_label(members[i][2]), members[i][3], step)
 
-    D.train_together(unets, images, labels, study.train_settings(), seeds, coords, checkpoints=ckpts,
+    D.train_together(unets, images, labels, study.train_settings(), [st.cfg.seed for st, *_ in members],
+                     [(arm_label(arm), t) for _, _, arm, t in members],
+                     checkpoints=[rd.iter_dir(arm.label(), t) / "train_state.safetensors" for _, rd, arm, t in members],
                      progress=(lambda i, step: bars[i].update(1)) if bars else None,
                      on_checkpoint=hook if on_checkpoint is not None else None,
                      null_class=study.num_classes, device=study.device, amp_dtype=AMP.get(study.cfg.mixed_precision),
                      losses=losses)
-    for (study, rd, arm, t), unet, lost, ckpt in zip(members, unets, losses, ckpts):
-        d = rd.iter_dir(arm.label(), t)
+    for (study, rd, arm, t), unet, lost in zip(members, unets, losses):
         unet.cpu()
-        rd.save_losses(d, np.asarray(lost, dtype=np.float32))  # before the model: a finished stage has both
-        D.save_weights(d / "model.safetensors", unet)
-        ckpt.unlink(missing_ok=True)
-        if study.cfg.log_with:  # after the model is safe, as in `train_model`
-            name = tracking.run_name(study.cfg.seed, arm_label(arm), t)
-            tracking.log_losses(study.cfg.log_with, rd.tracking_dir, name, lost)
+        _save_trained(study, rd, arm, t, unet, lost)
 
 
 def sample_model(study: Study, rd: RunDir, arm: ArmConfig | None, t: int, bar=None) -> None:
