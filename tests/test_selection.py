@@ -76,6 +76,23 @@ def test_threshold_equals_reference(rng):
                 np.testing.assert_array_equal(fast, ref, err_msg=f"pool {i}, n {n}, tau0 {tau0}")
 
 
+def test_threshold_decides_survivors_at_tau_exactly_and_only_when_asked(rng, monkeypatch):
+    """Survivors of a chunk at exactly tau from each other (a grid of spacing tau0, float32): the pairs inside the
+    rounding bound are decided on exact distances, and only those an accepted survivor asks for (the rows of
+    survivors removed earlier are never computed)."""
+    import model_collapse.spread as S
+
+    asked = []
+    exact_sq = S.exact_sq
+    monkeypatch.setattr(S, "exact_sq", lambda x, rows, cols: asked.append(len(rows)) or exact_sq(x, rows, cols))
+    g = np.stack(np.meshgrid(np.arange(12), np.arange(12)), -1).reshape(-1, 2).astype(np.float32) * 0.75
+    x = np.concatenate([g, g + np.float32(1e-3) * rng.normal(size=g.shape).astype(np.float32)])
+    for tau0 in (0.75, 1.5):
+        got = select_threshold(x, 60, seed=4, tau0=tau0, decay=0.9, chunk=1024).indices
+        np.testing.assert_array_equal(got, threshold_reference(x, 60, 4, tau0, 0.9))
+    assert asked and sum(asked) < len(x) ** 2 / 4
+
+
 def test_threshold_chunk_size_does_not_change_result(rng):
     x = rng.integers(0, 3, size=(400, 6)).astype(np.float32)
     a = select_threshold(x, 50, seed=1, tau0=2.0, chunk=7).indices
@@ -269,6 +286,26 @@ def test_farthest_points_block_settings_do_not_change_the_choice(rng):
                 got, params = farthest_points(pool, len(pool) // 2, 5, block=block, rho=rho)
                 np.testing.assert_array_equal(got, want, err_msg=f"pool {i}, block {block}, rho {rho}")
                 assert params["start"] == want[0] and params["distances_computed"] > 0
+
+
+def test_farthest_points_leaders_by_gram_or_matrix_vector_products_make_the_same_choice(rng, monkeypatch):
+    """The leaders' distances to each new centre come from their Gram block (products when leaders join), or past
+    GRAM_ROWS leaders from one matrix-vector product per pick; block products early (any share of the leaders'
+    work) or never: always the definition's picks, on float pools with ties and on 8-bit pixels."""
+    import model_collapse.farthest as F
+
+    x = rng.integers(0, 3, size=(300, 5)).astype(np.float32)
+    x[200:260] = x[:60]
+    z = rng.integers(0, 256, size=(250, 48)).astype(np.uint8)
+    u = rng.random((400, 96), dtype=np.float32)  # near-equal values: many leaders
+    for i, pool in enumerate((x, z, u)):
+        want = greedy_reference(pool, len(pool) // 2, 2)
+        for gram_rows, share, floor in ((4096, 0.1, 16), (70, 0.1, 16), (4096, 0.0, 0), (0, 1e9, 1e9)):
+            monkeypatch.setattr(F, "GRAM_ROWS", gram_rows)
+            monkeypatch.setattr(F, "FOLD_SHARE", share)
+            monkeypatch.setattr(F, "FOLD_FLOOR", floor)
+            got, _ = F.farthest_points(pool, len(pool) // 2, 2)
+            np.testing.assert_array_equal(got, want, err_msg=f"pool {i}, gram rows {gram_rows}, share {share}")
 
 
 def _bounds_of_40_centres(x, rng):

@@ -44,6 +44,10 @@ from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
 ROWS = 4096  # row chunk of the block products (4,096 x block float32 at most)
+FAR_INT = 2**31 - 1  # int32 distances: a stand-in above every distance, for a column not to count
+GRAM_ROWS = 4096  # leaders whose distances to each other are kept (64 MiB of float32, 128 of float64)
+FOLD_SHARE, FOLD_FLOOR = 0.1, 16
+GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
 def greedy_start(m: int, seed: int) -> int:
@@ -88,18 +92,24 @@ class _Bounds:
         self.int8 = exact_int8(x)
         if self.int8:  # 8-bit pixels: exact integer products, no rounding to bound
             rows = Int8Rows(x)
-            self.xc, self.sq = rows.x, rows.sq
+            # squared distances of at most d * 255^2 fit int32 up to 33,025 values: distances in int32, a quarter
+            # of the float64 memory traffic (at d = 384 the float64 output took longer than the product)
+            self.dist_dtype = torch.int32 if d * 255**2 < FAR_INT else torch.float64
+            self.far = FAR_INT if self.dist_dtype == torch.int32 else math.inf
+            self.xc, self.sq = rows.x, rows.sq.to(self.dist_dtype)
             self.scale2, self.err = 1.0, np.zeros(m)
             self.cbuf = torch.empty((n, self.xc.shape[1]), dtype=torch.int8)
-            self.csq = torch.empty(n, dtype=torch.float64)
+            self.csq = torch.empty(n, dtype=self.dist_dtype)
             return
+        self.far = math.inf
         mean = x.mean(0, dtype=np.float64)
         # centred, then scaled by a power of two to a largest norm in [0.5, 1]: no float32 overflow, and underflow
         # (absolute errors of at most 2^-150 per value, 2^-90 in these units: below) only far beneath any distance
         # that matters. Every value here, exact ones included (`scale2` times the float64 distance: a power of two,
         # so still exact), is in these units.
         xc = x - mean.astype(np.float32) if x.dtype == np.float32 else None  # float32 input: one rounding
-        top = float(np.sqrt(_row_sq(xc, np.float64).max())) if xc is not None else math.nan
+        sq64 = _row_sq(xc, np.float64) if xc is not None else None
+        top = float(np.sqrt(sq64.max())) if xc is not None else math.nan
         exact64 = not (math.isfinite(top) and top >= 2.0**-60)  # float64 input, overflow, or tiny values
         if exact64:  # centre in float64, a chunk at a time, and round once
             top = max(float(np.sqrt(_row_sq(c).max())) for c in self._centred(x, mean))
@@ -107,24 +117,33 @@ class _Bounds:
         self.scale2 = scale * scale
         if exact64:
             xc = np.concatenate([(c * scale).astype(np.float32) for c in self._centred(x, mean)])
+            sq64 = _row_sq(xc, np.float64)
         else:
             xc *= np.float32(scale)
+            sq64 *= self.scale2  # a power of two: the squared norms of the scaled rows, as exactly
         self.xc = torch.from_numpy(xc)
-        # float32, as the products; in numpy (torch's chunked products left 1.4 GB resident at 1M x 384)
-        self.sq = torch.from_numpy(_row_sq(xc))
-        norms = np.sqrt(_row_sq(xc, np.float64)) * 1.001
+        # float32, as the products (rounded from float64, well inside the bound's allowance for their own sums)
+        self.sq = torch.from_numpy(sq64.astype(np.float32))
+        norms = np.sqrt(sq64) * 1.001
         # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
         # and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
         self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + (d + 6) * 2.0**-80
         self.cbuf = torch.empty((n, d))
         self.csq = torch.empty(n)
+        self.dist_dtype = torch.float32
 
     def dist(self, rows: torch.Tensor, sq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
-        matrix-product identity, or exact integers (as float64) for 8-bit pixels."""
+        """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1."""
+        return self.pair_dist(rows, sq, self.cbuf[lo:hi], self.csq[lo:hi])
+
+    def pair_dist(self, a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+        """Approximate squared distances between rows a and rows b of the working copy: the float32
+        matrix-product identity, or exact integers for 8-bit pixels (int32, or float64 past 33,025 values)."""
+        if self.dist_dtype == torch.int32:
+            return torch.add(sq_a[:, None], sq_b[None]).sub_(torch._int_mm(a, b.T), alpha=2)
         if self.int8:
-            return int8_sq_distances(rows, sq, self.cbuf[lo:hi], self.csq[lo:hi])
-        return torch.addmm(sq[:, None] + self.csq[lo:hi][None], rows, self.cbuf[lo:hi].T, alpha=-2.0)
+            return int8_sq_distances(a, sq_a, b, sq_b)
+        return torch.addmm(sq_a[:, None] + sq_b[None], a, b.T, alpha=-2.0)
 
     @staticmethod
     def _centred(x: np.ndarray, mean: np.ndarray):
@@ -168,7 +187,7 @@ class _Bounds:
             rt = torch.from_numpy(r)
             D = self.dist(self.xc[rt], self.sq[rt], lo, hi)
         if u.max() > lo:  # columns a row has seen already would count its nearest centre twice
-            D[torch.arange(hi - lo)[None] < torch.from_numpy(u - lo)[:, None]] = torch.inf
+            D[torch.arange(hi - lo)[None] < torch.from_numpy(u - lo)[:, None]] = self.far
         self.pairs += D.numel()
         k = min(3, hi - lo)
         v, i = torch.topk(D, k, dim=1, largest=False) if k > 1 else (D, torch.zeros_like(D, dtype=torch.int64))
@@ -176,7 +195,7 @@ class _Bounds:
         known = np.flatnonzero(~np.isnan(ex))
         if len(known):
             self.ex[r[known]] = self.fold_exact(r[known], ex[known], self.err[r[known]], D[known], lo)
-        v, i = v.double().numpy(), i.numpy() + lo
+        v, i = self.as_float(v), i.numpy() + lo
         hit = np.flatnonzero(v[:, 0] < self.near[r, 2])  # the rest keep their three nearest
         r, v, i = r[hit], v[hit], i[hit]
         vals = np.concatenate([self.near[r], v], axis=1)
@@ -184,6 +203,13 @@ class _Bounds:
         by = np.argsort(vals, axis=1, kind="stable")[:, :3]
         self.near[r] = np.take_along_axis(vals, by, 1)
         self.near_at[r] = np.take_along_axis(ats, by[:, :2], 1)  # the old third (index -1) never ranks above it
+
+    def as_float(self, d: torch.Tensor) -> np.ndarray:
+        """Distances as float64 numpy, the int32 stand-in for a column not to count (`far`) as inf."""
+        out = d.double().numpy()
+        if self.far != math.inf:
+            out[out == self.far] = math.inf
+        return out
 
     def fold_exact(self, P, ex, err, D, lo: int) -> np.ndarray:
         """Exact values ex of points P, brought up to date with centres lo, lo + 1, ... whose approximate squared
@@ -214,42 +240,74 @@ class _Bounds:
 
 class _Active:
     """The points that may hold the maximum: the leaders by upper bound since the last block product, each kept up
-    to date with every centre (one matrix-vector product of their own rows per pick). The rest lie behind
-    `behind`, an upper bound of all their values."""
+    to date with every centre. Every centre is a leader when it is picked, so the leaders' distances to each other
+    (`gram`, computed as matrix products when leaders join) give each new centre's distances to all of them: no
+    matrix-vector product per pick. Past GRAM_ROWS leaders (a pool of near-equal values) the leaders go back to one
+    matrix-vector product of their rows per pick. The rest lie behind `behind`, an upper bound of all their
+    values."""
 
     def __init__(self, bounds: _Bounds, order: np.ndarray, t: int):
         self.B, self.order, self.nxt, self.t = bounds, order, 0, t
+        self.n = 0  # leaders (slots of rows, sq and gram; a picked leader keeps its slot, marked by near = -inf)
         self.idx = np.empty(0, dtype=np.int64)
         self.rows, self.sq = bounds.xc[:0], bounds.sq[:0]
+        self.gram = torch.empty(0, 0, dtype=bounds.dist_dtype)
         self.near, self.near_at = np.empty((0, 3)), np.empty((0, 2), dtype=np.int64)
         self.err, self.ex = np.empty(0), np.empty(0)
-        self.work = 0  # rows folded one centre at a time since the block product
+        self.work = 0  # leader-leader and leader-centre pairs computed since the block product
 
     @property
     def behind(self) -> float:
         return float(self.B.ub(self.order[self.nxt])) if self.nxt < len(self.order) else -np.inf
 
+    def _reserve(self, n: int) -> None:
+        cap = len(self.rows)
+        if n <= cap:
+            return
+        cap = max(n, 2 * cap, 256)
+        rows = self.rows.new_empty((cap, self.rows.shape[1]))
+        rows[: self.n] = self.rows[: self.n]
+        sq = self.sq.new_empty(cap)
+        sq[: self.n] = self.sq[: self.n]
+        self.rows, self.sq = rows, sq
+        if self.gram is not None:
+            gram = self.gram.new_empty((min(cap, GRAM_ROWS), min(cap, GRAM_ROWS)))
+            gram[: self.n, : self.n] = self.gram[: self.n, : self.n]
+            self.gram = gram
+
     def grow(self) -> None:
         """Take the next leaders from behind, brought up to date with the centres they have not seen."""
         B = self.B
-        new = self.order[self.nxt : self.nxt + max(64, len(self.idx) // 2)]
+        new = self.order[self.nxt : self.nxt + max(64, self.n // 2)]
         self.nxt += len(new)
         B.fold(new, self.t)
+        a, b = self.n, self.n + len(new)
+        if b > GRAM_ROWS:
+            self.gram = None
+        self._reserve(b)
         nt = torch.from_numpy(new)
+        torch.index_select(B.xc, 0, nt, out=self.rows[a:b])
+        self.sq[a:b] = B.sq[nt]
+        if self.gram is not None:
+            g = B.pair_dist(self.rows[a:b], self.sq[a:b], self.rows[:b], self.sq[:b])
+            self.gram[a:b, :b] = g
+            self.gram[:a, a:b] = g[:, :a].T
+            self.work += g.numel()
+        self.n = b
         self.idx = np.concatenate([self.idx, new])
-        self.rows, self.sq = torch.cat([self.rows, B.xc[nt]]), torch.cat([self.sq, B.sq[nt]])
         self.near = np.concatenate([self.near, B.near[new]])
         self.near_at = np.concatenate([self.near_at, B.near_at[new]])
         self.err, self.ex = np.concatenate([self.err, B.err[new]]), np.concatenate([self.ex, B.ex[new]])
 
-    def add_centre(self, t: int) -> None:
-        """Fold centre t - 1 into every leader."""
+    def add_centre(self, t: int, slot: int) -> None:
+        """Fold centre t - 1, the leader in `slot`, into every leader."""
         B = self.B
         self.t = t
-        if not len(self.idx):
-            return
-        d = B.dist(self.rows, self.sq, t - 1, t)[:, 0]
-        self.work += len(d)
+        if self.gram is not None:
+            d = self.gram[slot, : self.n]  # symmetric: the row reads contiguous memory
+        else:
+            d = B.dist(self.rows[: self.n], self.sq[: self.n], t - 1, t)[:, 0]
+            self.work += GRAM_RATE * self.n
         known = np.flatnonzero(~np.isnan(self.ex))
         if len(known):
             self.ex[known] = B.fold_exact(self.idx[known], self.ex[known], self.err[known], d[known][:, None], t - 1)
@@ -303,12 +361,12 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     chosen = [start]
     progress = or_silent(progress)
     progress.start(f"greedy selection, {n} of {m}", n)
-    A, flushed, last = None, 0, -np.inf
+    A, flushed, last, slot = None, 0, -np.inf, -1
     t = 1
     while t < n:
         if t % 256 == 0:
             progress.advance(256)
-        if A is None or t - flushed >= block or A.work >= m - t:
+        if A is None or t - flushed >= block or A.work >= FOLD_SHARE * (m - t) * (t - flushed) + FOLD_FLOOR * (m - t):
             # everyone against the centres added since: one product per row chunk
             if A is not None:
                 A.write_back()
@@ -317,8 +375,8 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
             A = _Active(B, rest[np.argsort(-B.ub(rest), kind="stable")], t)
             flushed = t
         else:
-            A.add_centre(t)
-        win, best, last = _pick(B, A, t)
+            A.add_centre(t, slot)
+        win, slot, best, last = _pick(B, A, t)
         if best == 0.0:  # every remaining point is a copy of a centre: index order, as the ties give
             chosen.extend(np.flatnonzero(~taken)[: n - t].tolist())
             break
@@ -331,7 +389,7 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     return np.asarray(chosen, dtype=np.int64), {"start": start, "distances_computed": int(B.pairs)}
 
 
-def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, float | None, float]:
+def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, int, float | None, float]:
     """The point of largest exact value among the pool's remaining points (lowest index among equal ones), and that
     value when it had to be computed, and its approximate value; the point leaves the leaders."""
     while True:
@@ -352,4 +410,4 @@ def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, float | None, float]:
         i = int(near[ex == best][np.argmin(A.idx[near[ex == best]])])
     win, value = int(A.idx[i]), float(A.near[i, 0])
     A.remove(i)
-    return win, best, value
+    return win, i, best, value

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
-from model_collapse.farthest import farthest_points
+from model_collapse.farthest import exact_sq, farthest_points
 from model_collapse.metrics import distinct_index
 from model_collapse.neighbours import Int8Rows, exact_int8, int8_sq_distances, knn, rounding_gamma
 from model_collapse.progress import Progress, or_silent
@@ -93,12 +93,15 @@ def select_threshold(
         raise UserError(f"decay must lie in (0, 1), got {decay}")
     if exact_int8(x):  # 8-bit pixels: int8 products give exact distances, nothing to decide again
         rows = Int8Rows(x)
-        X, sq, X64, gamma = rows.x, rows.sq, None, 0.0
-    else:
-        X64 = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)  # exact distances from these
-        Xc = X64 - X64.mean(0, keepdim=True)  # centred, for the approximate pass only
-        X = Xc.float()
-        sq = (Xc**2).sum(1)
+        X, sq, gamma = rows.x, rows.sq, 0.0
+    else:  # centred (for the approximate pass only) and rounded once to float32; exact distances from x itself
+        x = np.ascontiguousarray(x)
+        if x.dtype == np.float32:
+            X = torch.from_numpy(x - x.mean(0, dtype=np.float64).astype(np.float32))
+        else:
+            X64 = torch.as_tensor(x, dtype=torch.float64)
+            X = (X64 - X64.mean(0, keepdim=True)).float()
+        sq = torch.from_numpy(np.einsum("ij,ij->i", X.numpy(), X.numpy(), dtype=np.float64))
         gamma = rounding_gamma(d + 4, np.float32)
     norms = sq.sqrt()
     n_distinct = len(distinct_index(x))
@@ -152,14 +155,14 @@ def select_threshold(
                 amb = alive & (near[it] - err <= t2)  # near tau: decide on exact distances
                 if amb.any():
                     rows = it[amb]
-                    close = _exact_close(X, X64, sq, norms, rows, acc_buf[:k], acc_sq[:k], acc_norm[:k],
+                    close = _exact_close(X, x, sq, norms, rows, acc_buf[:k], acc_sq[:k], acc_norm[:k],
                                          torch.as_tensor(accepted), t2, gamma)
                     alive[torch.nonzero(amb).squeeze(1)[close]] = False
             surv = it[alive]
             if not surv.numel():
                 continue
             # resolve among survivors in visiting order, on exact distances
-            conflict = _conflicts(X, X64, sq, norms, surv, t2, gamma)
+            conflict = _Conflicts(X, x, sq, norms, surv, t2, gamma)
             live = np.ones(len(surv), dtype=bool)
             surv_list = surv.tolist()
             before = len(accepted)
@@ -174,7 +177,7 @@ def select_threshold(
                 is_acc[p] = True
                 if len(accepted) == n:
                     break
-                live &= ~conflict[i]
+                live[i + 1 :] &= ~conflict.row(i, live)
             progress.advance(len(accepted) - before)
             if len(accepted) == n:
                 break
@@ -221,7 +224,7 @@ def _sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: to
     return torch.addmm(sq_a.float()[:, None] + sq_b.float()[None], a, b.T, alpha=-2.0).double()
 
 
-def _exact_close(X, X64, sq, norms, rows, acc, acc_sq, acc_norm, acc_idx, t2: float, gamma: float) -> torch.Tensor:
+def _exact_close(X, x, sq, norms, rows, acc, acc_sq, acc_norm, acc_idx, t2: float, gamma: float) -> torch.Tensor:
     """For each row: is some accepted point within tau (exact squared distance <= tau^2)?"""
     approx = _sq_distances(X[rows], sq[rows], acc, acc_sq)
     err = gamma * (norms[rows][:, None] + acc_norm[None]) ** 2
@@ -229,21 +232,35 @@ def _exact_close(X, X64, sq, norms, rows, acc, acc_sq, acc_norm, acc_idx, t2: fl
     amb = (approx - err <= t2) & (approx + err > t2) & ~close[:, None]
     if amb.any():
         r, c = torch.nonzero(amb, as_tuple=True)
-        hit = ((X64[rows[r]] - X64[acc_idx[c]]) ** 2).sum(1) <= t2
+        hit = torch.from_numpy(exact_sq(x, rows[r].numpy(), acc_idx[c].numpy()) <= t2)
         close[r[hit]] = True
     return close
 
 
-def _conflicts(X, X64, sq, norms, surv, t2: float, gamma: float) -> np.ndarray:
-    """conflict[i, j]: survivors i and j lie within tau (exact squared distance <= tau^2).
+class _Conflicts:
+    """Which survivors lie within tau of each other (exact squared distance <= tau^2), asked row by row in visiting
+    order.
 
-    One float32 matrix product with the rounding bound; only pairs within the bound of tau^2 are recomputed
-    exactly from differences."""
-    approx = _sq_distances(X[surv], sq[surv], X[surv], sq[surv])
-    err = gamma * (norms[surv][:, None] + norms[surv][None]) ** 2
-    out = approx + err <= t2
-    amb = (approx - err <= t2) & ~out
-    if amb.any():
-        r, c = torch.nonzero(amb, as_tuple=True)
-        out[r, c] = ((X64[surv[r]] - X64[surv[c]]) ** 2).sum(1) <= t2
-    return out.numpy()
+    One float32 matrix product with the rounding bound settles most pairs; a pair within the bound of tau^2 is
+    recomputed exactly from differences only when it is asked for: the row of an accepted survivor, against the
+    later survivors still alive (in 3,072 dimensions many pairs fall in the bound, few of them are ever asked)."""
+
+    def __init__(self, X, x, sq, norms, surv, t2: float, gamma: float):
+        approx = _sq_distances(X[surv], sq[surv], X[surv], sq[surv])
+        err = gamma * (norms[surv][:, None] + norms[surv][None]) ** 2
+        self.sure = (approx + err <= t2).numpy()
+        self.amb = ((approx - err <= t2).numpy() & ~self.sure) if gamma else None
+        self.x, self.surv, self.t2 = x, surv.numpy(), t2
+
+    def row(self, i: int, live: np.ndarray) -> np.ndarray:
+        """conflict[i, i + 1:]: survivor i against every later one (those not `live` may come out either way)."""
+        out = self.sure[i, i + 1 :]
+        if self.amb is None:
+            return out
+        ask = np.flatnonzero(self.amb[i, i + 1 :] & live[i + 1 :])
+        if not len(ask):
+            return out
+        out = out.copy()
+        later = self.surv[i + 1 :][ask]
+        out[ask] = exact_sq(self.x, later, np.full(len(ask), self.surv[i])) <= self.t2
+        return out
