@@ -177,7 +177,7 @@ def select_threshold(
                 is_acc[p] = True
                 if len(accepted) == n:
                     break
-                live[i + 1 :] &= ~conflict.row(i, live)
+                live[conflict.later(i, live)] = False
             progress.advance(len(accepted) - before)
             if len(accepted) == n:
                 break
@@ -238,29 +238,41 @@ def _exact_close(X, x, sq, norms, rows, acc, acc_sq, acc_norm, acc_idx, t2: floa
 
 
 class _Conflicts:
-    """Which survivors lie within tau of each other (exact squared distance <= tau^2), asked row by row in visiting
-    order.
+    """Which later survivors lie within tau of a survivor (exact squared distance <= tau^2), asked in visiting order
+    for each survivor that is accepted.
 
-    One float32 matrix product with the rounding bound settles most pairs; a pair within the bound of tau^2 is
-    recomputed exactly from differences only when it is asked for: the row of an accepted survivor, against the
-    later survivors still alive (in 3,072 dimensions many pairs fall in the bound, few of them are ever asked)."""
+    Rows come in blocks: the next BLOCK survivors still alive against every later survivor, one float32
+    matrix product with the rounding bound (a survivor that an earlier one removes never gets a row of its own:
+    with a large tau the first survivor removes the rest, and one block is all it costs). A pair within the bound of
+    tau^2 is recomputed exactly from differences only when its row is asked for."""
+
+    BLOCK = 64
 
     def __init__(self, X, x, sq, norms, surv, t2: float, gamma: float):
-        approx = _sq_distances(X[surv], sq[surv], X[surv], sq[surv])
-        err = gamma * (norms[surv][:, None] + norms[surv][None]) ** 2
-        self.sure = (approx + err <= t2).numpy()
-        self.amb = ((approx - err <= t2).numpy() & ~self.sure) if gamma else None
-        self.x, self.surv, self.t2 = x, surv.numpy(), t2
+        self.X, self.sq, self.norms = X[surv], sq[surv], norms[surv]  # the survivors' rows, gathered once
+        self.x, self.surv, self.t2, self.gamma = x, surv.numpy(), t2, gamma
+        self.at: dict[int, int] = {}
 
-    def row(self, i: int, live: np.ndarray) -> np.ndarray:
-        """conflict[i, i + 1:]: survivor i against every later one (those not `live` may come out either way)."""
-        out = self.sure[i, i + 1 :]
-        if self.amb is None:
-            return out
-        ask = np.flatnonzero(self.amb[i, i + 1 :] & live[i + 1 :])
-        if not len(ask):
-            return out
-        out = out.copy()
-        later = self.surv[i + 1 :][ask]
-        out[ask] = exact_sq(self.x, later, np.full(len(ask), self.surv[i])) <= self.t2
-        return out
+    def _block(self, i: int, live: np.ndarray) -> None:
+        """Rows: the next BLOCK live survivors from i; columns: every survivor after i (a slice: no copy)."""
+        rows = torch.from_numpy(i + np.flatnonzero(live[i:])[: self.BLOCK])
+        X, sq, norms = self.X, self.sq, self.norms
+        approx = _sq_distances(X[rows], sq[rows], X[i + 1 :], sq[i + 1 :])
+        err = self.gamma * (norms[rows][:, None] + norms[None, i + 1 :]) ** 2
+        self.sure = (approx + err <= self.t2).numpy()
+        self.amb = ((approx - err <= self.t2).numpy() & ~self.sure) if self.gamma else None
+        self.at = {int(p): k for k, p in enumerate(rows)}
+        self.first = i + 1  # the columns' first position
+
+    def later(self, i: int, live: np.ndarray) -> np.ndarray:
+        """Positions j > i of the survivors still alive within tau of survivor i (itself alive)."""
+        if i not in self.at:
+            self._block(i, live)
+        k, a = self.at[i], i + 1 - self.first
+        mask = live[i + 1 :]
+        hit = self.sure[k, a:] & mask
+        if self.amb is not None:
+            ask = np.flatnonzero(self.amb[k, a:] & mask)
+            if len(ask):
+                hit[ask] = exact_sq(self.x, self.surv[i + 1 + ask], np.full(len(ask), self.surv[i])) <= self.t2
+        return i + 1 + np.flatnonzero(hit)
