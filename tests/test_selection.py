@@ -160,6 +160,22 @@ def test_selection_rejects_nan_and_bad_decay(rng):
         select(np.zeros((50, 3)), 5, "threshold", 0)
 
 
+def test_threshold_finds_too_few_distinct_images_whatever_tau0(rng):
+    """Fewer distinct rows than N (counted only once the passes stall): a one-line error for float and 8-bit pools,
+    with the default tau0 (0 when most rows have copies), a huge one and a tiny one; exactly N distinct rows are
+    all taken, as the sequential definition takes them."""
+    base = rng.normal(size=(8, 5))
+    pools = [np.repeat(base, 6, axis=0).astype(np.float32), np.tile(base, (6, 1)),
+             np.repeat(rng.integers(0, 256, size=(8, 16)), 6, axis=0).astype(np.uint8), np.zeros((50, 3), np.uint8)]
+    for i, x in enumerate(pools):
+        for tau0 in (None, 1e6, 1e-6):
+            with pytest.raises(UserError, match="only [18] distinct images"):
+                select_threshold(x, 9, seed=i, tau0=tau0)
+        if i < 3:
+            got = select_threshold(x, 8, seed=i, tau0=3.0, decay=0.9).indices
+            np.testing.assert_array_equal(got, threshold_reference(x, 8, i, 3.0, 0.9))
+
+
 class Recorder:
     """A progress sink that keeps what it hears."""
 

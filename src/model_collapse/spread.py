@@ -104,12 +104,16 @@ def select_threshold(
         sq = torch.from_numpy(np.einsum("ij,ij->i", X.numpy(), X.numpy(), dtype=np.float64))
         gamma = rounding_gamma(d + 4, np.float32)
     norms = sq.sqrt()
-    n_distinct = len(distinct_index(x))
-    if n_distinct < n:
-        raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
+    def check_distinct() -> None:  # counted only where it can matter: it costs a pass over every row's bytes
+        n_distinct = len(distinct_index(x))
+        if n_distinct < n:
+            raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
+
     progress = or_silent(progress)
     if tau0 is None:
         tau0 = default_tau0(x, seed, progress=progress)
+        if tau0 == 0:  # most sampled points have a copy in the pool
+            check_distinct()
     if not (math.isfinite(tau0) and tau0 > 0):
         raise UserError(f"tau0 must be a finite number > 0, got {tau0}")
     order = numpy_rng(seed, "threshold-order").permutation(m)
@@ -127,6 +131,7 @@ def select_threshold(
         raise UserError(f"decay_when must be every_pass or empty_pass, got {decay_when!r}")
     tau = float(tau0)
     passes = 0
+    distinct_checked = False
     diameter = 2 * float(norms.max())  # no two points lie farther apart
     if diameter > 0 and math.log(tau / diameter) / -math.log(decay) > MAX_DECAYS:
         raise UserError(f"threshold selection: tau0 = {tau0!r} with decay = {decay!r} needs more than {MAX_DECAYS:,} "
@@ -169,15 +174,14 @@ def select_threshold(
             for i in range(len(surv_list)):
                 if not live[i]:
                     continue
-                p = surv_list[i]
-                acc_buf[len(accepted)] = X[p]
-                acc_sq[len(accepted)] = sq[p]
-                acc_norm[len(accepted)] = norms[p]
-                accepted.append(p)
-                is_acc[p] = True
+                accepted.append(surv_list[i])
                 if len(accepted) == n:
                     break
                 live[conflict.later(i, live)] = False
+            new = torch.as_tensor(accepted[before:])
+            is_acc[new.numpy()] = True
+            acc_buf[before : len(accepted)] = X[new]
+            acc_sq[before : len(accepted)], acc_norm[before : len(accepted)] = sq[new], norms[new]
             progress.advance(len(accepted) - before)
             if len(accepted) == n:
                 break
@@ -187,6 +191,11 @@ def select_threshold(
             if len(accepted) == at_start:  # empty: so is every pass while tau^2 >= each point's bound on its value
                 rest = torch.as_tensor(np.flatnonzero(~is_acc))
                 top = float((near[rest] + gamma * (norms[rest] + acc_norm[: len(accepted)].max()) ** 2).max())
+                if not distinct_checked and (top > t2 or top <= 0):
+                    # empty although a bound reached above tau: perhaps every point left copies an accepted one (an
+                    # exact distance of 0 lies within any tau), and the passes would never end
+                    check_distinct()
+                    distinct_checked = True
                 tau, passes = decay_below(tau, decay, top, passes)  # a huge tau0 ends
     progress.close()
     return Selection(np.asarray(accepted, dtype=np.int64), "threshold", seed,
