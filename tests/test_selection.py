@@ -469,7 +469,7 @@ def test_8bit_pixels_of_65536_values_and_more_and_the_float_fallback(rng):
     import torch
 
     from model_collapse.farthest import _Bounds, farthest_points
-    from model_collapse.neighbours import knn
+    from model_collapse.neighbours import Int8Rows, knn
 
     x = np.stack([np.zeros(70_000), np.ones(70_000), np.full(70_000, 255), np.full(70_000, 3),
                   rng.integers(0, 256, 70_000), rng.integers(250, 256, 70_000)]).astype(np.uint8)
@@ -481,6 +481,7 @@ def test_8bit_pixels_of_65536_values_and_more_and_the_float_fallback(rng):
     d = ((x[:, None].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(2)
     np.fill_diagonal(d, np.inf)
     np.testing.assert_array_equal(knn(x, None, 2).indices, np.argsort(d, axis=1, kind="stable")[:, :2])
+    assert Int8Rows(x, int32=True).dtype == torch.float64 and _Bounds(x, 2).dist_dtype == torch.float64  # past int32
     y = rng.integers(0, 4, size=(120, 9)).astype(np.uint8)
     with torch.backends.mkldnn.flags(enabled=False):
         assert not _Bounds(y, 2).int8

@@ -96,14 +96,17 @@ def select_threshold(
         X, sq, gamma = rows.x, rows.sq, 0.0
     else:  # centred (for the approximate pass only) and rounded once to float32; exact distances from x itself
         x = np.ascontiguousarray(x)
-        if x.dtype == np.float32:
-            X = torch.from_numpy(x - x.mean(0, dtype=np.float64).astype(np.float32))
+        if x.dtype == np.float32:  # any centre serves (the same for every row): the float32 mean
+            X = torch.from_numpy(x - x.mean(0))
         else:
             X64 = torch.as_tensor(x, dtype=torch.float64)
             X = (X64 - X64.mean(0, keepdim=True)).float()
-        sq = torch.from_numpy(np.einsum("ij,ij->i", X.numpy(), X.numpy(), dtype=np.float64))
+        # float32 sums, as the products' own: the bound's gamma_(d+4) covers them in the identity, and the norms
+        # in the bound are raised by gamma_d, the sums' own rounding, to bound the rows' true norms
+        sq = torch.from_numpy(np.einsum("ij,ij->i", X.numpy(), X.numpy()).astype(np.float64))
         gamma = rounding_gamma(d + 4, np.float32)
-    norms = sq.sqrt()
+    norms = (sq * (1 + rounding_gamma(d, np.float32)) if gamma else sq).sqrt()
+
     def check_distinct() -> None:  # counted only where it can matter: it costs a pass over every row's bytes
         n_distinct = len(distinct_index(x))
         if n_distinct < n:
