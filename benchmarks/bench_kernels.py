@@ -140,6 +140,17 @@ def threshold_baseline(x, n, seed, tau0, decay, time_limit=None):
     return acc, time.perf_counter() - t0, visited
 
 
+def _timed(f, rounds):
+    """f's result, its median time over `rounds` calls and those times (the first call included: a user's only
+    call is a first one)."""
+    times = []
+    for _ in range(max(1, rounds)):
+        t = time.perf_counter()
+        out = f()
+        times.append(time.perf_counter() - t)
+    return out, float(np.median(times)), "/".join(f"{t:.2f}" for t in times)
+
+
 def bench_greedy(quick, rounds):
     """Each pool kind: the selector against the float32 matrix-vector loop (extrapolated from its first 300 steps,
     which cost as much as any later step), and the share of the machine's matmul rate the selector reaches on the
@@ -152,15 +163,14 @@ def bench_greedy(quick, rounds):
         xf = x.astype(np.float32)
         prefix, per_step = greedy_baseline(xf, n, 0, steps)
         rate = matmul_rate()
-        t = time.perf_counter()
-        sel = select_greedy(x, n, 0)
-        fast = time.perf_counter() - t
+        sel, fast, runs = _timed(lambda: select_greedy(x, n, 0), rounds)
         exact = list(sel.indices[:steps]) == greedy_exact_prefix(xf, 0, steps)
         agree = next((i for i, (a, b) in enumerate(zip(sel.indices, prefix)) if a != b), steps)
         base = per_step * (n - 1)
         pairs = sel.params["distances_computed"]
         print(f"greedy {kind} M={m} d={d} {x.dtype} N={n}: baseline {base:.1f} s (extrapolated from {steps} steps "
-              f"at {per_step * 1e3:.2f} ms/step), fast {fast:.2f} s, ratio {base / fast:.1f}x; first {steps} picks "
+              f"at {per_step * 1e3:.2f} ms/step), fast {fast:.2f} s (median of {runs}), ratio {base / fast:.1f}x; "
+              f"first {steps} picks "
               f"equal the exact float64 definition: {exact} (the float32 baseline agrees for the first {agree}); "
               f"distances computed {pairs / (m * n):.2f} of M*N, at {2 * d * pairs / fast / 1e9:.0f} GFLOP/s over "
               f"the whole run ({2 * d * pairs / fast / 1e9 / rate:.0%} of matmul {rate:.0f})", flush=True)
@@ -176,19 +186,16 @@ def bench_threshold(quick, rounds):
         x, n = pool(kind, m, seed=1), m // 4
         d = x.shape[1]
         rate = matmul_rate()
-        t = time.perf_counter()
-        tau0 = default_tau0(x, 0)
-        t_tau0 = time.perf_counter() - t
-        t = time.perf_counter()
-        sel = select_threshold(x, n, 0, tau0=tau0)
-        fast = time.perf_counter() - t
+        tau0, t_tau0, tau0_runs = _timed(lambda: default_tau0(x, 0), rounds)
+        sel, fast, runs = _timed(lambda: select_threshold(x, n, 0, tau0=tau0), rounds)
         acc, base, visited = threshold_baseline(x, n, 0, tau0, 0.95, time_limit=60 if quick else 600)
         same = acc is not None and list(sel.indices) == acc
         note = "" if acc is not None else f" (stopped after {visited} visits; a lower bound)"
         print(f"threshold {kind} M={m} d={d} {x.dtype} N={n}: baseline {base:.1f} s{note}; filter at the same tau0 "
-              f"{fast:.2f} s, ratio {base / fast:.0f}x, identical: {same}, passes {sel.params['passes']}, "
+              f"{fast:.2f} s (median of {runs}), ratio {base / fast:.0f}x, identical: {same}, passes "
+              f"{sel.params['passes']}, "
               f"{2 * m * n * d / fast / 1e9:.0f} GFLOP/s nominal ({2 * m * n * d / fast / 1e9 / rate:.0%} of matmul "
-              f"{rate:.0f}); choosing tau0 {t_tau0:.2f} s, end to end {t_tau0 + fast:.2f} s, "
+              f"{rate:.0f}); choosing tau0 {t_tau0:.2f} s (median of {tau0_runs}), end to end {t_tau0 + fast:.2f} s, "
               f"ratio {base / (t_tau0 + fast):.0f}x", flush=True)
 
 
@@ -374,7 +381,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes (minutes -> seconds)")
     ap.add_argument("--only", nargs="*", default=list(BENCHES))
-    ap.add_argument("--rounds", type=int, default=3, help="baseline/ours alternations of the kNN benchmarks")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="baseline/ours alternations of the kNN benchmarks; calls of the selectors (median)")
     ap.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS, help="pool kinds of greedy and threshold")
     args = ap.parse_args()
     KINDS[:] = args.kinds
