@@ -91,28 +91,16 @@ def select_threshold(
     m, d = x.shape
     if not 0.0 < decay < 1.0:
         raise UserError(f"decay must lie in (0, 1), got {decay}")
-    if exact_int8(x):  # 8-bit pixels: int8 products give exact distances, nothing to decide again
-        rows = Int8Rows(x)
-        X, sq, gamma = rows.x, rows.sq, 0.0
-    else:  # centred (for the approximate pass only) and rounded once to float32; exact distances from x itself
-        x = np.ascontiguousarray(x)
-        if x.dtype == np.float32:  # any centre serves (the same for every row): the float32 mean
-            X = torch.from_numpy(x - x.mean(0))
-        else:
-            X64 = torch.as_tensor(x, dtype=torch.float64)
-            X = (X64 - X64.mean(0, keepdim=True)).float()
-        # float32 sums, as the products' own: the bound's gamma_(d+4) covers them in the identity, and the norms
-        # in the bound are raised by gamma_d, the sums' own rounding, to bound the rows' true norms
-        sq = torch.from_numpy(np.einsum("ij,ij->i", X.numpy(), X.numpy()).astype(np.float64))
-        gamma = rounding_gamma(d + 4, np.float32)
-    norms = (sq * (1 + rounding_gamma(d, np.float32)) if gamma else sq).sqrt()
+    if decay_when not in ("every_pass", "empty_pass"):
+        raise UserError(f"decay_when must be every_pass or empty_pass, got {decay_when!r}")
+    progress = or_silent(progress)
+    x = np.ascontiguousarray(x)
 
     def check_distinct() -> None:  # counted only where it can matter: it costs a pass over every row's bytes
         n_distinct = len(distinct_index(x))
         if n_distinct < n:
             raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
 
-    progress = or_silent(progress)
     if tau0 is None:
         tau0 = default_tau0(x, seed, progress=progress)
         if tau0 == 0:  # most sampled points have a copy in the pool
@@ -120,7 +108,25 @@ def select_threshold(
     if not (math.isfinite(tau0) and tau0 > 0):
         raise UserError(f"tau0 must be a finite number > 0, got {tau0}")
     order = numpy_rng(seed, "threshold-order").permutation(m)
-    accepted: list[int] = []
+    # Everything below is in visiting order (position i holds pool row order[i]): a chunk is a slice, no gather.
+    if exact_int8(x):  # 8-bit pixels: int8 products give exact distances, nothing to decide again
+        rows = Int8Rows(x[order])
+        X, sq, gamma = rows.x, rows.sq, 0.0
+    else:  # centred (for the approximate pass only) and rounded once to float32; exact distances from x itself
+        if x.dtype == np.float32:  # any centre serves (the same for every row): the float32 mean
+            xo = x[order]
+            xo -= x.mean(0)
+            X = torch.from_numpy(xo)
+        else:
+            X64 = torch.as_tensor(x[order], dtype=torch.float64)
+            X = (X64 - X64.mean(0, keepdim=True)).float()
+        # float32 sums, as the products' own: the bound's gamma_(d+4) covers them in the identity, and the norms
+        # in the bound are raised by gamma_d, the sums' own rounding, to bound the rows' true norms
+        sq = torch.from_numpy(np.einsum("ij,ij->i", X.numpy(), X.numpy()).astype(np.float64))
+        gamma = rounding_gamma(d + 4, np.float32)
+    norms = (sq * (1 + rounding_gamma(d, np.float32)) if gamma else sq).sqrt()
+    exact = _Exact(x, order, gamma)
+    accepted: list[int] = []  # positions
     is_acc = np.zeros(m, dtype=bool)
     acc_buf = torch.empty((n, X.shape[1]), dtype=X.dtype)
     acc_sq = torch.empty(n, dtype=torch.float64)
@@ -130,8 +136,6 @@ def select_threshold(
     # points accepted since are folded in: about one M x N product in all, not one per pass.
     near = torch.full((m,), math.inf, dtype=torch.float64)
     upto = np.zeros(m, dtype=np.int64)
-    if decay_when not in ("every_pass", "empty_pass"):
-        raise UserError(f"decay_when must be every_pass or empty_pass, got {decay_when!r}")
     tau = float(tau0)
     passes = 0
     distinct_checked = False
@@ -145,32 +149,30 @@ def select_threshold(
         at_start = len(accepted)
         t2 = tau * tau
         for a in range(0, m, chunk):
-            idx = order[a : a + chunk]
-            idx = idx[~is_acc[idx]]
-            if not len(idx):
+            b = min(a + chunk, m)
+            pos = a + np.flatnonzero(~is_acc[a:b])
+            if not len(pos):
                 continue
-            it = torch.as_tensor(idx)
+            it = torch.from_numpy(pos)
             k = len(accepted)
-            lo = int(upto[idx].min())
-            if k > lo:
-                approx = _sq_distances(X[it], sq[it], acc_buf[lo:k], acc_sq[lo:k])
+            lo = int(upto[pos].min())
+            if k > lo:  # the whole slice: an accepted row in it costs less than a gather of the others
+                approx = _sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k])[it - a]
                 near[it] = torch.minimum(near[it], approx.min(1).values)
-                upto[idx] = k
-            alive = torch.ones(len(idx), dtype=torch.bool)
+                upto[pos] = k
+            alive = torch.ones(len(pos), dtype=torch.bool)
             if k:
                 err = gamma * (norms[it] + acc_norm[:k].max()) ** 2  # bounds every pair of this point
                 alive &= ~(near[it] + err <= t2)  # surely within tau of an accepted point
                 amb = alive & (near[it] - err <= t2)  # near tau: decide on exact distances
                 if amb.any():
-                    rows = it[amb]
-                    close = _exact_close(X, x, sq, norms, rows, acc_buf[:k], acc_sq[:k], acc_norm[:k],
-                                         torch.as_tensor(accepted), t2, gamma)
+                    close = exact.close(X, sq, norms, it[amb], acc_buf[:k], acc_sq[:k], acc_norm[:k], accepted, t2)
                     alive[torch.nonzero(amb).squeeze(1)[close]] = False
             surv = it[alive]
             if not surv.numel():
                 continue
             # resolve among survivors in visiting order, on exact distances
-            conflict = _Conflicts(X, x, sq, norms, surv, t2, gamma)
+            conflict = _Conflicts(X, exact, sq, norms, surv, t2, gamma)
             live = np.ones(len(surv), dtype=bool)
             surv_list = surv.tolist()
             before = len(accepted)
@@ -201,7 +203,7 @@ def select_threshold(
                     distinct_checked = True
                 tau, passes = decay_below(tau, decay, top, passes)  # a huge tau0 ends
     progress.close()
-    return Selection(np.asarray(accepted, dtype=np.int64), "threshold", seed,
+    return Selection(order[accepted].astype(np.int64), "threshold", seed,
                      {"tau0": float(tau0), "decay": float(decay), "decay_when": decay_when, "tau_final": tau,
                       "passes": passes,
                       "order": order.astype(np.int64)})
@@ -236,17 +238,27 @@ def _sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: to
     return torch.addmm(sq_a.float()[:, None] + sq_b.float()[None], a, b.T, alpha=-2.0).double()
 
 
-def _exact_close(X, x, sq, norms, rows, acc, acc_sq, acc_norm, acc_idx, t2: float, gamma: float) -> torch.Tensor:
-    """For each row: is some accepted point within tau (exact squared distance <= tau^2)?"""
-    approx = _sq_distances(X[rows], sq[rows], acc, acc_sq)
-    err = gamma * (norms[rows][:, None] + acc_norm[None]) ** 2
-    close = (approx + err <= t2).any(1)
-    amb = (approx - err <= t2) & (approx + err > t2) & ~close[:, None]
-    if amb.any():
-        r, c = torch.nonzero(amb, as_tuple=True)
-        hit = torch.from_numpy(exact_sq(x, rows[r].numpy(), acc_idx[c].numpy()) <= t2)
-        close[r[hit]] = True
-    return close
+class _Exact:
+    """Exact float64 squared distances from differences of the input rows (`exact_sq`), between visiting positions
+    (position i: pool row order[i])."""
+
+    def __init__(self, x: np.ndarray, order: np.ndarray, gamma: float):
+        self.x, self.order, self.gamma = x, order, gamma
+
+    def sq(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return exact_sq(self.x, self.order[a], self.order[b])
+
+    def close(self, X, sq, norms, rows, acc, acc_sq, acc_norm, accepted: list, t2: float) -> torch.Tensor:
+        """For each row: is some accepted point within tau (exact squared distance <= tau^2)?"""
+        approx = _sq_distances(X[rows], sq[rows], acc, acc_sq)
+        err = self.gamma * (norms[rows][:, None] + acc_norm[None]) ** 2
+        close = (approx + err <= t2).any(1)
+        amb = (approx - err <= t2) & (approx + err > t2) & ~close[:, None]
+        if amb.any():
+            r, c = torch.nonzero(amb, as_tuple=True)
+            hit = torch.from_numpy(self.sq(rows[r].numpy(), np.asarray(accepted)[c.numpy()]) <= t2)
+            close[r[hit]] = True
+        return close
 
 
 class _Conflicts:
@@ -260,9 +272,9 @@ class _Conflicts:
 
     BLOCK = 64
 
-    def __init__(self, X, x, sq, norms, surv, t2: float, gamma: float):
+    def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float, gamma: float):
         self.X, self.sq, self.norms = X[surv], sq[surv], norms[surv]  # the survivors' rows, gathered once
-        self.x, self.surv, self.t2, self.gamma = x, surv.numpy(), t2, gamma
+        self.exact, self.surv, self.t2, self.gamma = exact, surv.numpy(), t2, gamma
         self.at: dict[int, int] = {}
 
     def _block(self, i: int, live: np.ndarray) -> None:
@@ -286,5 +298,5 @@ class _Conflicts:
         if self.amb is not None:
             ask = np.flatnonzero(self.amb[k, a:] & mask)
             if len(ask):
-                hit[ask] = exact_sq(self.x, self.surv[i + 1 + ask], np.full(len(ask), self.surv[i])) <= self.t2
+                hit[ask] = self.exact.sq(self.surv[i + 1 + ask], np.full(len(ask), self.surv[i])) <= self.t2
         return i + 1 + np.flatnonzero(hit)
