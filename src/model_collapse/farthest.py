@@ -12,14 +12,17 @@ the data. Here the distance work is batched into matrix-matrix products instead,
   (the first upto[p] of them), and which centres gave the first two. A rigorous bound E[p] on the identity's
   rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN kernel, plus float32 underflow) makes the smallest,
   val[p], plus E[p] an upper bound of p's exact value now: comparing with more centres only lowers it.
-* Every `block` picks (sooner when keeping the leaders up to date has cost as much), the remaining points are
-  compared with the centres added since, as matrix products over row chunks, and sorted by upper bound. Points
-  whose bound lies well below the last pick's value (a factor `rho`) are left for later: their stale bound stays
-  valid, and they are brought up to date only if it ever competes (most never do). Between block products only
-  the leaders are kept up to date with each new centre (one matrix-vector product of their rows); the next
+* Every `block` picks (sooner when the leaders' own products since have cost FOLD_SHARE of what the block
+  product will), the remaining points are compared with the centres added since, as matrix products over row
+  chunks, and sorted by upper bound. Points whose bound lies well below the last pick's value (a factor `rho`)
+  are left for later: their stale bound stays valid, and they are brought up to date only if it ever competes
+  (most never do). Between block products only the leaders are kept up to date with each new centre; the next
   points by bound join them, compared with the centres they have not seen as one product, whenever the best
   leader's lower bound val - E does not clear the bound of everything behind (lazy evaluation: a bound only
-  falls).
+  falls). Every centre is a leader when it is picked, so the leaders' distances to each other, computed as
+  products when they join, hold each new centre's distances to all of them: a row read per pick, not a
+  matrix-vector product (past GRAM_ROWS leaders, one matrix-vector product per pick again).
+* 8-bit pixels take exact int8 products instead (int32 distances up to 33,025 values): no rounding bound.
 * A pick is certain when one leader's lower bound lies above every other point's upper bound. Otherwise the few
   leaders within the rounding band are decided on exact float64 distances, computed from differences: to the
   nearest approximate centre when the second approximate distance lies out of the band, to the first two when the
@@ -46,6 +49,9 @@ from model_collapse.rng import numpy_rng
 ROWS = 4096  # row chunk of the block products (4,096 x block float32 at most)
 FAR_INT = 2**31 - 1  # int32 distances: a stand-in above every distance, for a column not to count
 GRAM_ROWS = 4096  # leaders whose distances to each other are kept (64 MiB of float32, 128 of float64)
+# a block product comes early once the leaders' own products since the last one (in pairs) reach FOLD_SHARE of the
+# pairs it will compute, plus FOLD_FLOOR pool rows' worth (the first leaders' products cost the same at any pick);
+# 0.05-0.25 and 16-64 measured within the noise on the uniform and pixel pools
 FOLD_SHARE, FOLD_FLOOR = 0.1, 16
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 

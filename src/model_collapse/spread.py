@@ -82,11 +82,12 @@ def select_threshold(
     a point rejected in a pass lies within tau of a point accepted by then, the accepted set only grows, so a
     second pass at the same tau accepts nothing and then decays. Only the number of passes differs.
 
-    For each chunk, distances to the points accepted so far come from one float32 matrix product, with a
-    rigorous rounding bound; only pairs within that bound of tau^2 are recomputed exactly. 8-bit pixels take
-    int8 products instead, which are exact: no pair is recomputed. Survivors are then
-    resolved in visiting order among themselves (the first survivor is accepted and removes the survivors
-    within tau of it, and so on), which is what the sequential loop does.
+    The pool's rows are permuted once into visiting order, so a chunk is a slice. For each chunk, distances to the
+    points accepted since its last visit come from one float32 matrix product, with a rigorous rounding bound;
+    only pairs within that bound of tau^2 are recomputed exactly. 8-bit pixels take int8 products instead, which
+    are exact: no pair is recomputed. Survivors are then resolved in visiting order among themselves (the first
+    survivor is accepted and removes the survivors within tau of it, and so on), which is what the sequential
+    loop does; a survivor's row of conflicts is computed only if it is accepted (`_Conflicts`).
     """
     m, d = x.shape
     if not 0.0 < decay < 1.0:
