@@ -87,7 +87,7 @@ def test_8bit_pixels_take_exact_integer_products_and_equal_brute_force(rng, k):
     seen = []
     real_int8 = nb.Int8Rows
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(nb, "Int8Rows", lambda x, **kw: seen.append(x.shape) or real_int8(x, **kw))
+    monkey.setattr(nb, "Int8Rows", lambda x, **kw: seen.append((x.shape, kw)) or real_int8(x, **kw))
     try:
         for x in pools:
             r = knn(x, None, k, tile=37)
@@ -104,4 +104,5 @@ def test_8bit_pixels_take_exact_integer_products_and_equal_brute_force(rng, k):
     finally:
         monkey.undo()
     assert len(seen) == 3 * len(pools)  # every uint8 call took the integer path (cross calls build two)
+    assert all(kw == {"int32": True} for _, kw in seen)  # with int32 distances where they fit
     assert real_int8(pools[3], int32=True).dtype == torch.int32  # int32 distances up to 33,025 values

@@ -82,15 +82,27 @@ def test_threshold_decides_survivors_at_tau_exactly_and_only_when_asked(rng, mon
     survivors removed earlier are never computed)."""
     import model_collapse.spread as S
 
-    asked = []
     exact_sq = S.exact_sq
-    monkeypatch.setattr(S, "exact_sq", lambda x, rows, cols: asked.append(len(rows)) or exact_sq(x, rows, cols))
     g = np.stack(np.meshgrid(np.arange(12), np.arange(12)), -1).reshape(-1, 2).astype(np.float32) * 0.75
     x = np.concatenate([g, g + np.float32(1e-3) * rng.normal(size=g.shape).astype(np.float32)])
     for tau0 in (0.75, 1.5):
+        askers = []  # every exact pair pits a point against an accepted one (the asking survivor, or the set's)
+        monkeypatch.setattr(S, "exact_sq", lambda x, rows, cols: askers.extend(cols) or exact_sq(x, rows, cols))
         got = select_threshold(x, 60, seed=4, tau0=tau0, decay=0.9, chunk=1024).indices
         np.testing.assert_array_equal(got, threshold_reference(x, 60, 4, tau0, 0.9))
-    assert asked and sum(asked) < len(x) ** 2 / 4
+        assert askers and set(askers) <= set(got.tolist())
+
+
+def test_threshold_at_any_scale(rng):
+    """Pools of values from 1e-30 to 1e30, float32 and float64: the working copy is scaled by a power of two (no
+    float32 underflow or overflow in its products), so the choices are the sequential definition's at any scale."""
+    for e in (-30, -22, 0, 20, 30):
+        for dt in (np.float32, np.float64):
+            x = (rng.normal(size=(150, 6)) * 10.0**e).astype(dt)
+            x[100:120] = x[:20]
+            tau0 = 1.5 * 10.0**e
+            got = select_threshold(x, 40, seed=e % 7, tau0=tau0, decay=0.9, chunk=32).indices
+            np.testing.assert_array_equal(got, threshold_reference(x, 40, e % 7, tau0, 0.9), err_msg=f"{e} {dt}")
 
 
 def test_threshold_chunk_size_does_not_change_result(rng):
@@ -160,17 +172,23 @@ def test_selection_rejects_nan_and_bad_decay(rng):
         select(np.zeros((50, 3)), 5, "threshold", 0)
 
 
-def test_threshold_finds_too_few_distinct_images_whatever_tau0(rng):
+def test_threshold_finds_too_few_distinct_images_whatever_tau0(rng, monkeypatch):
     """Fewer distinct rows than N (counted only once the passes stall): a one-line error for float and 8-bit pools,
     with the default tau0 (0 when most rows have copies), a huge one and a tiny one; exactly N distinct rows are
     all taken, as the sequential definition takes them."""
     base = rng.normal(size=(8, 5))
     pools = [np.repeat(base, 6, axis=0).astype(np.float32), np.tile(base, (6, 1)),
              np.repeat(rng.integers(0, 256, size=(8, 16)), 6, axis=0).astype(np.uint8), np.zeros((50, 3), np.uint8)]
+    with pytest.raises(UserError, match="only 5 distinct images"):  # fewer rows than N
+        select_threshold(rng.normal(size=(5, 3)), 9, seed=0)
     for i, x in enumerate(pools):
         for tau0 in (None, 1e6, 1e-6):
             with pytest.raises(UserError, match="only [18] distinct images"):
                 select_threshold(x, 9, seed=i, tau0=tau0)
+        with monkeypatch.context() as mp:  # decays that would need more than MAX_DECAYS passes
+            mp.setattr("model_collapse.spread.MAX_DECAYS", 10**5)
+            with pytest.raises(UserError, match="only [18] distinct images"):
+                select_threshold(x, 9, seed=i, tau0=10.0, decay=1 - 1e-9)
         if i < 3:
             got = select_threshold(x, 8, seed=i, tau0=3.0, decay=0.9).indices
             np.testing.assert_array_equal(got, threshold_reference(x, 8, i, 3.0, 0.9))
@@ -316,7 +334,8 @@ def test_farthest_points_leaders_by_gram_or_matrix_vector_products_make_the_same
     u = rng.random((400, 96), dtype=np.float32)  # near-equal values: many leaders
     for i, pool in enumerate((x, z, u)):
         want = greedy_reference(pool, len(pool) // 2, 2)
-        for gram_rows, share, floor in ((4096, 0.1, 16), (70, 0.1, 16), (4096, 0.0, 0), (0, 1e9, 1e9)):
+        for gram_rows, share, floor in ((4096, 0.1, 16), (70, 0.1, 16), (4096, 0.0, 0), (4096, 1e9, 1e9),
+                                        (0, 1e9, 1e9)):
             monkeypatch.setattr(F, "GRAM_ROWS", gram_rows)
             monkeypatch.setattr(F, "FOLD_SHARE", share)
             monkeypatch.setattr(F, "FOLD_FLOOR", floor)

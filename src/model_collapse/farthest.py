@@ -42,12 +42,12 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.linalg import first_nonfinite_row
-from model_collapse.neighbours import Int8Rows, exact_int8, int8_sq_distances, rounding_gamma
+from model_collapse.neighbours import (INT32_FAR, Int8Rows, exact_int8, int8_sq_distances, int32_distances,
+                                       rounding_gamma)
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
 ROWS = 4096  # row chunk of the block products (4,096 x block float32 at most)
-FAR_INT = 2**31 - 1  # int32 distances: a stand-in above every distance, for a column not to count
 GRAM_ROWS = 4096  # leaders whose distances to each other are kept (64 MiB of float32, 128 of float64)
 # a block product comes early once the leaders' own products since the last one (in pairs) reach FOLD_SHARE of the
 # pairs it will compute, plus FOLD_FLOOR pool rows' worth (the first leaders' products cost the same at any pick);
@@ -80,6 +80,50 @@ def _row_sq(x: np.ndarray, dtype=None) -> np.ndarray:
     return np.concatenate([np.einsum("ij,ij->i", c, c, dtype=dtype) for c in _tiles(x)])
 
 
+def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """The rows of x (in `order` if given) centred, scaled by a power of two to a largest norm of about [0.5, 1] and
+    rounded once to float32; their squared norms (float64 of float32 sums, as the products' own); upper bounds of
+    their norms; the square of the scale.
+
+    No float32 overflow, and underflow (absolute errors of at most 2^-150 per value, 2^-90 in these units) only far
+    beneath any distance that matters: the bound gamma_(d+6) (|x| + |y|)^2 + (d + 6) 2^-80 covers the products'
+    rounding, the norms' and the centred copy's, and underflow. Distances in these units are `scale2` times the
+    input's: a power of two, so comparisons come out as they would unscaled.
+    """
+    d = x.shape[1]
+
+    def tiles():  # the rows in order, a tile at a time: no whole-pool temporary
+        for a in range(0, len(x), TILE):
+            yield a, x[a : a + TILE] if order is None else x[order[a : a + TILE]]
+
+    if x.dtype == np.float32:  # float32 input: centred in float32 (any centre serves), one rounding
+        mean = x.mean(0)
+        xc = np.empty(x.shape, np.float32)
+        for a, c in tiles():
+            np.subtract(c, mean, out=xc[a : a + len(c)])
+        sq = _row_sq(xc).astype(np.float64)
+        top = float(np.sqrt(sq.max()))
+    exact64 = x.dtype != np.float32 or not (math.isfinite(top) and top >= 2.0**-60)  # float64, overflow, tiny
+    if exact64:  # centre in float64, a chunk at a time, and round once
+        mean = x.mean(0, dtype=np.float64)
+        top = max(float(np.sqrt(_row_sq(c - mean).max())) for _, c in tiles())
+    scale = 2.0 ** -math.ceil(math.log2(top)) if top > 0 else 1.0
+    if exact64:
+        xc = np.concatenate([((c - mean) * scale).astype(np.float32) for _, c in tiles()])
+        sq = _row_sq(xc).astype(np.float64)
+    else:
+        xc *= np.float32(scale)
+        sq *= scale * scale  # a power of two: the squared norms of the scaled rows, as exactly
+    # a float32 sum of d squares lies within gamma_d of the true one: raised by that, the norms bound the true ones
+    norms = np.sqrt(sq * (1 + rounding_gamma(d, np.float32))) * 1.001
+    return xc, sq, norms, scale * scale
+
+
+def underflow_allowance(d: int) -> float:
+    """The bound's allowance for float32 underflow in `scaled_rows` units (see there)."""
+    return (d + 6) * 2.0**-80
+
+
 class _Bounds:
     """The pool's approximate distances to the centres: per point the three smallest (`near`, ascending), the
     centres of the first two (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
@@ -100,40 +144,19 @@ class _Bounds:
             rows = Int8Rows(x)
             # squared distances of at most d * 255^2 fit int32 up to 33,025 values: distances in int32, a quarter
             # of the float64 memory traffic (at d = 384 the float64 output took longer than the product)
-            self.dist_dtype = torch.int32 if d * 255**2 < FAR_INT else torch.float64
-            self.far = FAR_INT if self.dist_dtype == torch.int32 else math.inf
+            self.dist_dtype = torch.int32 if int32_distances(d) else torch.float64
+            self.far = INT32_FAR if self.dist_dtype == torch.int32 else math.inf  # stands for a column not to count
             self.xc, self.sq = rows.x, rows.sq.to(self.dist_dtype)
             self.scale2, self.err = 1.0, np.zeros(m)
             self.cbuf = torch.empty((n, self.xc.shape[1]), dtype=torch.int8)
             self.csq = torch.empty(n, dtype=self.dist_dtype)
             return
         self.far = math.inf
-        mean = x.mean(0, dtype=np.float64)
-        # centred, then scaled by a power of two to a largest norm in [0.5, 1]: no float32 overflow, and underflow
-        # (absolute errors of at most 2^-150 per value, 2^-90 in these units: below) only far beneath any distance
-        # that matters. Every value here, exact ones included (`scale2` times the float64 distance: a power of two,
-        # so still exact), is in these units.
-        xc = x - mean.astype(np.float32) if x.dtype == np.float32 else None  # float32 input: one rounding
-        sq64 = _row_sq(xc, np.float64) if xc is not None else None
-        top = float(np.sqrt(sq64.max())) if xc is not None else math.nan
-        exact64 = not (math.isfinite(top) and top >= 2.0**-60)  # float64 input, overflow, or tiny values
-        if exact64:  # centre in float64, a chunk at a time, and round once
-            top = max(float(np.sqrt(_row_sq(c).max())) for c in self._centred(x, mean))
-        scale = 2.0 ** -math.ceil(math.log2(top)) if top > 0 else 1.0
-        self.scale2 = scale * scale
-        if exact64:
-            xc = np.concatenate([(c * scale).astype(np.float32) for c in self._centred(x, mean)])
-            sq64 = _row_sq(xc, np.float64)
-        else:
-            xc *= np.float32(scale)
-            sq64 *= self.scale2  # a power of two: the squared norms of the scaled rows, as exactly
-        self.xc = torch.from_numpy(xc)
-        # float32, as the products (rounded from float64, well inside the bound's allowance for their own sums)
-        self.sq = torch.from_numpy(sq64.astype(np.float32))
-        norms = np.sqrt(sq64) * 1.001
+        xc, sq, norms, self.scale2 = scaled_rows(x)
+        self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(np.float32))  # float32, as the products
         # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
         # and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
-        self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + (d + 6) * 2.0**-80
+        self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + underflow_allowance(d)
         self.cbuf = torch.empty((n, d))
         self.csq = torch.empty(n)
         self.dist_dtype = torch.float32
@@ -151,11 +174,6 @@ class _Bounds:
             return int8_sq_distances(a, sq_a, b, sq_b)
         # the row norms added after the product: no rows x columns bias to build (10-20% of a 384-column product)
         return torch.addmm(sq_b[None], a, b.T, alpha=-2.0).add_(sq_a[:, None])
-
-    @staticmethod
-    def _centred(x: np.ndarray, mean: np.ndarray):
-        for c in _tiles(x):
-            yield c - mean
 
     def add(self, t: int, p: int) -> None:
         self.centres[t] = p
@@ -261,7 +279,7 @@ class _Active:
         self.gram = torch.empty(0, 0, dtype=bounds.dist_dtype)
         self.near, self.near_at = np.empty((0, 3)), np.empty((0, 2), dtype=np.int64)
         self.err, self.ex = np.empty(0), np.empty(0)
-        self.work = 0  # leader-leader and leader-centre pairs computed since the block product
+        self.work = 0  # leaders' product pairs since the block product (a matrix-vector pair counts GRAM_RATE)
 
     @property
     def behind(self) -> float:
@@ -398,8 +416,8 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
 
 
 def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, int, float | None, float]:
-    """The point of largest exact value among the pool's remaining points (lowest index among equal ones), and that
-    value when it had to be computed, and its approximate value; the point leaves the leaders."""
+    """The point of largest exact value among the pool's remaining points (lowest index among equal ones), its
+    leader slot, that value when it had to be computed, and its approximate value; the point leaves the leaders."""
     while True:
         low, up = A.bounds()
         lo = low.max() if len(low) else -np.inf

@@ -117,14 +117,15 @@ def _int8_probe() -> bool:
         return False
 
 
-def int8_rows(x: np.ndarray) -> np.ndarray:
-    """uint8 rows as v - 128 in int8 (the top bit flipped: distances do not change, and products of up to
-    INT8_DIMS values sum exactly in int32), with zero columns up to a multiple of 8 (torch 2.14's CPU `_int_mm` is
-    wrong with one column; zeros add nothing)."""
-    m, d = x.shape
+def int8_rows(x: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """uint8 rows (in `order` if given) as v - 128 in int8 (the top bit flipped: distances do not change, and
+    products of up to INT8_DIMS values sum exactly in int32), with zero columns up to a multiple of 8 (torch 2.14's
+    CPU `_int_mm` is wrong with one column; zeros add nothing). Read a tile at a time: no whole-pool temporary."""
+    m, d = x.shape if order is None else (len(order), x.shape[1])
     out = np.zeros((m, -(-d // 8) * 8), np.int8)
     for a in range(0, m, 8192):
-        out[a : a + 8192, :d] = (x[a : a + 8192] ^ np.uint8(128)).view(np.int8)
+        rows = x[a : a + 8192] if order is None else x[order[a : a + 8192]]
+        out[a : a + 8192, :d] = (rows ^ np.uint8(128)).view(np.int8)
     return out
 
 
@@ -139,6 +140,11 @@ INT32_FAR = 2**31 - 1  # above every int32 squared distance of 8-bit rows (at mo
 INT32_DIMS = INT32_FAR // 255**2  # 33,025 values
 
 
+def int32_distances(d: int) -> bool:
+    """Whether squared distances of 8-bit rows of d values fit int32 strictly below INT32_FAR."""
+    return d * 255**2 < INT32_FAR
+
+
 class Int8Rows:
     """8-bit pixels as int8 rows (`int8_rows`) and their squared norms (float64, exact: integers below 2^53): the
     identity's products in int32 are exact, and so are the distances (`int8_sq_distances`): nothing to bound, no
@@ -148,11 +154,11 @@ class Int8Rows:
 
     dtype = torch.float64  # of the distances
 
-    def __init__(self, x: np.ndarray, int32: bool = False):
-        xi = int8_rows(x)
+    def __init__(self, x: np.ndarray, int32: bool = False, order: np.ndarray | None = None):
+        xi = int8_rows(x, order)
         self.x = torch.from_numpy(xi)
         self.sq = torch.from_numpy(np.einsum("ij,ij->i", xi, xi, dtype=np.int64)).double()
-        if int32 and x.shape[1] <= INT32_DIMS:
+        if int32 and int32_distances(x.shape[1]):
             self.dtype, self.sq = torch.int32, self.sq.int()
 
     def tile(self, a: int, size: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
-from model_collapse.farthest import exact_sq, farthest_points
+from model_collapse.farthest import exact_sq, farthest_points, scaled_rows, underflow_allowance
 from model_collapse.metrics import distinct_index
 from model_collapse.neighbours import Int8Rows, exact_int8, int8_sq_distances, knn, rounding_gamma
 from model_collapse.progress import Progress, or_silent
@@ -102,6 +102,8 @@ def select_threshold(
         if n_distinct < n:
             raise UserError(f"threshold selection: the pool has only {n_distinct} distinct images, fewer than N = {n}")
 
+    if n > m:
+        check_distinct()
     if tau0 is None:
         tau0 = default_tau0(x, seed, progress=progress)
         if tau0 == 0:  # most sampled points have a copy in the pool
@@ -111,28 +113,19 @@ def select_threshold(
     order = numpy_rng(seed, "threshold-order").permutation(m)
     # Everything below is in visiting order (position i holds pool row order[i]): a chunk is a slice, no gather.
     if exact_int8(x):  # 8-bit pixels: int8 products give exact distances, nothing to decide again
-        rows = Int8Rows(x[order])
-        X, sq, gamma = rows.x, rows.sq, 0.0
-    else:  # centred (for the approximate pass only) and rounded once to float32; exact distances from x itself
-        if x.dtype == np.float32:  # any centre serves (the same for every row): the float32 mean
-            xo = x[order]
-            xo -= x.mean(0)
-            X = torch.from_numpy(xo)
-        else:
-            X64 = torch.as_tensor(x[order], dtype=torch.float64)
-            X = (X64 - X64.mean(0, keepdim=True)).float()
-        # float32 sums, as the products' own: the bound's gamma_(d+4) covers them in the identity, and the norms
-        # in the bound are raised by gamma_d, the sums' own rounding, to bound the rows' true norms
-        sq = torch.from_numpy(np.einsum("ij,ij->i", X.numpy(), X.numpy()).astype(np.float64))
-        gamma = rounding_gamma(d + 4, np.float32)
-    norms = (sq * (1 + rounding_gamma(d, np.float32)) if gamma else sq).sqrt()
-    exact = _Exact(x, order, gamma)
+        rows = Int8Rows(x, order=order)
+        X, sq, norms = rows.x, rows.sq, rows.sq.sqrt()
+        exact = _Exact(x, order, 0.0, 0.0, 1.0)
+    else:  # centred and scaled (for the approximate pass only), rounded once to float32; exact distances from x
+        xc, sq, norms, scale2 = scaled_rows(x, order)
+        X, sq, norms = torch.from_numpy(xc), torch.from_numpy(sq), torch.from_numpy(norms)
+        exact = _Exact(x, order, rounding_gamma(d + 6, np.float32), underflow_allowance(d), scale2)
     accepted: list[int] = []  # positions
     is_acc = np.zeros(m, dtype=bool)
     acc_buf = torch.empty((n, X.shape[1]), dtype=X.dtype)
     acc_sq = torch.empty(n, dtype=torch.float64)
     acc_norm = torch.empty(n, dtype=torch.float64)
-    # per point: approximate squared distance to the nearest accepted point among the first upto[p] accepted.
+    # per position: approximate squared distance to the nearest accepted point among the first upto[p] accepted.
     # The accepted set only grows and tau only shrinks, so this is carried from pass to pass and only the
     # points accepted since are folded in: about one M x N product in all, not one per pass.
     near = torch.full((m,), math.inf, dtype=torch.float64)
@@ -140,8 +133,9 @@ def select_threshold(
     tau = float(tau0)
     passes = 0
     distinct_checked = False
-    diameter = 2 * float(norms.max())  # no two points lie farther apart
+    diameter = 2 * float(norms.max()) / math.sqrt(exact.scale2)  # no two points lie farther apart
     if diameter > 0 and math.log(tau / diameter) / -math.log(decay) > MAX_DECAYS:
+        check_distinct()  # the more telling error first
         raise UserError(f"threshold selection: tau0 = {tau0!r} with decay = {decay!r} needs more than {MAX_DECAYS:,} "
                         f"passes to reach the pool's diameter ({diameter:g}); lower tau0 or the decay")
     progress.start(f"threshold selection, {n} of {m}", n)
@@ -149,6 +143,7 @@ def select_threshold(
         passes += 1
         at_start = len(accepted)
         t2 = tau * tau
+        t2w = t2 * exact.scale2  # in the working copy's units
         for a in range(0, m, chunk):
             b = min(a + chunk, m)
             pos = a + np.flatnonzero(~is_acc[a:b])
@@ -163,9 +158,9 @@ def select_threshold(
                 upto[pos] = k
             alive = torch.ones(len(pos), dtype=torch.bool)
             if k:
-                err = gamma * (norms[it] + acc_norm[:k].max()) ** 2  # bounds every pair of this point
-                alive &= ~(near[it] + err <= t2)  # surely within tau of an accepted point
-                amb = alive & (near[it] - err <= t2)  # near tau: decide on exact distances
+                err = exact.bound(norms[it], acc_norm[:k].max())  # bounds every pair of this point
+                alive &= ~(near[it] + err <= t2w)  # surely within tau of an accepted point
+                amb = alive & ~(near[it] - err > t2w)  # near tau (or NaN): decide on exact distances
                 if amb.any():
                     close = exact.close(X, sq, norms, it[amb], acc_buf[:k], acc_sq[:k], acc_norm[:k], accepted, t2)
                     alive[torch.nonzero(amb).squeeze(1)[close]] = False
@@ -173,7 +168,7 @@ def select_threshold(
             if not surv.numel():
                 continue
             # resolve among survivors in visiting order, on exact distances
-            conflict = _Conflicts(X, exact, sq, norms, surv, t2, gamma)
+            conflict = _Conflicts(X, exact, sq, norms, surv, t2)
             live = np.ones(len(surv), dtype=bool)
             surv_list = surv.tolist()
             before = len(accepted)
@@ -193,16 +188,25 @@ def select_threshold(
                 break
         else:
             if decay_when == "every_pass" or len(accepted) == at_start:
+                if tau * decay == tau:  # 0 or the last subnormals: tau stops shrinking and the passes never end
+                    check_distinct()
+                    raise UserError(f"threshold selection: tau shrank to {tau!r} with {len(accepted)} of N = {n} "
+                                    f"accepted: the points left lie closer to accepted ones than float64 resolves")
                 tau *= decay
             if len(accepted) == at_start:  # empty: so is every pass while tau^2 >= each point's bound on its value
                 rest = torch.as_tensor(np.flatnonzero(~is_acc))
-                top = float((near[rest] + gamma * (norms[rest] + acc_norm[: len(accepted)].max()) ** 2).max())
+                top = float((near[rest] + exact.bound(norms[rest], acc_norm[: len(accepted)].max())).max())
+                top /= exact.scale2  # the input's units
                 if not distinct_checked and (top > t2 or top <= 0):
                     # empty although a bound reached above tau: perhaps every point left copies an accepted one (an
                     # exact distance of 0 lies within any tau), and the passes would never end
                     check_distinct()
                     distinct_checked = True
-                tau, passes = decay_below(tau, decay, top, passes)  # a huge tau0 ends
+                try:
+                    tau, passes = decay_below(tau, decay, top, passes)  # a huge tau0 ends
+                except UserError:
+                    check_distinct()  # the more telling error first
+                    raise
     progress.close()
     return Selection(order[accepted].astype(np.int64), "threshold", seed,
                      {"tau0": float(tau0), "decay": float(decay), "decay_when": decay_when, "tau_final": tau,
@@ -241,20 +245,26 @@ def _sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: to
 
 class _Exact:
     """Exact float64 squared distances from differences of the input rows (`exact_sq`), between visiting positions
-    (position i: pool row order[i])."""
+    (position i: pool row order[i]); and the bound on the working copy's approximate ones (in its units, `scale2`
+    times the input's)."""
 
-    def __init__(self, x: np.ndarray, order: np.ndarray, gamma: float):
-        self.x, self.order, self.gamma = x, order, gamma
+    def __init__(self, x: np.ndarray, order: np.ndarray, gamma: float, tiny: float, scale2: float):
+        self.x, self.order, self.gamma, self.tiny, self.scale2 = x, order, gamma, tiny, scale2
 
     def sq(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return exact_sq(self.x, self.order[a], self.order[b])
 
+    def bound(self, norm_a, norm_b):
+        """|approximate - exact| squared distance of rows with norms (upper bounds) norm_a, norm_b."""
+        return self.gamma * (norm_a + norm_b) ** 2 + self.tiny
+
     def close(self, X, sq, norms, rows, acc, acc_sq, acc_norm, accepted: list, t2: float) -> torch.Tensor:
         """For each row: is some accepted point within tau (exact squared distance <= tau^2)?"""
+        t2w = t2 * self.scale2
         approx = _sq_distances(X[rows], sq[rows], acc, acc_sq)
-        err = self.gamma * (norms[rows][:, None] + acc_norm[None]) ** 2
-        close = (approx + err <= t2).any(1)
-        amb = (approx - err <= t2) & (approx + err > t2) & ~close[:, None]
+        err = self.bound(norms[rows][:, None], acc_norm[None])
+        close = (approx + err <= t2w).any(1)
+        amb = (approx - err <= t2w) & (approx + err > t2w) & ~close[:, None]
         if amb.any():
             r, c = torch.nonzero(amb, as_tuple=True)
             hit = torch.from_numpy(self.sq(rows[r].numpy(), np.asarray(accepted)[c.numpy()]) <= t2)
@@ -273,9 +283,9 @@ class _Conflicts:
 
     BLOCK = 64
 
-    def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float, gamma: float):
+    def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float):
         self.X, self.sq, self.norms = X[surv], sq[surv], norms[surv]  # the survivors' rows, gathered once
-        self.exact, self.surv, self.t2, self.gamma = exact, surv.numpy(), t2, gamma
+        self.exact, self.surv, self.t2 = exact, surv.numpy(), t2
         self.at: dict[int, int] = {}
 
     def _block(self, i: int, live: np.ndarray) -> None:
@@ -283,9 +293,9 @@ class _Conflicts:
         rows = torch.from_numpy(i + np.flatnonzero(live[i:])[: self.BLOCK])
         X, sq, norms = self.X, self.sq, self.norms
         approx = _sq_distances(X[rows], sq[rows], X[i + 1 :], sq[i + 1 :])
-        err = self.gamma * (norms[rows][:, None] + norms[None, i + 1 :]) ** 2
-        self.sure = (approx + err <= self.t2).numpy()
-        self.amb = ((approx - err <= self.t2).numpy() & ~self.sure) if self.gamma else None
+        err, t2w = self.exact.bound(norms[rows][:, None], norms[None, i + 1 :]), self.t2 * self.exact.scale2
+        self.sure = (approx + err <= t2w).numpy()
+        self.amb = ((approx - err <= t2w).numpy() & ~self.sure) if self.exact.gamma else None
         self.at = {int(p): k for k, p in enumerate(rows)}
         self.first = i + 1  # the columns' first position
 
