@@ -264,7 +264,7 @@ class _Exact:
         approx = _sq_distances(X[rows], sq[rows], acc, acc_sq)
         err = self.bound(norms[rows][:, None], acc_norm[None])
         close = (approx + err <= t2w).any(1)
-        amb = (approx - err <= t2w) & (approx + err > t2w) & ~close[:, None]
+        amb = ~(approx - err > t2w) & ~(approx + err <= t2w) & ~close[:, None]  # NaN: decided exactly
         if amb.any():
             r, c = torch.nonzero(amb, as_tuple=True)
             hit = torch.from_numpy(self.sq(rows[r].numpy(), np.asarray(accepted)[c.numpy()]) <= t2)
@@ -295,7 +295,7 @@ class _Conflicts:
         approx = _sq_distances(X[rows], sq[rows], X[i + 1 :], sq[i + 1 :])
         err, t2w = self.exact.bound(norms[rows][:, None], norms[None, i + 1 :]), self.t2 * self.exact.scale2
         self.sure = (approx + err <= t2w).numpy()
-        self.amb = ((approx - err <= t2w).numpy() & ~self.sure) if self.exact.gamma else None
+        self.amb = (~(approx - err > t2w).numpy() & ~self.sure) if self.exact.gamma else None  # NaN: exactly
         self.at = {int(p): k for k, p in enumerate(rows)}
         self.first = i + 1  # the columns' first position
 
