@@ -106,3 +106,21 @@ def test_8bit_pixels_take_exact_integer_products_and_equal_brute_force(rng, k):
     assert len(seen) == 3 * len(pools)  # every uint8 call took the integer path (cross calls build two)
     assert all(kw == {"int32": True} for _, kw in seen)  # with int32 distances where they fit
     assert real_int8(pools[3], int32=True).dtype == torch.int32  # int32 distances up to 33,025 values
+
+
+def test_knn_at_any_scale_and_with_a_large_offset(rng):
+    """Values from 1e-40 (float32 subnormals) to 1e30, and float64 data far from the origin (offset 1e3, spread
+    1e-3: rounded to float32 before centring, the working copy would lose the spread): a power-of-two scale and
+    centring in the input's precision give brute force's neighbours, for a set against itself and against another,
+    in both working precisions, and with float32 queries against float64 references."""
+    pools = [(rng.normal(size=(120, 6)) * 10.0**e).astype(dt) for e in (-40, -22, 25) for dt in (np.float32, np.float64)]
+    pools += [rng.normal(size=(150, 8)) * 1e-3 + 1e3, rng.normal(size=(150, 8)) + 1e12]
+    for i, x in enumerate(pools):
+        x64 = x.astype(np.float64)
+        for prec in ("float32", "float64"):
+            np.testing.assert_array_equal(knn(x, None, 2, precision=prec).indices, brute_knn(x64, None, 2)[1],
+                                          err_msg=f"pool {i} {prec}")
+            np.testing.assert_array_equal(knn(x[:15], x, 2, precision=prec).indices,
+                                          brute_knn(x64[:15], x64, 2)[1], err_msg=f"pool {i} {prec}")
+    q = pools[-2][:20].astype(np.float32)
+    np.testing.assert_array_equal(knn(q, pools[-2], 3).indices, brute_knn(q.astype(np.float64), pools[-2], 3)[1])

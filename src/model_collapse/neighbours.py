@@ -67,26 +67,55 @@ CENTRED_COPY_BYTES = 1 << 29  # centre into one copy up to 512 MiB; larger sets 
 
 
 class _Centred:
-    """A set centred on a fixed point, in the working precision: one copy when small, else tile by tile."""
+    """A set centred on a fixed point, in the working precision: one copy when small, else tile by tile. The centre
+    is subtracted in the more precise of the input's and the working precision (in float64 where a `scale`, a power
+    of two, brings extreme ranges into the working precision's) and rounded once to the working precision, so the
+    rounding is relative to the centred values, which the bound assumes."""
 
-    def __init__(self, x: torch.Tensor, centre: torch.Tensor, dtype: torch.dtype):
-        self.x, self.centre, self.dtype = x, centre.to(dtype), dtype
+    def __init__(self, x: torch.Tensor, centre: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+        self.x, self.dtype, self.scale = x, dtype, scale
+        # subtract in the more precise of the input's and the working precision (float32 values are exact in float64)
+        self.sub = torch.float64 if torch.float64 in (x.dtype, dtype) or scale != 1.0 else torch.float32
+        self.centre = centre.to(self.sub)
         itemsize = torch.finfo(dtype).bits // 8
-        self.copy = (x.to(dtype) - self.centre) if x.numel() * itemsize <= CENTRED_COPY_BYTES else None
+        self.copy = None
+        if x.numel() * itemsize <= CENTRED_COPY_BYTES:
+            copy = torch.empty(x.shape, dtype=dtype, device=x.device)
+            for a in range(0, x.shape[0], 8192):  # a chunk at a time: no whole-set temporary
+                copy[a : a + 8192] = self._centred(x[a : a + 8192])
+            self.copy = copy
         # squared norms for the identity (working precision) and, widened by a relative 1e-3, for the error bound
         self.sq = torch.cat([(t * t).sum(1) for t in self.chunks()])
+
+    def _centred(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.sub) - self.centre
+        return (t * self.scale if self.scale != 1.0 else t).to(self.dtype)
 
     def tile(self, a: int, size: int) -> torch.Tensor:
         if self.copy is not None:
             return self.copy[a : a + size]
-        return self.x[a : a + size].to(self.dtype) - self.centre
+        return self._centred(self.x[a : a + size])
 
     def rows(self, r: torch.Tensor) -> torch.Tensor:
-        return self.x[r].to(self.dtype) - self.centre
+        return self._centred(self.x[r])
 
     def chunks(self, size: int = 8192):
         for a in range(0, self.x.shape[0], size):
             yield self.tile(a, size)
+
+
+def _scale(sets, centre: torch.Tensor) -> float:
+    """A power of two that brings the centred sets' norms to at most 1 where they could leave the working
+    precision's range (a bound on every norm outside [2^-40, 2^40]: squares and products would overflow, or
+    underflow beside distances that matter); else 1 (no extra pass)."""
+    c, top = centre.double().reshape(-1), 0.0
+    for t in sets:
+        if t.numel():
+            far = torch.maximum((t.amax(0).double() - c).abs(), (t.amin(0).double() - c).abs())
+            top = max(top, float(far.max()) * math.sqrt(t.shape[1]))
+    if top == 0 or not math.isfinite(top) or 2.0**-40 <= top <= 2.0**40:
+        return 1.0
+    return 2.0 ** -math.ceil(math.log2(top))
 
 
 def exact_int8(x) -> bool:
@@ -334,11 +363,14 @@ def knn(
         err = torch.zeros(n, dtype=torch.float64)
     else:
         centre = Y.mean(0, keepdim=True)  # any centre gives the same distances; the mean makes the norms small
-        Xc = _Centred(X, centre, dtype)
-        Yc = Xc if symmetric else _Centred(Y, centre, dtype)
+        low = min((X.dtype, Y.dtype), key=lambda t: torch.finfo(t).bits)
+        centre = centre.to(low)  # one point for both sets: exact in either one's precision
+        scale = _scale((X,) if symmetric else (X, Y), centre)
+        Xc = _Centred(X, centre, dtype, scale)
+        Yc = Xc if symmetric else _Centred(Y, centre, dtype, scale)
         # bound on |approx - exact| of every pair of a query: rounding of the product, the norms and the centring
         xn, ymax = Xc.sq.double() * 1.001, float(Yc.sq.max()) * 1.001
-        err = rounding_gamma(d + 4, dtype) * (xn.sqrt() + math.sqrt(ymax)) ** 2
+        err = rounding_gamma(d + 4, dtype) * (xn.sqrt() + math.sqrt(ymax)) ** 2 / (scale * scale)
 
     out_d = torch.empty((n, k), dtype=torch.float64, device=dev)
     out_i = torch.empty((n, k), dtype=torch.int64, device=dev)
@@ -349,7 +381,7 @@ def knn(
         first = todo.numel() == n
         av, ai = _approx_candidates(Xc, Yc, todo, m, tile, symmetric=symmetric and first,
                                     progress=or_silent(progress) if first else NO_PROGRESS)
-        av, o = torch.sort(av.double(), dim=1)
+        av, o = torch.sort(av.double() / (1.0 if int8 else scale * scale), dim=1)  # the input's units: exact
         ai = torch.gather(ai, 1, o)
         e = err[todo]
         ok = torch.zeros(todo.numel(), dtype=torch.bool, device=dev)
