@@ -42,8 +42,7 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.linalg import first_nonfinite_row
-from model_collapse.neighbours import (INT32_FAR, Int8Rows, exact_int8, int8_sq_distances, int32_distances,
-                                       rounding_gamma)
+from model_collapse.neighbours import INT32_FAR, Int8Rows, exact_int8, rounding_gamma, sq_distances
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -141,17 +140,14 @@ class _Bounds:
         self.pairs = 0
         self.int8 = exact_int8(x)
         if self.int8:  # 8-bit pixels: exact integer products, no rounding to bound
-            rows = Int8Rows(x)
-            # squared distances of at most d * 255^2 fit int32 up to 33,025 values: distances in int32, a quarter
-            # of the float64 memory traffic (at d = 384 the float64 output took longer than the product)
-            self.dist_dtype = torch.int32 if int32_distances(d) else torch.float64
-            self.far = INT32_FAR if self.dist_dtype == torch.int32 else math.inf  # stands for a column not to count
-            self.xc, self.sq = rows.x, rows.sq.to(self.dist_dtype)
+            # distances in int32 where they fit (up to 33,025 values): a quarter of the float64 memory traffic (at
+            # d = 384 the float64 output took longer than the product)
+            rows = Int8Rows(x, int32=True)
+            self.xc, self.sq, self.dist_dtype = rows.x, rows.sq, rows.dtype
             self.scale2, self.err = 1.0, np.zeros(m)
             self.cbuf = torch.empty((n, self.xc.shape[1]), dtype=torch.int8)
             self.csq = torch.empty(n, dtype=self.dist_dtype)
             return
-        self.far = math.inf
         xc, sq, norms, self.scale2 = scaled_rows(x)
         self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(np.float32))  # float32, as the products
         # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
@@ -162,18 +158,14 @@ class _Bounds:
         self.dist_dtype = torch.float32
 
     def dist(self, rows: torch.Tensor, sq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1."""
-        return self.pair_dist(rows, sq, self.cbuf[lo:hi], self.csq[lo:hi])
+        """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
+        identity, or exact for 8-bit pixels (int32, or float64 past 33,025 values)."""
+        return sq_distances(rows, sq, self.cbuf[lo:hi], self.csq[lo:hi])
 
-    def pair_dist(self, a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
-        """Approximate squared distances between rows a and rows b of the working copy: the float32
-        matrix-product identity, or exact integers for 8-bit pixels (int32, or float64 past 33,025 values)."""
-        if self.dist_dtype == torch.int32:
-            return torch.add(sq_a[:, None], sq_b[None]).sub_(torch._int_mm(a, b.T), alpha=2)
-        if self.int8:
-            return int8_sq_distances(a, sq_a, b, sq_b)
-        # the row norms added after the product: no rows x columns bias to build (10-20% of a 384-column product)
-        return torch.addmm(sq_b[None], a, b.T, alpha=-2.0).add_(sq_a[:, None])
+    @property
+    def far(self) -> float:
+        """Stands for a column not to count: inf, or above every int32 distance."""
+        return INT32_FAR if self.dist_dtype == torch.int32 else math.inf
 
     def add(self, t: int, p: int) -> None:
         self.centres[t] = p
@@ -314,7 +306,7 @@ class _Active:
         torch.index_select(B.xc, 0, nt, out=self.rows[a:b])
         self.sq[a:b] = B.sq[nt]
         if self.gram is not None:
-            g = B.pair_dist(self.rows[a:b], self.sq[a:b], self.rows[:b], self.sq[:b])
+            g = sq_distances(self.rows[a:b], self.sq[a:b], self.rows[:b], self.sq[:b])
             self.gram[a:b, :b] = g
             self.gram[:a, a:b] = g[:, :a].T
             self.work += g.numel()

@@ -166,17 +166,12 @@ def _numpy_of(x):
 
 
 INT32_FAR = 2**31 - 1  # above every int32 squared distance of 8-bit rows (at most d * 255^2, d <= INT32_DIMS)
-INT32_DIMS = INT32_FAR // 255**2  # 33,025 values
-
-
-def int32_distances(d: int) -> bool:
-    """Whether squared distances of 8-bit rows of d values fit int32 strictly below INT32_FAR."""
-    return d * 255**2 < INT32_FAR
+INT32_DIMS = INT32_FAR // 255**2  # 33,025 values: d * 255^2 stays below INT32_FAR
 
 
 class Int8Rows:
     """8-bit pixels as int8 rows (`int8_rows`) and their squared norms (float64, exact: integers below 2^53): the
-    identity's products in int32 are exact, and so are the distances (`int8_sq_distances`): nothing to bound, no
+    identity's products in int32 are exact, and so are the distances (`sq_distances`): nothing to bound, no
     centring. The kNN kernel reads it as it reads a centred set (`tile`, `rows`, `sq`, `dtype`); with `int32` (rows
     of at most INT32_DIMS values) its distances stay int32, half the memory traffic of float64, and INT32_FAR
     stands for infinity."""
@@ -187,7 +182,7 @@ class Int8Rows:
         xi = int8_rows(x, order)
         self.x = torch.from_numpy(xi)
         self.sq = torch.from_numpy(np.einsum("ij,ij->i", xi, xi, dtype=np.int64)).double()
-        if int32 and int32_distances(x.shape[1]):
+        if int32 and x.shape[1] <= INT32_DIMS:
             self.dtype, self.sq = torch.int32, self.sq.int()
 
     def tile(self, a: int, size: int) -> torch.Tensor:
@@ -197,10 +192,18 @@ class Int8Rows:
         return self.x[r]
 
 
-def int8_sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
-    """Exact squared distances (float64) between int8 rows a and b (`Int8Rows`) with squared norms sq_a, sq_b:
-    the int32 products doubled in float64, where twice a product of 65,536 values or more still fits."""
-    return sq_a[:, None] + sq_b[None] - 2.0 * torch._int_mm(a, b.T).double()
+def sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared distances between rows a and rows b with squared norms sq_a, sq_b, by the identity
+    |x|^2 + |y|^2 - 2 x.y: for int8 rows (`Int8Rows`) exact, in the norms' dtype (int32, or float64 where twice a
+    product of 65,536 values or more overflows int32: doubled in float64); else in a's float precision, within the
+    callers' rounding bound. `out`: written in place, the product accumulated onto the norms (no allocation)."""
+    if a.dtype == torch.int8:
+        return torch.add(sq_a[:, None], sq_b[None], out=out).sub_(torch._int_mm(a, b.T), alpha=2)
+    if out is not None:
+        return torch.add(sq_a[:, None], sq_b[None], out=out).addmm_(a, b.T, alpha=-2.0)
+    # the row norms added after the product: no rows x columns bias to build (10-20% of a 384-column product)
+    return torch.addmm(sq_b.to(a.dtype)[None], a, b.T, alpha=-2.0).add_(sq_a.to(a.dtype)[:, None])
 
 
 def _merge(best_v, best_i, d, cols, m, dim=1):
@@ -216,15 +219,6 @@ def _merge(best_v, best_i, d, cols, m, dim=1):
     return top_v, torch.gather(idx, 1, pos)
 
 
-def _distances(out, qa, rb, xn, yn):
-    """Approximate squared distances of the rows of qa to the rows of rb, written into `out` (no allocation):
-    |x|^2 + |y|^2 - 2 x.y, the product accumulated in place onto the norms."""
-    torch.add(xn[:, None], yn[None, :], out=out)
-    if qa.dtype == torch.int8:  # out: int32 or float64, exact either way
-        return out.sub_(torch._int_mm(qa, rb.T), alpha=2)
-    return out.addmm_(qa, rb.T, alpha=-2.0)
-
-
 def _diagonal_tile(out, qa, xn, sub):
     """The square tile of a block against itself: only the sub-blocks on and above its diagonal are multiplied;
     those below are their transposes (saves close to half the products of every diagonal tile)."""
@@ -232,7 +226,7 @@ def _diagonal_tile(out, qa, xn, sub):
     for i in range(0, t, sub):
         for j in range(i, t, sub):
             rows, cols = slice(i, i + sub), slice(j, j + sub)
-            _distances(out[rows, cols], qa[rows], qa[cols], xn[rows], xn[cols])
+            sq_distances(qa[rows], xn[rows], qa[cols], xn[cols], out=out[rows, cols])
             if j != i:
                 out[cols, rows].copy_(out[rows, cols].T)
     return out
@@ -267,7 +261,7 @@ def _approx_candidates(X, Y, rows, m, tile, symmetric: bool, progress: Progress 
             if diagonal:
                 _diagonal_tile(d, qa, xn_q[a : a + tile], sub)
             else:
-                _distances(d, qa, rb, xn_q[a : a + tile], yn_t[b : b + rb.shape[0]])
+                sq_distances(qa, xn_q[a : a + tile], rb, yn_t[b : b + rb.shape[0]], out=d)
             cols = torch.arange(b, b + rb.shape[0], device=dev)
             if same:
                 hit = (qrows >= b) & (qrows < b + rb.shape[0])

@@ -22,7 +22,7 @@ import torch
 from model_collapse.errors import UserError
 from model_collapse.farthest import exact_sq, farthest_points, scaled_rows, underflow_allowance
 from model_collapse.metrics import distinct_index
-from model_collapse.neighbours import Int8Rows, exact_int8, int8_sq_distances, knn, rounding_gamma
+from model_collapse.neighbours import Int8Rows, exact_int8, knn, rounding_gamma, sq_distances
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -236,11 +236,9 @@ def decay_below(tau: float, decay: float, top: float, passes: int) -> tuple[floa
 
 
 def _sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
-    """Squared distances between rows a and rows b (squared norms sq_a, sq_b, float64) as float64: the float32
-    matrix-product identity (within the caller's rounding bound), or exact for int8 rows (`neighbours.Int8Rows`)."""
-    if a.dtype == torch.int8:
-        return int8_sq_distances(a, sq_a, b, sq_b)
-    return torch.addmm(sq_a.float()[:, None] + sq_b.float()[None], a, b.T, alpha=-2.0).double()
+    """`neighbours.sq_distances` as float64: the float32 identity (within the caller's rounding bound), or exact for
+    int8 rows."""
+    return sq_distances(a, sq_a, b, sq_b).double()
 
 
 class _Exact:
