@@ -3,7 +3,7 @@ import pytest
 
 from model_collapse.errors import UserError
 from model_collapse.rng import numpy_rng
-from model_collapse.selection import class_quotas, greedy_start, select, select_greedy, select_threshold
+from model_collapse.selection import class_quotas, default_tau0, greedy_start, select, select_greedy, select_threshold
 
 
 def greedy_reference(x, n, seed):
@@ -174,7 +174,7 @@ def test_selection_rejects_nan_and_bad_decay(rng):
 
 def test_threshold_finds_too_few_distinct_images_whatever_tau0(rng, monkeypatch):
     """Fewer distinct rows than N (counted only once the passes stall): a one-line error for float and 8-bit pools,
-    with the default tau0 (0 when most rows have copies), a huge one and a tiny one; exactly N distinct rows are
+    with the default tau0 (taken on the distinct rows), a huge one and a tiny one; exactly N distinct rows are
     all taken, as the sequential definition takes them."""
     base = rng.normal(size=(8, 5))
     pools = [np.repeat(base, 6, axis=0).astype(np.float32), np.tile(base, (6, 1)),
@@ -192,6 +192,29 @@ def test_threshold_finds_too_few_distinct_images_whatever_tau0(rng, monkeypatch)
         if i < 3:
             got = select_threshold(x, 8, seed=i, tau0=3.0, decay=0.9).indices
             np.testing.assert_array_equal(got, threshold_reference(x, 8, i, 3.0, 0.9))
+
+
+def test_default_tau0_is_the_spacing_of_the_distinct_images(rng):
+    """Twice the median distance to the nearest other distinct image: a pool of copies gets its distinct images'
+    spacing, not 0 (which was an error, "tau0 must be > 0", on a pool with enough distinct images), sampled or
+    not; without copies, the plain nearest-neighbour median; one distinct image still gives one point."""
+    def definition(x):
+        u = np.unique(np.asarray(x, np.float64), axis=0)
+        d = np.sqrt(((u[:, None] - u[None]) ** 2).sum(-1))
+        np.fill_diagonal(d, np.inf)
+        return 2 * np.median(d.min(1))
+
+    base = rng.normal(size=(60, 5)).astype(np.float32)
+    for x in (base, np.repeat(base, 3, axis=0), np.concatenate([base, base[:7]]),
+              np.repeat(rng.integers(0, 256, size=(60, 16)), 3, axis=0).astype(np.uint8)):
+        # 180 rows > the 100 sampled: the sample finds copies, and the distinct rows (60) are all taken
+        got = default_tau0(x, 0, sample=100)
+        np.testing.assert_allclose(got, definition(x), rtol=1e-5)
+    x = np.repeat(base, 3, axis=0)
+    sel = select_threshold(x, 40, seed=2)
+    assert sel.params["tau0"] == default_tau0(x, 2) > 0
+    np.testing.assert_array_equal(sel.indices, threshold_reference(x, 40, 2, sel.params["tau0"], 0.95))
+    assert len(select_threshold(np.ones((30, 4), np.float32), 1, seed=0).indices) == 1
 
 
 class Recorder:

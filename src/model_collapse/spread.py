@@ -57,18 +57,30 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, progress: Progress | None
 
 
 def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048, progress: Progress | None = None) -> float:
-    """tau0 default: twice the median distance of a pool point to its nearest other pool point, the median taken
-    over a seeded sample of (at most) 2,048 pool points, each with its exact nearest neighbour in the whole pool.
+    """tau0 default: twice the median distance of a pool point to its nearest other distinct pool point, the median
+    taken over a seeded sample of (at most) 2,048 distinct pool points, each with its exact nearest neighbour among
+    them. Copies do not count: a pool of samples with many exact copies gets the spacing of its distinct images,
+    not 0 (a copy's nearest neighbour is its twin).
 
     A first pass at that radius keeps only points well apart from each other; each further pass lowers tau by
     `decay` until N points are accepted, so the result starts as sparse as the pool allows.
     """
+    nn = _nearest(x, seed, sample, progress)
+    if (nn == 0).any():  # copies: the same on the distinct rows (rows' bytes hashed only here, where it matters)
+        keep = distinct_index(x)
+        if len(keep) < 2:
+            return 1.0  # one distinct image: any radius accepts the first point visited and nothing else
+        nn = _nearest(x[keep], seed, sample, progress)
+    return 2.0 * float(np.median(nn))
+
+
+def _nearest(x: np.ndarray, seed: int, sample: int, progress: Progress | None) -> np.ndarray:
+    """Distances of a seeded sample of (at most) `sample` pool points to their nearest other pool point."""
     if len(x) <= sample:
-        return 2.0 * float(np.median(knn(x, None, 1, progress=progress).distances[:, 0]))
+        return knn(x, None, 1, progress=progress).distances[:, 0]
     pick = np.sort(numpy_rng(seed, "tau0-sample").choice(len(x), sample, replace=False))
     # a pool point's first neighbour in the pool is itself, at distance 0
-    d = knn(x[pick], x, 2, progress=progress).distances
-    return 2.0 * float(np.median(d[:, 1]))
+    return knn(x[pick], x, 2, progress=progress).distances[:, 1]
 
 
 def select_threshold(
@@ -106,8 +118,6 @@ def select_threshold(
         check_distinct()
     if tau0 is None:
         tau0 = default_tau0(x, seed, progress=progress)
-        if tau0 == 0:  # most sampled points have a copy in the pool
-            check_distinct()
     if not (math.isfinite(tau0) and tau0 > 0):
         raise UserError(f"tau0 must be a finite number > 0, got {tau0}")
     order = numpy_rng(seed, "threshold-order").permutation(m)
