@@ -105,6 +105,23 @@ def test_threshold_at_any_scale(rng):
             np.testing.assert_array_equal(got, threshold_reference(x, 40, e % 7, tau0, 0.9), err_msg=f"{e} {dt}")
 
 
+def test_threshold_resolves_a_chunk_of_many_survivors_in_growing_blocks(rng, monkeypatch):
+    """A chunk of 900 survivors that mostly do not conflict: their conflicts come in blocks of 64, 128, 256 and 512
+    rows (counted; the next pass starts again at 64), with copies and near ties among them, and the choices are the sequential definition's."""
+    import model_collapse.spread as S
+
+    x = rng.normal(size=(900, 8)).astype(np.float32)
+    x[800:] = x[:100]  # copies
+    x[700:750] = x[600:650] + np.float32(1e-6)  # near ties
+    sizes = []
+    block = S._Conflicts._block
+    monkeypatch.setattr(S._Conflicts, "_block", lambda self, i, live: sizes.append(self.block) or block(self, i, live))
+    tau0 = 0.8
+    got = select_threshold(x, 780, seed=3, tau0=tau0, decay=0.9, chunk=1024).indices
+    np.testing.assert_array_equal(got, threshold_reference(x, 780, 3, tau0, 0.9))
+    assert sizes[:5] == [64, 128, 256, 512, 64]
+
+
 def test_threshold_chunk_size_does_not_change_result(rng):
     x = rng.integers(0, 3, size=(400, 6)).astype(np.float32)
     a = select_threshold(x, 50, seed=1, tau0=2.0, chunk=7).indices

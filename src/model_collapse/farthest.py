@@ -66,17 +66,20 @@ def exact_sq(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return (diff * diff).sum(1)
 
 
-TILE = 8192  # rows per tile of the set-up passes over the pool (no whole-pool temporaries)
+TILE_BYTES = 1 << 21  # a tile of the set-up passes over the pool: stays in cache between its steps
 
 
-def _tiles(x: np.ndarray):
-    for a in range(0, len(x), TILE):
-        yield x[a : a + TILE]
+def _tile(x: np.ndarray) -> int:
+    """Rows per tile of the set-up passes: no whole-pool temporaries, and a tile gathered, centred and summed while
+    in cache (one pass over memory instead of three)."""
+    return max(1, TILE_BYTES // max(1, x.shape[1] * x.itemsize))
 
 
 def _row_sq(x: np.ndarray, dtype=None) -> np.ndarray:
     """Squared row norms, a tile at a time, accumulated in `dtype` (default: x's own)."""
-    return np.concatenate([np.einsum("ij,ij->i", c, c, dtype=dtype) for c in _tiles(x)])
+    step = _tile(x)
+    return np.concatenate([np.einsum("ij,ij->i", c, c, dtype=dtype) for c in (x[a : a + step] for a in
+                                                                                range(0, len(x), step))])
 
 
 def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -90,17 +93,20 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
     input's: a power of two, so comparisons come out as they would unscaled.
     """
     d = x.shape[1]
+    step = _tile(x)
 
-    def tiles():  # the rows in order, a tile at a time: no whole-pool temporary
-        for a in range(0, len(x), TILE):
-            yield a, x[a : a + TILE] if order is None else x[order[a : a + TILE]]
+    def tiles():  # the rows in order, a tile at a time
+        for a in range(0, len(x), step):
+            yield a, x[a : a + step] if order is None else x[order[a : a + step]]
 
     if x.dtype == np.float32:  # float32 input: centred in float32 (any centre serves), one rounding
         mean = x.mean(0)
         xc = np.empty(x.shape, np.float32)
-        for a, c in tiles():
-            np.subtract(c, mean, out=xc[a : a + len(c)])
-        sq = _row_sq(xc).astype(np.float64)
+        sq = np.empty(len(x))
+        for a, c in tiles():  # gathered, centred and summed while the tile is in cache
+            out = xc[a : a + len(c)]
+            np.subtract(c, mean, out=out)
+            sq[a : a + len(c)] = np.einsum("ij,ij->i", out, out)  # float32 sums, as `_row_sq`
         top = float(np.sqrt(sq.max()))
     exact64 = x.dtype != np.float32 or not (math.isfinite(top) and top >= 2.0**-60)  # float64, overflow, tiny
     if exact64:  # centre in float64, a chunk at a time, and round once

@@ -132,7 +132,9 @@ def select_threshold(
         exact = _Exact(x, order, rounding_gamma(d + 6, np.float32), underflow_allowance(d), scale2)
     accepted: list[int] = []  # positions
     is_acc = np.zeros(m, dtype=bool)
-    acc_buf = torch.empty((n, X.shape[1]), dtype=X.dtype)
+    # numpy allocates large arrays on huge pages (madvise): a 12 MiB buffer filled in passes costs a few page faults,
+    # not thousands (with torch.empty, as much time as the product work on a 4,096 x 3,072 pool)
+    acc_buf = torch.from_numpy(np.empty((n, X.shape[1]), dtype=X.numpy().dtype))
     acc_sq = torch.empty(n, dtype=torch.float64)
     acc_norm = torch.empty(n, dtype=torch.float64)
     # per position: approximate squared distance to the nearest accepted point among the first upto[p] accepted.
@@ -163,8 +165,10 @@ def select_threshold(
             k = len(accepted)
             lo = int(upto[pos].min())
             if k > lo:  # the whole slice: an accepted row in it costs less than a gather of the others
-                approx = _sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k])[it - a]
-                near[it] = torch.minimum(near[it], approx.min(1).values)
+                # each row's smallest in the product's own dtype, then float64 (exact): no chunk x accepted float64
+                # temporaries, whose fresh pages cost as much as the product
+                approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k]).min(1).values
+                near[it] = torch.minimum(near[it], approx[it - a].double())
                 upto[pos] = k
             alive = torch.ones(len(pos), dtype=torch.bool)
             if k:
@@ -284,21 +288,25 @@ class _Conflicts:
     """Which later survivors lie within tau of a survivor (exact squared distance <= tau^2), asked in visiting order
     for each survivor that is accepted.
 
-    Rows come in blocks: the next BLOCK survivors still alive against every later survivor, one float32
-    matrix product with the rounding bound (a survivor that an earlier one removes never gets a row of its own:
-    with a large tau the first survivor removes the rest, and one block is all it costs). A pair within the bound of
-    tau^2 is recomputed exactly from differences only when its row is asked for."""
+    Rows come in blocks: the next survivors still alive against every later survivor, one float32 matrix product
+    with the rounding bound. The first block has BLOCK rows and each next one twice as many, up to MAX_BLOCK: with a
+    large tau the first survivor removes the rest and one small block is all it costs (a survivor that an earlier
+    one removes never gets a row of its own); where few conflict, the later blocks are wide enough to run at the
+    product's full rate (64 rows ran at half of it). A pair within the bound of tau^2 is recomputed exactly from
+    differences only when its row is asked for."""
 
-    BLOCK = 64
+    BLOCK, MAX_BLOCK = 64, 512
 
     def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float):
         self.X, self.sq, self.norms = X[surv], sq[surv], norms[surv]  # the survivors' rows, gathered once
         self.exact, self.surv, self.t2 = exact, surv.numpy(), t2
         self.at: dict[int, int] = {}
+        self.block = self.BLOCK
 
     def _block(self, i: int, live: np.ndarray) -> None:
-        """Rows: the next BLOCK live survivors from i; columns: every survivor after i (a slice: no copy)."""
-        rows = torch.from_numpy(i + np.flatnonzero(live[i:])[: self.BLOCK])
+        """Rows: the next `block` live survivors from i; columns: every survivor after i (a slice: no copy)."""
+        rows = torch.from_numpy(i + np.flatnonzero(live[i:])[: self.block])
+        self.block = min(2 * self.block, self.MAX_BLOCK)
         X, sq, norms = self.X, self.sq, self.norms
         approx = _sq_distances(X[rows], sq[rows], X[i + 1 :], sq[i + 1 :])
         err, t2w = self.exact.bound(norms[rows][:, None], norms[None, i + 1 :]), self.t2 * self.exact.scale2
