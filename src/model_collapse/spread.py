@@ -298,7 +298,10 @@ class _Conflicts:
     BLOCK, MAX_BLOCK = 64, 512
 
     def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float):
-        self.X, self.sq, self.norms = X[surv], sq[surv], norms[surv]  # the survivors' rows, gathered once
+        # the survivors' rows, gathered once by numpy (huge pages: a fresh 12 MiB torch gather cost thousands of page
+        # faults, as long as the filter's products on a 4,096 x 3,072 pool)
+        self.X = torch.from_numpy(X.numpy()[surv.numpy()])
+        self.sq, self.norms = sq[surv], norms[surv]
         self.exact, self.surv, self.t2 = exact, surv.numpy(), t2
         self.at: dict[int, int] = {}
         self.block = self.BLOCK
