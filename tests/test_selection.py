@@ -212,26 +212,31 @@ def test_threshold_finds_too_few_distinct_images_whatever_tau0(rng, monkeypatch)
 
 
 def test_default_tau0_is_the_spacing_of_the_distinct_images(rng):
-    """Twice the median distance to the nearest other distinct image: a pool of copies gets its distinct images'
-    spacing, not 0 (which was an error, "tau0 must be > 0", on a pool with enough distinct images), sampled or
-    not; without copies, the plain nearest-neighbour median; one distinct image still gives one point."""
-    def definition(x):
-        u = np.unique(np.asarray(x, np.float64), axis=0)
-        d = np.sqrt(((u[:, None] - u[None]) ** 2).sum(-1))
-        np.fill_diagonal(d, np.inf)
-        return 2 * np.median(d.min(1))
+    """Twice the median, over a seeded sample of pool points, of the distance to the nearest point at a positive
+    distance: a pool of copies gets its images' spacing, not 0 (which was an error, "tau0 must be > 0", on a pool
+    with enough distinct images), sampled or not, also where a point has dozens of copies; without copies, the
+    plain nearest-neighbour median; one image, or one row, still gives one point."""
+    def definition(x, seed, sample):
+        X = np.asarray(x, np.float64)
+        pick = (np.arange(len(X)) if len(X) <= sample else
+                np.sort(numpy_rng(seed, "tau0-sample").choice(len(X), sample, replace=False)))
+        d = np.sqrt(((X[pick, None] - X[None]) ** 2).sum(-1))
+        return 2 * np.median(np.where(d > 0, d, np.inf).min(1))
 
     base = rng.normal(size=(60, 5)).astype(np.float32)
-    for x in (base, np.repeat(base, 3, axis=0), np.concatenate([base, base[:7]]),
+    many = np.concatenate([base, np.repeat(base[:2], 40, axis=0)])  # two images with 40 copies each
+    for x in (base, np.repeat(base, 3, axis=0), np.concatenate([base, base[:7]]), many,
               np.repeat(rng.integers(0, 256, size=(60, 16)), 3, axis=0).astype(np.uint8)):
-        # 180 rows > the 100 sampled: the sample finds copies, and the distinct rows (60) are all taken
-        got = default_tau0(x, 0, sample=100)
-        np.testing.assert_allclose(got, definition(x), rtol=1e-5)
+        for seed in (0, 1):
+            np.testing.assert_allclose(default_tau0(x, seed, sample=100), definition(x, seed, 100), rtol=1e-6)
     x = np.repeat(base, 3, axis=0)
     sel = select_threshold(x, 40, seed=2)
     assert sel.params["tau0"] == default_tau0(x, 2) > 0
     np.testing.assert_array_equal(sel.indices, threshold_reference(x, 40, 2, sel.params["tau0"], 0.95))
-    assert len(select_threshold(np.ones((30, 4), np.float32), 1, seed=0).indices) == 1
+    for one in (np.ones((30, 4), np.float32), base[:1], np.array([[1e-200, 0.0], [2e-200, 0.0]])):
+        assert len(select_threshold(one, 1, seed=0).indices) == 1
+    with pytest.raises(UserError, match="only 1 distinct images"):
+        select_threshold(np.ones((30, 4), np.float32), 2, seed=0)
 
 
 class Recorder:

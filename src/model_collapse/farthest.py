@@ -69,17 +69,22 @@ def exact_sq(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 TILE_BYTES = 1 << 21  # a tile of the set-up passes over the pool: stays in cache between its steps
 
 
-def _tile(x: np.ndarray) -> int:
-    """Rows per tile of the set-up passes: no whole-pool temporaries, and a tile gathered, centred and summed while
-    in cache (one pass over memory instead of three)."""
-    return max(1, TILE_BYTES // max(1, x.shape[1] * x.itemsize))
+def _spans(x: np.ndarray):
+    """Row ranges of the set-up passes: no whole-pool temporaries, and a tile gathered, centred and summed while in
+    cache (one pass over memory instead of three). Never a lone row where there are more: numpy's einsum sums a
+    single row of over 8,192 values in another order than a row among others."""
+    m = len(x)
+    step = max(2, TILE_BYTES // max(1, x.shape[1] * x.itemsize))
+    for a in range(0, m, step):
+        if m - a > 1 and m - (a + step) == 1:  # the last row joins this tile
+            yield a, m
+            return
+        yield a, min(a + step, m)
 
 
 def _row_sq(x: np.ndarray, dtype=None) -> np.ndarray:
     """Squared row norms, a tile at a time, accumulated in `dtype` (default: x's own)."""
-    step = _tile(x)
-    return np.concatenate([np.einsum("ij,ij->i", c, c, dtype=dtype) for c in (x[a : a + step] for a in
-                                                                                range(0, len(x), step))])
+    return np.concatenate([np.einsum("ij,ij->i", x[a:b], x[a:b], dtype=dtype) for a, b in _spans(x)])
 
 
 def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -93,11 +98,10 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
     input's: a power of two, so comparisons come out as they would unscaled.
     """
     d = x.shape[1]
-    step = _tile(x)
 
     def tiles():  # the rows in order, a tile at a time
-        for a in range(0, len(x), step):
-            yield a, x[a : a + step] if order is None else x[order[a : a + step]]
+        for a, b in _spans(x):
+            yield a, x[a:b] if order is None else x[order[a:b]]
 
     if x.dtype == np.float32:  # float32 input: centred in float32 (any centre serves), one rounding
         mean = x.mean(0)

@@ -57,30 +57,33 @@ def select_greedy(x: np.ndarray, n: int, seed: int, *, progress: Progress | None
 
 
 def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048, progress: Progress | None = None) -> float:
-    """tau0 default: twice the median distance of a pool point to its nearest other distinct pool point, the median
-    taken over a seeded sample of (at most) 2,048 distinct pool points, each with its exact nearest neighbour among
-    them. Copies do not count: a pool of samples with many exact copies gets the spacing of its distinct images,
-    not 0 (a copy's nearest neighbour is its twin).
+    """tau0 default: twice the median distance of a pool point to its nearest pool point at a positive distance,
+    the median taken over a seeded sample of (at most) 2,048 pool points, each with its exact neighbours in the
+    whole pool. Copies do not count: a point whose nearest neighbour is its twin counts its nearest distinct image
+    (a pool of samples with many exact copies gets the spacing of its images, not 0).
 
     A first pass at that radius keeps only points well apart from each other; each further pass lowers tau by
     `decay` until N points are accepted, so the result starts as sparse as the pool allows.
     """
-    nn = _nearest(x, seed, sample, progress)
-    if (nn == 0).any():  # copies: the same on the distinct rows (rows' bytes hashed only here, where it matters)
-        keep = distinct_index(x)
-        if len(keep) < 2:
-            return 1.0  # one distinct image: any radius accepts the first point visited and nothing else
-        nn = _nearest(x[keep], seed, sample, progress)
-    return 2.0 * float(np.median(nn))
-
-
-def _nearest(x: np.ndarray, seed: int, sample: int, progress: Progress | None) -> np.ndarray:
-    """Distances of a seeded sample of (at most) `sample` pool points to their nearest other pool point."""
-    if len(x) <= sample:
-        return knn(x, None, 1, progress=progress).distances[:, 0]
-    pick = np.sort(numpy_rng(seed, "tau0-sample").choice(len(x), sample, replace=False))
-    # a pool point's first neighbour in the pool is itself, at distance 0
-    return knn(x[pick], x, 2, progress=progress).distances[:, 1]
+    m = len(x)
+    if m <= sample:
+        pick = np.arange(m)
+        nn = knn(x, None, 1, progress=progress).distances[:, 0] if m > 1 else np.zeros(m)
+    else:
+        pick = np.sort(numpy_rng(seed, "tau0-sample").choice(m, sample, replace=False))
+        # a pool point's first neighbour in the pool is itself, at distance 0
+        nn = knn(x[pick], x, 2, progress=progress).distances[:, 1]
+    # points with a copy: more neighbours of those points only (the copies and the point itself come first, at 0),
+    # until one lies at a positive distance; no pass over the whole pool's rows
+    k, todo = 2, np.flatnonzero(nn == 0)
+    while len(todo) and k < m:
+        k = min(4 * k, m)
+        d = knn(x[pick[todo]], x, k).distances
+        found = d[:, -1] > 0
+        nn[todo[found]] = d[found][np.arange(found.sum()), np.argmax(d[found] > 0, axis=1)]
+        todo = todo[~found]
+    nn = nn[nn > 0]  # none: every point copies one image (or its distances underflow to 0)
+    return 2.0 * float(np.median(nn)) if len(nn) else 1.0  # one image: any radius accepts the first point only
 
 
 def select_threshold(
