@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from model_collapse.errors import UserError
+from model_collapse.neighbours import knn
 from model_collapse.rng import numpy_rng
 from model_collapse.selection import class_quotas, default_tau0, greedy_start, select, select_greedy, select_threshold
 
@@ -229,6 +230,13 @@ def test_default_tau0_is_the_spacing_of_the_distinct_images(rng):
               np.repeat(rng.integers(0, 256, size=(60, 16)), 3, axis=0).astype(np.uint8)):
         for seed in (0, 1):
             np.testing.assert_allclose(default_tau0(x, seed, sample=100), definition(x, seed, 100), rtol=1e-6)
+    import model_collapse.spread as S
+
+    calls = []  # a few images with many copies: one query per image, not one per sampled copy
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "knn", lambda q, r=None, k=1, **kw: calls.append(len(q)) or knn(q, r, k, **kw))
+        default_tau0(many, 0, sample=100)
+    assert calls[0] == 100 and max(calls[1:]) == 2
     x = np.repeat(base, 3, axis=0)
     sel = select_threshold(x, 40, seed=2)
     assert sel.params["tau0"] == default_tau0(x, 2) > 0

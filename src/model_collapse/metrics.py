@@ -33,16 +33,29 @@ class EntropyResult:
                 "duplicates": self.duplicates, "mean_nn": self.mean_nn}
 
 
-def distinct_index(x: np.ndarray) -> np.ndarray:
-    """Indices of the first appearance of every distinct row of x, in order: rows compared as bytes, in one hash
-    table (sorting rows, as np.unique(axis=0) does, takes seconds on wide rows); -0.0 counts as 0.0."""
+def _row_keys(x: np.ndarray) -> list:
+    """Every row of x as bytes, -0.0 as 0.0 (equal values, equal bytes): keys of a hash table of images (sorting
+    rows, as np.unique(axis=0) does, takes seconds on wide rows)."""
     x = np.ascontiguousarray(x.reshape(len(x), -1))
     if x.dtype.kind == "f":
-        x = x + x.dtype.type(0)  # -0.0 + 0.0 is 0.0: equal values, equal bytes
+        x = x + x.dtype.type(0)  # -0.0 + 0.0 is 0.0
+    return x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel().tolist()
+
+
+def distinct_index(x: np.ndarray) -> np.ndarray:
+    """Indices of the first appearance of every distinct row of x, in order: rows compared as bytes, in one hash
+    table; -0.0 counts as 0.0."""
     first: dict = {}
-    for i, row in enumerate(x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel().tolist()):
+    for i, row in enumerate(_row_keys(x)):
         first.setdefault(row, i)
     return np.fromiter(first.values(), dtype=np.int64, count=len(first))
+
+
+def image_ids(x: np.ndarray) -> np.ndarray:
+    """For every row of x, the number of its image (distinct row, as `distinct_index` tells them apart) in order of
+    first appearance."""
+    ids: dict = {}
+    return np.fromiter((ids.setdefault(row, len(ids)) for row in _row_keys(x)), dtype=np.int64, count=len(x))
 
 
 def distinct_rows(x: np.ndarray) -> tuple[np.ndarray, int]:

@@ -21,7 +21,7 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.farthest import exact_sq, farthest_points, scaled_rows, underflow_allowance
-from model_collapse.metrics import distinct_index
+from model_collapse.metrics import distinct_index, image_ids
 from model_collapse.neighbours import Int8Rows, exact_int8, knn, rounding_gamma, sq_distances
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
@@ -73,15 +73,21 @@ def default_tau0(x: np.ndarray, seed: int = 0, sample: int = 2048, progress: Pro
         pick = np.sort(numpy_rng(seed, "tau0-sample").choice(m, sample, replace=False))
         # a pool point's first neighbour in the pool is itself, at distance 0
         nn = knn(x[pick], x, 2, progress=progress).distances[:, 1]
-    # points with a copy: more neighbours of those points only (the copies and the point itself come first, at 0),
-    # until one lies at a positive distance; no pass over the whole pool's rows
-    k, todo = 2, np.flatnonzero(nn == 0)
-    while len(todo) and k < m:
-        k = min(4 * k, m)
-        d = knn(x[pick[todo]], x, k).distances
-        found = d[:, -1] > 0
-        nn[todo[found]] = d[found][np.arange(found.sum()), np.argmax(d[found] > 0, axis=1)]
-        todo = todo[~found]
+    # points with a copy: more neighbours of one point per image (the copies and the point itself come first, at 0),
+    # k x4 until one lies at a positive distance; no pass over the whole pool's rows, and at most as many neighbours
+    # per image as 4 x its copies (a few images with thousands of copies each: a few queries, not thousands)
+    todo = np.flatnonzero(nn == 0)
+    if len(todo):
+        ids = image_ids(x[pick[todo]])
+        first = np.unique(ids, return_index=True)[1]  # one sampled point per image
+        value, left, k = np.zeros(len(first)), np.arange(len(first)), 2
+        while len(left) and k < m:
+            k = min(4 * k, m)
+            d = knn(x[pick[todo[first[left]]]], x, k).distances
+            found = d[:, -1] > 0
+            value[left[found]] = d[found][np.arange(found.sum()), np.argmax(d[found] > 0, axis=1)]
+            left = left[~found]
+        nn[todo] = value[ids]
     nn = nn[nn > 0]  # none: every point copies one image (or its distances underflow to 0)
     return 2.0 * float(np.median(nn)) if len(nn) else 1.0  # one image: any radius accepts the first point only
 
