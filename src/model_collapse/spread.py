@@ -105,7 +105,9 @@ def select_threshold(
 
     The pool's rows are permuted once into visiting order, so a chunk is a slice. For each chunk, distances to the
     points accepted since its last visit come from one float32 matrix product, with a rigorous rounding bound;
-    only pairs within that bound of tau^2 are recomputed exactly. 8-bit pixels take int8 products instead, which
+    only pairs within that bound of tau^2 are recomputed exactly. A point whose distance to the accepted points it
+    has seen already puts it surely within tau skips that product: it is out of this pass whatever came since
+    (most rejected points, pass after pass). 8-bit pixels take int8 products instead, which
     are exact: no pair is recomputed. Survivors are then resolved in visiting order among themselves (the first
     survivor is accepted and removes the survivors within tau of it, and so on), which is what the sequential
     loop does; a survivor's row of conflicts is computed only if it is accepted (`_Conflicts`).
@@ -172,16 +174,26 @@ def select_threshold(
                 continue
             it = torch.from_numpy(pos)
             k = len(accepted)
-            lo = int(upto[pos].min())
-            if k > lo:  # the whole slice: an accepted row in it costs less than a gather of the others
-                # each row's smallest in the product's own dtype, then float64 (exact): no chunk x accepted float64
-                # temporaries, whose fresh pages cost as much as the product
-                approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k]).min(1).values
-                near[it] = torch.minimum(near[it], approx[it - a].double())
-                upto[pos] = k
             alive = torch.ones(len(pos), dtype=torch.bool)
             if k:
                 err = exact.bound(norms[it], acc_norm[:k].max())  # bounds every pair of this point
+                # near over the first upto accepted points bounds the distance to the nearest of all from above:
+                # a point already surely within tau stays out of this pass without the accepted points since (in
+                # the later passes, most of the rejected ones)
+                fold = (upto[pos] < k) & ~(near[it] + err <= t2w).numpy()
+                if fold.any():
+                    q = pos[fold]
+                    lo = int(upto[q].min())
+                    # each row's smallest in the product's own dtype, then float64 (exact): no rows x accepted
+                    # float64 temporaries, whose fresh pages cost as much as the product
+                    if 2 * len(q) >= b - a:  # most of the slice: a product over it copies nothing
+                        approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k]).min(1).values[q - a]
+                    else:
+                        qt = torch.from_numpy(q)
+                        approx = sq_distances(X[qt], sq[qt], acc_buf[lo:k], acc_sq[lo:k]).min(1).values
+                    qt = torch.from_numpy(q)
+                    near[qt] = torch.minimum(near[qt], approx.double())
+                    upto[q] = k
                 alive &= ~(near[it] + err <= t2w)  # surely within tau of an accepted point
                 amb = alive & ~(near[it] - err > t2w)  # near tau (or NaN): decide on exact distances
                 if amb.any():
