@@ -60,6 +60,26 @@ def test_greedy_equals_reference(rng):
             np.testing.assert_array_equal(fast, greedy_reference(x, n, i), err_msg=f"pool {i}, n {n}")
 
 
+def test_points_by_bound_read_in_parts_give_the_full_stable_order(rng):
+    """Greedy's lazily sorted order (partitions of the remaining bounds, each sorted) against one stable argsort:
+    heavy ties, infinities, reads one at a time and in slices past the end, pools smaller and larger than a part."""
+    from model_collapse.farthest import _ByBound
+
+    for m in (0, 1, 5, 1023, 1025, 5000):
+        for kind in ("ties", "inf", "spread"):
+            b = {"ties": rng.integers(0, 3, m).astype(float), "spread": rng.normal(size=m),
+                 "inf": np.where(rng.random(m) < 0.3, np.inf, rng.integers(0, 5, m))}[kind]
+            points = np.sort(rng.choice(10 * m + 1, m, replace=False))
+            want = points[np.argsort(-b, kind="stable")]
+            got = _ByBound(points, b)
+            reads, at = [], 0
+            while at < m:
+                step = int(rng.integers(1, 700))
+                reads.append(got[at] if step == 1 else got[at : at + step])
+                at += step
+            np.testing.assert_array_equal(np.concatenate([np.atleast_1d(r) for r in reads] or [[]]), want)
+
+
 def test_greedy_on_integer_pixels(rng):
     x = rng.integers(0, 256, size=(300, 64)).astype(np.uint8)
     x[100:150] = x[:50]

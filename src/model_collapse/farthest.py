@@ -292,6 +292,7 @@ class _ByBound:
             self.left = self.left[~take]
 
     def __getitem__(self, i):
+        """A position (>= 0) or a slice with a stop, as the leaders read them."""
         stop = i.stop if isinstance(i, slice) else i + 1
         self._extend(stop)
         return self.points[self.done[i]]

@@ -156,6 +156,21 @@ def select_threshold(
     tau = float(tau0)
     passes = 0
     distinct_checked = False
+
+    def fold_in(q: np.ndarray, k: int, a: int = 0, b: int = 0) -> None:
+        """Bring positions q (within the slice a:b, if given) up to date with the first k accepted points."""
+        lo = int(upto[q].min())
+        # each row's smallest in the product's own dtype, then float64 (exact): no rows x accepted float64
+        # temporaries, whose fresh pages cost as much as the product
+        if 2 * len(q) >= b - a > 0:  # most of the slice: a product over it copies nothing
+            approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k]).min(1).values[q - a]
+        else:
+            qt = torch.from_numpy(q)
+            approx = sq_distances(X[qt], sq[qt], acc_buf[lo:k], acc_sq[lo:k]).min(1).values
+        qt = torch.from_numpy(q)
+        near[qt] = torch.minimum(near[qt], approx.double())
+        upto[q] = k
+
     diameter = 2 * float(norms.max()) / math.sqrt(exact.scale2)  # no two points lie farther apart
     if diameter > 0 and math.log(tau / diameter) / -math.log(decay) > MAX_DECAYS:
         check_distinct()  # the more telling error first
@@ -182,18 +197,7 @@ def select_threshold(
                 # the later passes, most of the rejected ones)
                 fold = (upto[pos] < k) & ~(near[it] + err <= t2w).numpy()
                 if fold.any():
-                    q = pos[fold]
-                    lo = int(upto[q].min())
-                    # each row's smallest in the product's own dtype, then float64 (exact): no rows x accepted
-                    # float64 temporaries, whose fresh pages cost as much as the product
-                    if 2 * len(q) >= b - a:  # most of the slice: a product over it copies nothing
-                        approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k]).min(1).values[q - a]
-                    else:
-                        qt = torch.from_numpy(q)
-                        approx = sq_distances(X[qt], sq[qt], acc_buf[lo:k], acc_sq[lo:k]).min(1).values
-                    qt = torch.from_numpy(q)
-                    near[qt] = torch.minimum(near[qt], approx.double())
-                    upto[q] = k
+                    fold_in(pos[fold], k, a, b)
                 alive &= ~(near[it] + err <= t2w)  # surely within tau of an accepted point
                 amb = alive & ~(near[it] - err > t2w)  # near tau (or NaN): decide on exact distances
                 if amb.any():
@@ -229,6 +233,9 @@ def select_threshold(
                                     f"accepted: the points left lie closer to accepted ones than float64 resolves")
                 tau *= decay
             if len(accepted) == at_start:  # empty: so is every pass while tau^2 >= each point's bound on its value
+                stale = np.flatnonzero(~is_acc & (upto < len(accepted)))  # skipped this pass: their bound is loose
+                for c in range(0, len(stale), chunk):
+                    fold_in(stale[c : c + chunk], len(accepted))
                 rest = torch.as_tensor(np.flatnonzero(~is_acc))
                 top = float((near[rest] + exact.bound(norms[rest], acc_norm[: len(accepted)].max())).max())
                 top /= exact.scale2  # the input's units
