@@ -48,9 +48,9 @@ def main():
             t = time.perf_counter()
             p = subprocess.Popen([cli, "select", path, "--n", str(args.n), "--method", method, "--json", "--quiet"],
                                  stdout=out, stderr=err)
-            _, status, usage = os.wait4(p.pid, 0)
-            p.returncode = os.waitstatus_to_exitcode(status)
+            _, status, usage = os.wait4(p.pid, 0)  # the child's own peak memory, not the largest of all children
             wall = time.perf_counter() - t
+            p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen's own record
             if p.returncode:
                 err.seek(0)
                 raise SystemExit(err.read())

@@ -159,15 +159,13 @@ def select_threshold(
 
     def fold_in(q: np.ndarray, k: int, a: int = 0, b: int = 0) -> None:
         """Bring positions q (within the slice a:b, if given) up to date with the first k accepted points."""
-        lo = int(upto[q].min())
+        lo, qt = int(upto[q].min()), torch.from_numpy(q)
         # each row's smallest in the product's own dtype, then float64 (exact): no rows x accepted float64
         # temporaries, whose fresh pages cost as much as the product
         if 2 * len(q) >= b - a > 0:  # most of the slice: a product over it copies nothing
             approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k]).min(1).values[q - a]
         else:
-            qt = torch.from_numpy(q)
             approx = sq_distances(X[qt], sq[qt], acc_buf[lo:k], acc_sq[lo:k]).min(1).values
-        qt = torch.from_numpy(q)
         near[qt] = torch.minimum(near[qt], approx.double())
         upto[q] = k
 
