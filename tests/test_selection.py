@@ -432,15 +432,35 @@ def _bounds_of_40_centres(x, rng):
 
 
 def test_farthest_exact_values_in_every_band_case(rng):
-    """The exact value of a point (squared distance to its nearest centre) from its approximate three nearest:
-    one centre, two centres, or every centre within the rounding band; against the brute-force minimum."""
+    """The exact value of a point (squared distance to its nearest centre) from its approximate nearest: one
+    centre, two or more of those kept, or every centre within the rounding band when all kept lie in it; against
+    the brute-force minimum."""
     x = rng.integers(0, 3, size=(500, 4)).astype(np.float32)  # many points equidistant from several centres
     B, P, want = _bounds_of_40_centres(x, rng)
     band = B.near[P, 0] + 2 * B.err[P]
     cases = {"one": B.near[P, 1] > band, "two": (B.near[P, 1] <= band) & (B.near[P, 2] > band),
-             "band": B.near[P, 2] <= band}
+             "more": (B.near[P, 2] <= band) & (B.near[P, -1] > band), "band": B.near[P, -1] <= band}
     assert all(c.any() for c in cases.values()), {k: int(c.sum()) for k, c in cases.items()}
     np.testing.assert_array_equal(B.exact(P, B.near[P], B.near_at[P], B.err[P], 40), want * B.scale2)
+
+
+def test_farthest_exact_values_from_wherever_the_band_puts_the_nearest(rng):
+    """Approximate distances off by up to their bound, in either direction, put the exact nearest centre anywhere
+    among the nearest kept, or beyond them when all kept lie in the band: the exact value is still the brute-force
+    minimum."""
+    x = rng.normal(size=(400, 6))
+    B, P, want = _bounds_of_40_centres(x, rng)
+    D = ((x[P, None, :] - x[B.centres][None]) ** 2).sum(2) * B.scale2  # every centre, exact
+    Ds = np.sort(D, axis=1)
+    err = (Ds[:, 4] - Ds[:, 0]) * rng.uniform(0.05, 1.5, len(P))  # bands of one centre to a dozen
+    approx = D + rng.uniform(-1, 1, D.shape) * err[:, None]
+    by = np.argsort(approx, axis=1, kind="stable")
+    k = B.near.shape[1]
+    near, near_at = np.take_along_axis(approx, by[:, :k], 1), by[:, : k - 1]
+    band = near[:, 0] + 2 * err
+    where = (np.take_along_axis(D, by[:, :k], 1) == want[:, None] * B.scale2).argmax(1)  # kept position of the nearest
+    assert len(set(where[near[:, -1] > band].tolist())) >= 4 and (near[:, -1] <= band).any()
+    np.testing.assert_array_equal(B.exact(P, near, near_at, err, 40), want * B.scale2)
 
 
 def test_farthest_points_at_any_scale_and_summation_order(rng):

@@ -52,6 +52,7 @@ GRAM_ROWS = 4096  # leaders whose distances to each other are kept (64 MiB of fl
 # pairs it will compute, plus FOLD_FLOOR pool rows' worth (the first leaders' products cost the same at any pick);
 # 0.05-0.25 and 16-64 measured within the noise on the uniform and pixel pools
 FOLD_SHARE, FOLD_FLOOR = 0.1, 16
+NEAR = 6  # smallest distances kept per point: a decision computes every centre's distance when all lie in its band
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
@@ -133,22 +134,46 @@ def underflow_allowance(d: int) -> float:
     return (d + 6) * 2.0**-80
 
 
+def merge_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points' NEAR smallest distances and their centres, with the distances `v` (to centres `at`, each row
+    ascending) merged in; equal distances keep the older centre first, as one at a time would."""
+    k = near.shape[1]
+    vals = np.concatenate([near, v], axis=1)
+    by = np.argsort(vals, axis=1, kind="stable")[:, :k]
+    ats = np.concatenate([near_at, np.full((len(near), 1), -1), at], axis=1)
+    # the old last (centre unknown, -1) has k - 1 values before it: never among the first k - 1
+    return np.take_along_axis(vals, by, 1), np.take_along_axis(ats, by[:, : k - 1], 1)
+
+
+def insert_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray]:
+    """`merge_near` of one new distance per point, to the one centre `at`: a shift instead of a sort."""
+    pos = (near <= v[:, None]).sum(1)[:, None]  # after the equal ones
+    j = np.arange(near.shape[1])
+    shifted = np.empty_like(near)
+    shifted[:, 1:] = near[:, :-1]
+    out = np.where(j < pos, near, np.where(j == pos, v[:, None], shifted))
+    shifted_at = np.empty_like(near_at)
+    shifted_at[:, 1:] = near_at[:, :-1]
+    return out, np.where(j[:-1] < pos, near_at, np.where(j[:-1] == pos, at, shifted_at))
+
+
 class _Bounds:
-    """The pool's approximate distances to the centres: per point the three smallest (`near`, ascending), the
-    centres of the first two (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
+    """The pool's approximate distances to the centres: per point the NEAR smallest (`near`, ascending), the
+    centres of all but the last (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
     (`err`) and the exact value where a decision needed it (`ex`, NaN elsewhere; up to date with `near`)."""
 
     def __init__(self, x: np.ndarray, n: int):
         self.x = x
         d = x.shape[1]
         m = len(x)
-        self.near = np.full((m, 3), np.inf)
-        self.near_at = np.zeros((m, 2), dtype=np.int64)
+        self.int8 = exact_int8(x)
+        k = 3 if self.int8 else NEAR  # exact integers: only equal distances share the band
+        self.near = np.full((m, k), np.inf)
+        self.near_at = np.zeros((m, k - 1), dtype=np.int64)
         self.upto = np.zeros(m, dtype=np.int64)
         self.ex = np.full(m, np.nan)
         self.centres = np.empty(n, dtype=np.int64)
         self.pairs = 0
-        self.int8 = exact_int8(x)
         if self.int8:  # 8-bit pixels: exact integer products, no rounding to bound
             # distances in int32 where they fit (up to 33,025 values): a quarter of the float64 memory traffic (at
             # d = 384 the float64 output took longer than the product)
@@ -179,8 +204,10 @@ class _Bounds:
 
     def add(self, t: int, p: int) -> None:
         self.centres[t] = p
-        self.cbuf.numpy()[t] = self.xc.numpy()[p]  # numpy's row copy: a tenth of torch's indexing overhead
-        self.csq[t] = self.sq[p]
+        if not hasattr(self, "_np"):  # numpy views: a tenth of torch's indexing overhead
+            self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()
+        cbuf, xc, csq, sq = self._np
+        cbuf[t], csq[t] = xc[p], sq[p]
 
     def exact_pairs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """`exact_sq` in this object's units (times a power of two: still exact, equal values stay equal)."""
@@ -216,20 +243,16 @@ class _Bounds:
         if u.max() > lo:  # columns a row has seen already would count its nearest centre twice
             D[torch.arange(hi - lo)[None] < torch.from_numpy(u - lo)[:, None]] = self.far
         self.pairs += D.numel()
-        k = min(3, hi - lo)
+        k = min(self.near.shape[1], hi - lo)
         v, i = torch.topk(D, k, dim=1, largest=False) if k > 1 else (D, torch.zeros_like(D, dtype=torch.int64))
         ex = self.ex[r]
         known = np.flatnonzero(~np.isnan(ex))
         if len(known):
             self.ex[r[known]] = self.fold_exact(r[known], ex[known], self.err[r[known]], D[known], lo)
         v, i = self.as_float(v), i.numpy() + lo
-        hit = np.flatnonzero(v[:, 0] < self.near[r, 2])  # the rest keep their three nearest
-        r, v, i = r[hit], v[hit], i[hit]
-        vals = np.concatenate([self.near[r], v], axis=1)
-        ats = np.concatenate([self.near_at[r], np.full((len(r), 1), -1), i], axis=1)
-        by = np.argsort(vals, axis=1, kind="stable")[:, :3]
-        self.near[r] = np.take_along_axis(vals, by, 1)
-        self.near_at[r] = np.take_along_axis(ats, by[:, :2], 1)  # the old third (index -1) never ranks above it
+        hit = np.flatnonzero(v[:, 0] < self.near[r, -1])  # the rest keep their nearest
+        r = r[hit]
+        self.near[r], self.near_at[r] = merge_near(self.near[r], self.near_at[r], v[hit], i[hit])
 
     def as_float(self, d: torch.Tensor) -> np.ndarray:
         """Distances as float64 numpy, the int32 stand-in for a column not to count (`far`) as inf."""
@@ -251,13 +274,12 @@ class _Bounds:
         """Exact float64 values (squared distance to the nearest of the first t centres) of points whose `near` and
         `near_at` are up to date with those centres."""
         band = near[:, 0] + 2 * err  # the exact nearest centre's approximate distance is at most this
-        one = near[:, 1] > band
-        two = ~one & (near[:, 2] > band)
-        out = np.empty(len(P))
-        out[one] = self.exact_pairs(P[one], self.centres[near_at[one, 0]])
-        out[two] = np.minimum(self.exact_pairs(P[two], self.centres[near_at[two, 0]]),
-                              self.exact_pairs(P[two], self.centres[near_at[two, 1]]))
-        for i in np.flatnonzero(~one & ~two):
+        out = np.full(len(P), np.inf)
+        r, c = np.nonzero(near[:, :-1] <= band[:, None])  # the nearest within the band: one call for all of them
+        few = near[r, -1] > band[r]  # else every centre may lie within it
+        r, c = r[few], c[few]
+        np.minimum.at(out, r, self.exact_pairs(P[r], self.centres[near_at[r, c]]))
+        for i in np.flatnonzero(near[:, -1] <= band):
             p = int(P[i])
             d = self.dist(self.xc[p : p + 1], self.sq[p : p + 1], 0, t)[0].double().numpy()
             c = self.centres[:t][d <= band[i]]
@@ -312,7 +334,7 @@ class _Active:
         self.idx = np.empty(0, dtype=np.int64)
         self.rows, self.sq = bounds.xc[:0], bounds.sq[:0]
         self.gram = torch.empty(0, 0, dtype=bounds.dist_dtype)
-        self.near, self.near_at = np.empty((0, 3)), np.empty((0, 2), dtype=np.int64)
+        self.near, self.near_at = bounds.near[:0], bounds.near_at[:0]
         self.err, self.ex = np.empty(0), np.empty(0)
         self.work = 0  # leaders' product pairs since the block product (a matrix-vector pair counts GRAM_RATE)
 
@@ -373,17 +395,9 @@ class _Active:
         near = np.flatnonzero(d <= ex + self.err)  # a known exact value the centre may lower (NaN: unknown)
         if len(near):
             ex[near] = np.minimum(ex[near], B.exact_pairs(self.idx[near], np.full(len(near), B.centres[t - 1])))
-        hit = np.flatnonzero(d < self.near[:, 2])  # few: the rest keep their three nearest
-        if not len(hit):
-            return
-        v, at, dh = self.near[hit], self.near_at[hit], d[hit]
-        first, second = dh < v[:, 0], dh < v[:, 1]
-        v[:, 2] = np.where(second, v[:, 1], dh)
-        v[:, 1] = np.where(first, v[:, 0], np.where(second, dh, v[:, 1]))
-        v[:, 0] = np.where(first, dh, v[:, 0])
-        at[:, 1] = np.where(first, at[:, 0], np.where(second, t - 1, at[:, 1]))
-        at[:, 0] = np.where(first, t - 1, at[:, 0])
-        self.near[hit], self.near_at[hit] = v, at
+        hit = np.flatnonzero(d < self.near[:, -1])  # few: the rest keep their nearest
+        if len(hit):
+            self.near[hit], self.near_at[hit] = insert_near(self.near[hit], self.near_at[hit], d[hit], t - 1)
 
     def remove(self, i: int) -> None:
         self.near[i], self.err[i], self.ex[i] = -np.inf, 0.0, np.nan
