@@ -14,9 +14,11 @@ the data. Here the distance work is batched into matrix-matrix products instead,
   val[p], plus E[p] an upper bound of p's exact value now: comparing with more centres only lowers it.
 * Every `block` picks (sooner when the leaders' own products since have cost FOLD_SHARE of what the block
   product will), the remaining points are compared with the centres added since, as matrix products over row
-  chunks, and sorted by upper bound. Points whose bound lies well below the last pick's value (a factor `rho`)
-  are left for later: their stale bound stays valid, and they are brought up to date only if it ever competes
-  (most never do). Between block products only the leaders are kept up to date with each new centre; the next
+  chunks, and sorted by upper bound. Points whose bound lies below where the value will be by the next block
+  product are left for later: their stale bound stays valid, and they are brought up to date only if it ever
+  competes (most never do). That level is the last pick's value times the factor by which the value fell over the
+  last block, or `rho` where that is lower: a value that falls slowly (data of many dimensions) folds only the
+  points that may compete soon, one that falls fast (clusters) folds all that will. Between block products only the leaders are kept up to date with each new centre; the next
   points by bound join them, compared with the centres they have not seen as one product, whenever the best
   leader's lower bound val - E does not clear the bound of everything behind (lazy evaluation: a bound only
   falls). Every centre is a leader when it is picked, so the leaders' distances to each other, computed as
@@ -436,7 +438,7 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     chosen = [start]
     progress = or_silent(progress)
     progress.start(f"greedy selection, {n} of {m}", n)
-    A, flushed, last, slot = None, 0, -np.inf, -1
+    A, flushed, last, slot, before = None, 0, -np.inf, -1, -np.inf
     t = 1
     while t < n:
         if t % 256 == 0:
@@ -446,7 +448,9 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
             if A is not None:
                 A.write_back()
             rest = np.flatnonzero(~taken)
-            B.fold(rest[B.ub(rest) >= rho * last], t)  # the rest keep their (higher) bound until it competes
+            fell = last / before if before > 0 else 0.0  # over the last block
+            B.fold(rest[B.ub(rest) >= max(rho, fell) * last], t)  # the rest keep their (higher) bound until it competes
+            before = last
             A = _Active(B, _ByBound(rest, B.ub(rest)), t)
             flushed = t
         else:
