@@ -60,6 +60,24 @@ def test_greedy_equals_reference(rng):
             np.testing.assert_array_equal(fast, greedy_reference(x, n, i), err_msg=f"pool {i}, n {n}")
 
 
+def test_padded_products_stay_within_the_spare_rows_and_drop_them(rng):
+    """Products take `padded_count` columns, a multiple of 8, from at most PAD spare rows past the last real one;
+    the selectors give the definition's picks for every column count around those multiples."""
+    from model_collapse.farthest import PAD, farthest_points
+    from model_collapse.neighbours import padded_count
+
+    for n in range(2000):
+        p = padded_count(n)
+        assert 0 <= p - n < PAD and (n < 8 or p % 8 == 0), n
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    for n in (9, 17, 33, 120):
+        for block in (9, 17, 1024):  # block products against 8 centres and more
+            np.testing.assert_array_equal(farthest_points(x, n, 1, block=block)[0], greedy_reference(x, n, 1))
+        for chunk in (16, 64):  # chunks against 8 accepted points and more, and wide conflict blocks
+            np.testing.assert_array_equal(select_threshold(x, n, 1, tau0=2.0, chunk=chunk).indices,
+                                          threshold_reference(x, n, 1, 2.0, 0.95))
+
+
 def test_points_by_bound_read_in_parts_give_the_full_stable_order(rng):
     """Greedy's lazily sorted order (partitions of the remaining bounds, each sorted) against one stable argsort:
     heavy ties, infinities, reads one at a time and in slices past the end, pools smaller and larger than a part."""

@@ -44,7 +44,7 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.linalg import first_nonfinite_row
-from model_collapse.neighbours import INT32_FAR, Int8Rows, exact_int8, rounding_gamma, sq_distances
+from model_collapse.neighbours import INT32_FAR, Int8Rows, exact_int8, padded_count, rounding_gamma, sq_distances
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -55,6 +55,7 @@ GRAM_ROWS = 4096  # leaders whose distances to each other are kept (64 MiB of fl
 # 0.05-0.25 and 16-64 measured within the noise on the uniform and pixel pools
 FOLD_SHARE, FOLD_FLOOR = 0.1, 16
 NEAR = 6  # smallest distances kept per point: a decision computes every centre's distance when all lie in its band
+PAD = 8  # spare rows after the centres (and the filter's accepted points and survivors): `padded_count` columns
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
@@ -182,22 +183,23 @@ class _Bounds:
             rows = Int8Rows(x, int32=True)
             self.xc, self.sq, self.dist_dtype = rows.x, rows.sq, rows.dtype
             self.scale2, self.err = 1.0, np.zeros(m)
-            self.cbuf = torch.empty((n, self.xc.shape[1]), dtype=torch.int8)
-            self.csq = torch.empty(n, dtype=self.dist_dtype)
+            self.cbuf = torch.zeros((n + PAD, self.xc.shape[1]), dtype=torch.int8)  # zero rows to pad products
+            self.csq = torch.zeros(n + PAD, dtype=self.dist_dtype)
             return
         xc, sq, norms, self.scale2 = scaled_rows(x)
         self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(np.float32))  # float32, as the products
         # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
         # and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
         self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + underflow_allowance(d)
-        self.cbuf = torch.empty((n, d))
-        self.csq = torch.empty(n)
+        self.cbuf = torch.zeros((n + PAD, d))
+        self.csq = torch.zeros(n + PAD)
         self.dist_dtype = torch.float32
 
     def dist(self, rows: torch.Tensor, sq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
         identity, or exact for 8-bit pixels (int32, or float64 past 33,025 values)."""
-        return sq_distances(rows, sq, self.cbuf[lo:hi], self.csq[lo:hi])
+        top = lo + padded_count(hi - lo)  # the rows after hi are zeros (or centres to come): dropped
+        return sq_distances(rows, sq, self.cbuf[lo:top], self.csq[lo:top])[:, : hi - lo]
 
     @property
     def far(self) -> float:

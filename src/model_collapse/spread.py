@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
-from model_collapse.farthest import exact_sq, farthest_points, scaled_rows, underflow_allowance
+from model_collapse.farthest import PAD, exact_sq, farthest_points, scaled_rows, underflow_allowance
 from model_collapse.metrics import distinct_index, image_ids
-from model_collapse.neighbours import Int8Rows, exact_int8, knn, rounding_gamma, sq_distances
+from model_collapse.neighbours import Int8Rows, exact_int8, knn, padded_count, rounding_gamma, sq_distances
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -145,8 +145,9 @@ def select_threshold(
     is_acc = np.zeros(m, dtype=bool)
     # numpy allocates large arrays on huge pages (madvise): a 12 MiB buffer filled in passes costs a few page faults,
     # not thousands (with torch.empty, as much time as the product work on a 4,096 x 3,072 pool)
-    acc_buf = torch.from_numpy(np.empty((n, X.shape[1]), dtype=X.numpy().dtype))
-    acc_sq = torch.empty(n, dtype=torch.float64)
+    # PAD zero rows after the last: products take `padded_count` columns
+    acc_buf = torch.from_numpy(np.zeros((n + PAD, X.shape[1]), dtype=X.numpy().dtype))
+    acc_sq = torch.zeros(n + PAD, dtype=torch.float64)
     acc_norm = torch.empty(n, dtype=torch.float64)
     # per position: approximate squared distance to the nearest accepted point among the first upto[p] accepted.
     # The accepted set only grows and tau only shrinks, so this is carried from pass to pass and only the
@@ -160,12 +161,13 @@ def select_threshold(
     def fold_in(q: np.ndarray, k: int, a: int = 0, b: int = 0) -> None:
         """Bring positions q (within the slice a:b, if given) up to date with the first k accepted points."""
         lo, qt = int(upto[q].min()), torch.from_numpy(q)
+        top = lo + padded_count(k - lo)  # zero rows, or points accepted after k: dropped
         # each row's smallest in the product's own dtype, then float64 (exact): no rows x accepted float64
         # temporaries, whose fresh pages cost as much as the product
         if 2 * len(q) >= b - a > 0:  # most of the slice: a product over it copies nothing
-            approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:k], acc_sq[lo:k]).min(1).values[q - a]
+            approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:top], acc_sq[lo:top])[:, : k - lo].min(1).values[q - a]
         else:
-            approx = sq_distances(X[qt], sq[qt], acc_buf[lo:k], acc_sq[lo:k]).min(1).values
+            approx = sq_distances(X[qt], sq[qt], acc_buf[lo:top], acc_sq[lo:top])[:, : k - lo].min(1).values
         near[qt] = torch.minimum(near[qt], approx.double())
         upto[q] = k
 
@@ -326,8 +328,10 @@ class _Conflicts:
     def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float):
         # the survivors' rows, gathered once by numpy (huge pages: a fresh 12 MiB torch gather cost thousands of page
         # faults, as long as the filter's products on a 4,096 x 3,072 pool)
-        self.X = torch.from_numpy(X.numpy()[surv.numpy()])
-        self.sq, self.norms = sq[surv], norms[surv]
+        rows = np.zeros((len(surv) + PAD, X.shape[1]), dtype=X.numpy().dtype)  # PAD zero rows: `padded_count`
+        np.take(X.numpy(), surv.numpy(), axis=0, out=rows[: len(surv)])
+        self.X = torch.from_numpy(rows)
+        self.sq, self.norms = torch.cat([sq[surv], sq.new_zeros(PAD)]), norms[surv]
         self.exact, self.surv, self.t2 = exact, surv.numpy(), t2
         self.at: dict[int, int] = {}
         self.block = self.BLOCK
@@ -337,7 +341,9 @@ class _Conflicts:
         rows = torch.from_numpy(i + np.flatnonzero(live[i:])[: self.block])
         self.block = min(2 * self.block, self.MAX_BLOCK)
         X, sq, norms = self.X, self.sq, self.norms
-        approx = _sq_distances(X[rows], sq[rows], X[i + 1 :], sq[i + 1 :])
+        later = len(self.surv) - i - 1
+        top = i + 1 + padded_count(later)
+        approx = _sq_distances(X[rows], sq[rows], X[i + 1 : top], sq[i + 1 : top])[:, :later]
         err, t2w = self.exact.bound(norms[rows][:, None], norms[None, i + 1 :]), self.t2 * self.exact.scale2
         self.sure = (approx + err <= t2w).numpy()
         self.amb = (~(approx - err > t2w).numpy() & ~self.sure) if self.exact.gamma else None  # NaN: exactly
