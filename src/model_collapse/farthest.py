@@ -148,18 +148,6 @@ def merge_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: np.ndar
     return np.take_along_axis(vals, by, 1), np.take_along_axis(ats, by[:, : k - 1], 1)
 
 
-def insert_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray]:
-    """`merge_near` of one new distance per point, to the one centre `at`: a shift instead of a sort."""
-    pos = (near <= v[:, None]).sum(1)[:, None]  # after the equal ones
-    j = np.arange(near.shape[1])
-    shifted = np.empty_like(near)
-    shifted[:, 1:] = near[:, :-1]
-    out = np.where(j < pos, near, np.where(j == pos, v[:, None], shifted))
-    shifted_at = np.empty_like(near_at)
-    shifted_at[:, 1:] = near_at[:, :-1]
-    return out, np.where(j[:-1] < pos, near_at, np.where(j[:-1] == pos, at, shifted_at))
-
-
 class _Bounds:
     """The pool's approximate distances to the centres: per point the NEAR smallest (`near`, ascending), the
     centres of all but the last (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
@@ -274,16 +262,23 @@ class _Bounds:
             np.minimum.at(ex, r, self.exact_pairs(P[r], self.centres[lo + c]))
         return ex
 
-    def exact(self, P: np.ndarray, near: np.ndarray, near_at: np.ndarray, err: np.ndarray, t: int) -> np.ndarray:
-        """Exact float64 values (squared distance to the nearest of the first t centres) of points whose `near` and
-        `near_at` are up to date with those centres."""
-        band = near[:, 0] + 2 * err  # the exact nearest centre's approximate distance is at most this
+    def exact(self, P: np.ndarray, near: np.ndarray, near_at: np.ndarray, err: np.ndarray, t: int,
+              val: np.ndarray | None = None, more: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Exact float64 values (squared distance to the nearest of the first t centres) of points P whose `near` and
+        `near_at` are up to date with those centres; or (the leaders) with those before the centres `more` gives,
+        (rows, pool indices) of every later centre within the band, and `val` the smallest approximate distance to
+        all."""
+        band = (near[:, 0] if val is None else val) + 2 * err  # the exact nearest's approximate distance is below
         out = np.full(len(P), np.inf)
-        r, c = np.nonzero(near[:, :-1] <= band[:, None])  # the nearest within the band: one call for all of them
-        few = near[r, -1] > band[r]  # else every centre may lie within it
-        r, c = r[few], c[few]
-        np.minimum.at(out, r, self.exact_pairs(P[r], self.centres[near_at[r, c]]))
-        for i in np.flatnonzero(near[:, -1] <= band):
+        scan = near[:, -1] <= band  # every centre may lie within the band
+        r, c = np.nonzero(near[:, :-1] <= band[:, None])  # the nearest within it: one call for all of them
+        r, c = r[~scan[r]], c[~scan[r]]
+        rows, cols = r, self.centres[near_at[r, c]]
+        if more is not None:
+            keep = ~scan[more[0]]
+            rows, cols = np.concatenate([rows, more[0][keep]]), np.concatenate([cols, more[1][keep]])
+        np.minimum.at(out, rows, self.exact_pairs(P[rows], cols))
+        for i in np.flatnonzero(scan):
             p = int(P[i])
             d = self.dist(self.xc[p : p + 1], self.sq[p : p + 1], 0, t)[0].double().numpy()
             c = self.centres[:t][d <= band[i]]
@@ -330,16 +325,23 @@ class _Active:
     (`gram`, computed as matrix products when leaders join) give each new centre's distances to all of them: no
     matrix-vector product per pick. Past GRAM_ROWS leaders (a pool of near-equal values) the leaders go back to one
     matrix-vector product of their rows per pick. The rest lie behind `behind`, an upper bound of all their
-    values."""
+    values.
+
+    Per pick only each leader's smallest approximate distance (`val`) is brought up to date; the pick's column of
+    distances is kept (`cols`), and a leader's nearest (`near`, `near_at`, as of when it joined) take in the
+    columns since only where a decision needs them, and for all at the end of the block."""
 
     def __init__(self, bounds: _Bounds, order: _ByBound, t: int):
         self.B, self.order, self.nxt, self.t = bounds, order, 0, t
-        self.n = 0  # leaders (slots of rows, sq and gram; a picked leader keeps its slot, marked by near = -inf)
+        self.n = 0  # leaders (slots of rows, sq and gram; a picked leader keeps its slot, marked by val = -inf)
         self.idx = np.empty(0, dtype=np.int64)
         self.rows, self.sq = bounds.xc[:0], bounds.sq[:0]
         self.gram = torch.empty(0, 0, dtype=bounds.dist_dtype)
         self.near, self.near_at = bounds.near[:0], bounds.near_at[:0]
-        self.err, self.ex = np.empty(0), np.empty(0)
+        self.val, self.err, self.ex = np.empty(0), np.empty(0), np.empty(0)
+        self.since = np.empty(0, dtype=np.int64)  # the first column a leader has not taken into `near`
+        self.cols = np.empty((0, 0))  # cols[slot, j]: the leader's approximate distance to the j-th centre since t
+        self.picks = 0
         self.work = 0  # leaders' product pairs since the block product (a matrix-vector pair counts GRAM_RATE)
 
     @property
@@ -360,6 +362,12 @@ class _Active:
             gram = self.gram.new_empty((min(cap, GRAM_ROWS), min(cap, GRAM_ROWS)))
             gram[: self.n, : self.n] = self.gram[: self.n, : self.n]
             self.gram = gram
+        self._columns(cap, self.cols.shape[1])
+
+    def _columns(self, rows: int, cols: int) -> None:
+        out = np.empty((rows, max(cols, 64)))
+        out[: self.n, : self.picks] = self.cols[: self.n, : self.picks]
+        self.cols = out
 
     def grow(self) -> None:
         """Take the next leaders from behind, brought up to date with the centres they have not seen."""
@@ -383,7 +391,9 @@ class _Active:
         self.idx = np.concatenate([self.idx, new])
         self.near = np.concatenate([self.near, B.near[new]])
         self.near_at = np.concatenate([self.near_at, B.near_at[new]])
+        self.val = np.concatenate([self.val, B.near[new, 0]])
         self.err, self.ex = np.concatenate([self.err, B.err[new]]), np.concatenate([self.ex, B.ex[new]])
+        self.since = np.concatenate([self.since, np.full(len(new), self.picks)])
 
     def add_centre(self, t: int, slot: int) -> None:
         """Fold centre t - 1, the leader in `slot`, into every leader."""
@@ -398,27 +408,45 @@ class _Active:
         near = np.flatnonzero(d <= ex + self.err)  # a known exact value the centre may lower (NaN: unknown)
         if len(near):
             ex[near] = np.minimum(ex[near], B.exact_pairs(self.idx[near], np.full(len(near), B.centres[t - 1])))
-        hit = np.flatnonzero(d < self.near[:, -1])  # few: the rest keep their nearest
-        if len(hit):
-            self.near[hit], self.near_at[hit] = insert_near(self.near[hit], self.near_at[hit], d[hit], t - 1)
+        np.minimum(self.val, d, out=self.val)
+        if self.picks == self.cols.shape[1]:
+            self._columns(len(self.cols), 2 * self.picks)
+        self.cols[: self.n, self.picks] = d
+        self.picks += 1
+
+    def nearest(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`near` and `near_at` of leaders i, up to date with every centre."""
+        v = self.cols[i, : self.picks].copy()
+        v[np.arange(self.picks)[None] < self.since[i][:, None]] = np.inf  # taken in before they joined
+        k = min(self.near.shape[1], self.picks)
+        by = np.argsort(v, axis=1, kind="stable")[:, :k]  # equal distances: the earlier centre first
+        return merge_near(self.near[i], self.near_at[i], np.take_along_axis(v, by, 1), self.t - self.picks + by)
+
+    def exact(self, i: np.ndarray, t: int) -> np.ndarray:
+        """Exact values of leaders i: their nearest as of joining, and the columns since within the band."""
+        band = self.val[i] + 2 * self.err[i]
+        j = np.arange(self.picks)
+        r, j = np.nonzero((self.cols[i, : self.picks] <= band[:, None]) & (j[None] >= self.since[i][:, None]))
+        more = r, self.B.centres[self.t - self.picks + j]
+        return self.B.exact(self.idx[i], self.near[i], self.near_at[i], self.err[i], t, self.val[i], more)
 
     def remove(self, i: int) -> None:
-        self.near[i], self.err[i], self.ex[i] = -np.inf, 0.0, np.nan
+        self.val[i], self.err[i], self.ex[i] = -np.inf, 0.0, np.nan
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bounds of the leaders' exact values (the value itself where it is known)."""
-        val = self.near[:, 0]
-        low, up = val - self.err, val + self.err
+        low, up = self.val - self.err, self.val + self.err
         known = np.flatnonzero(~np.isnan(self.ex))  # few
         low[known] = up[known] = self.ex[known]
         return low, up
 
     def write_back(self) -> None:
         """Hand the leaders' state back to the pool's arrays (before a block product)."""
-        live = np.isfinite(self.near[:, 0])
+        live = np.flatnonzero(np.isfinite(self.val))
         P = self.idx[live]
         B = self.B
-        B.near[P], B.near_at[P], B.ex[P], B.upto[P] = self.near[live], self.near_at[live], self.ex[live], self.t
+        B.near[P], B.near_at[P] = self.nearest(live) if self.picks else (self.near[live], self.near_at[live])
+        B.ex[P], B.upto[P] = self.ex[live], self.t
 
 
 def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho: float = 0.95,
@@ -486,10 +514,10 @@ def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, int, float | None, float
     else:
         todo = near[np.isnan(A.ex[near])]
         if len(todo):
-            A.ex[todo] = B.exact(A.idx[todo], A.near[todo], A.near_at[todo], A.err[todo], t)
+            A.ex[todo] = A.exact(todo, t)
         ex = A.ex[near]
         best = float(ex.max())
         i = int(near[ex == best][np.argmin(A.idx[near[ex == best]])])
-    win, value = int(A.idx[i]), float(A.near[i, 0])
+    win, value = int(A.idx[i]), float(A.val[i])
     A.remove(i)
     return win, i, best, value
