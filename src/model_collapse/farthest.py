@@ -56,6 +56,7 @@ GRAM_ROWS = 4096  # leaders whose distances to each other are kept (64 MiB of fl
 FOLD_SHARE, FOLD_FLOOR = 0.1, 16
 NEAR = 6  # smallest distances kept per point: a decision computes every centre's distance when all lie in its band
 PAD = 8  # spare rows after the centres (and the filter's accepted points and survivors): `padded_count` columns
+PREFETCH = 8  # unknown leaders next by upper bound whose exact values a decision computes too (4-16: the same)
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
@@ -514,6 +515,10 @@ def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, int, float | None, float
     else:
         todo = near[np.isnan(A.ex[near])]
         if len(todo):
+            # and the next unknown leaders by upper bound, the likely contenders of the next picks: one call
+            nxt = np.flatnonzero(np.isnan(A.ex) & (up < lo) & np.isfinite(A.val))  # live
+            nxt = nxt[np.argsort(-up[nxt], kind="stable")[: PREFETCH]]
+            todo = np.concatenate([todo, nxt])
             A.ex[todo] = A.exact(todo, t)
         ex = A.ex[near]
         best = float(ex.max())
