@@ -148,6 +148,7 @@ def select_threshold(
     # PAD zero rows after the last: products take `padded_count` columns
     acc_buf = torch.from_numpy(np.zeros((n + PAD, X.shape[1]), dtype=X.numpy().dtype))
     acc_sq = torch.zeros(n + PAD, dtype=torch.float64)
+    surv_buf = np.zeros((min(chunk, m) + PAD, X.shape[1]), dtype=X.numpy().dtype)  # a chunk's survivors
     acc_norm = torch.empty(n, dtype=torch.float64)
     # per position: approximate squared distance to the nearest accepted point among the first upto[p] accepted.
     # The accepted set only grows and tau only shrinks, so this is carried from pass to pass and only the
@@ -207,7 +208,7 @@ def select_threshold(
             if not surv.numel():
                 continue
             # resolve among survivors in visiting order, on exact distances
-            conflict = _Conflicts(X, exact, sq, norms, surv, t2)
+            conflict = _Conflicts(X, exact, sq, norms, surv, t2, surv_buf)
             live = np.ones(len(surv), dtype=bool)
             surv_list = surv.tolist()
             before = len(accepted)
@@ -325,10 +326,11 @@ class _Conflicts:
 
     BLOCK, MAX_BLOCK = 64, 512
 
-    def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float):
-        # the survivors' rows, gathered once by numpy (huge pages: a fresh 12 MiB torch gather cost thousands of page
-        # faults, as long as the filter's products on a 4,096 x 3,072 pool)
-        rows = np.zeros((len(surv) + PAD, X.shape[1]), dtype=X.numpy().dtype)  # PAD zero rows: `padded_count`
+    def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float, buf: np.ndarray):
+        # the survivors' rows, gathered into `buf` (a chunk's rows and PAD more, one buffer for every chunk of the
+        # call: fresh 12 MiB arrays cost thousands of page faults, as long as the filter's products on a 4,096 x 3,072
+        # pool); the rows after them, zeros or an earlier chunk's, pad the products (`padded_count`) and are dropped
+        rows = buf[: len(surv) + PAD]
         np.take(X.numpy(), surv.numpy(), axis=0, out=rows[: len(surv)])
         self.X = torch.from_numpy(rows)
         self.sq, self.norms = torch.cat([sq[surv], sq.new_zeros(PAD)]), norms[surv]
