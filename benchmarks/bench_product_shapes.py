@@ -57,7 +57,8 @@ def main() -> None:
             padded = median_ms(lambda: product(p), args.reps) if p != c else plain
             total_plain, total_padded = total_plain + plain, total_padded + padded
             print(f"  {c:4d} {plain:7.2f}  {p:4d} {padded:7.2f}  {padded / plain:5.2f}")
-        print(f"  all counts: {total_plain:.1f} ms plain, {total_padded:.1f} ms padded ({total_padded / total_plain:.2f})")
+        share = total_padded / total_plain
+        print(f"  all counts: {total_plain:.1f} ms plain, {total_padded:.1f} ms padded ({share:.2f})")
 
 
 if __name__ == "__main__":

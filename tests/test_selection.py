@@ -146,7 +146,8 @@ def test_threshold_at_any_scale(rng):
 
 def test_threshold_resolves_a_chunk_of_many_survivors_in_growing_blocks(rng, monkeypatch):
     """A chunk of 900 survivors that mostly do not conflict: their conflicts come in blocks of 64, 128, 256 and 512
-    rows (counted; the next pass starts again at 64), with copies and near ties among them, and the choices are the sequential definition's."""
+    rows (counted; the next pass starts again at 64), with copies and near ties among them, and the choices are the
+    sequential definition's."""
     import model_collapse.spread as S
 
     x = rng.normal(size=(900, 8)).astype(np.float32)

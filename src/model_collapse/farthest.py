@@ -7,30 +7,36 @@ squared distances computed from differences.
 The straightforward loop streams the whole pool once per pick (a matrix-vector product): memory-bound, whatever
 the data. Here the distance work is batched into matrix-matrix products instead, with no geometric assumption:
 
-* Every pool point p keeps its three smallest *approximate* squared distances (float32 matrix-product identity
-  on data centred and scaled by a power of two to norms of at most 1) to the centres it has been compared with
-  (the first upto[p] of them), and which centres gave the first two. A rigorous bound E[p] on the identity's
-  rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN kernel, plus float32 underflow) makes the smallest,
-  val[p], plus E[p] an upper bound of p's exact value now: comparing with more centres only lowers it.
+* Every pool point p keeps its NEAR (six; three for 8-bit pixels) smallest *approximate* squared distances
+  (float32 matrix-product identity on data centred and scaled by a power of two to norms of at most 1) to the
+  centres it has been compared with (the first upto[p] of them), and which centres gave all but the last. A
+  rigorous bound E[p] on the identity's rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN kernel, plus
+  float32 underflow) makes the smallest, val[p], plus E[p] an upper bound of p's exact value now: comparing with
+  more centres only lowers it.
 * Every `block` picks (sooner when the leaders' own products since have cost FOLD_SHARE of what the block
   product will), the remaining points are compared with the centres added since, as matrix products over row
   chunks, and sorted by upper bound. Points whose bound lies below where the value will be by the next block
   product are left for later: their stale bound stays valid, and they are brought up to date only if it ever
-  competes (most never do). That level is the last pick's value times the factor by which the value fell over the
-  last block, or `rho` where that is lower: a value that falls slowly (data of many dimensions) folds only the
-  points that may compete soon, one that falls fast (clusters) folds all that will. Between block products only the leaders are kept up to date with each new centre; the next
-  points by bound join them, compared with the centres they have not seen as one product, whenever the best
-  leader's lower bound val - E does not clear the bound of everything behind (lazy evaluation: a bound only
-  falls). Every centre is a leader when it is picked, so the leaders' distances to each other, computed as
-  products when they join, hold each new centre's distances to all of them: a row read per pick, not a
-  matrix-vector product (past GRAM_ROWS leaders, one matrix-vector product per pick again).
+  competes (most never do). That level is the last pick's value times the factor by which the value fell over
+  the last block, or `rho` where that is lower: a value that falls slowly (data of many dimensions) folds only
+  the points that may compete soon, one that falls fast (clusters) folds all that will.
+* Between block products only the leaders are kept up to date with each new centre (their smallest distance;
+  the centre's column of distances is kept for their nearest); the next points by bound join them, compared with
+  the centres they have not seen as one product, whenever the best leader's lower bound val - E does not clear
+  the bound of everything behind (lazy evaluation: a bound only falls). Every centre is a leader when it is
+  picked, so the leaders' distances to each other, computed as products when they join, hold each new centre's
+  distances to all of them: a row read per pick, not a matrix-vector product (past GRAM_ROWS leaders, one
+  matrix-vector product per pick again).
 * 8-bit pixels take exact int8 products instead (int32 distances up to 33,025 values): no rounding bound.
+* Products take a multiple of 8 columns (`padded_count`: this machine's products run up to twice as long for
+  other counts), from zero rows kept after the centres.
 * A pick is certain when one leader's lower bound lies above every other point's upper bound. Otherwise the few
-  leaders within the rounding band are decided on exact float64 distances, computed from differences: to the
-  nearest approximate centre when the second approximate distance lies out of the band, to the first two when the
-  third does, else to every centre within the band. A point's exact value, once known, is kept up to date with
-  each new centre (a centre within the band of it gets an exact distance), so later decisions reuse it; the
-  largest exact value wins, the lowest index among equal ones.
+  leaders within the rounding band are decided on exact float64 distances, computed from differences, to every
+  centre whose approximate distance lies within the band: among the nearest kept, or (when all of those lie in
+  it) among all centres. The same call computes the exact values of the next PREFETCH leaders by bound, the
+  likely contenders of the next picks. A point's exact value, once known, is kept up to date with each new
+  centre (a centre within the band of it gets an exact distance), so later decisions reuse it; the largest exact
+  value wins, the lowest index among equal ones.
 * When the largest exact value is 0, every remaining point is a copy of a centre: the rest of the selection is
   the remaining points in index order, as the definition's ties give.
 """
