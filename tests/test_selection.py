@@ -414,6 +414,27 @@ def test_farthest_points_block_settings_do_not_change_the_choice(rng):
                 assert params["start"] == want[0] and params["distances_computed"] > 0
 
 
+def test_farthest_points_folds_everyone_in_the_first_block_at_any_rho(rng, monkeypatch):
+    """The first block product compares every point with the start (rho = 0 included: 0 x -inf was NaN and folded
+    no point, so the whole pool became leaders); later ones fold by the level, and the picks stay the definition's."""
+    import model_collapse.farthest as F
+
+    x = rng.normal(size=(3000, 8)).astype(np.float32)
+    most = []
+    grow = F._Active.grow
+
+    def counted(self):
+        grow(self)
+        most.append(self.n)
+
+    monkeypatch.setattr(F._Active, "grow", counted)
+    want = greedy_reference(x, 40, 0)
+    for rho in (0.0, 0.5, 0.95):
+        most.clear()
+        np.testing.assert_array_equal(F.farthest_points(x, 40, 0, rho=rho)[0], want)
+        assert max(most) < 1000, (rho, max(most))
+
+
 def test_farthest_points_leaders_by_gram_or_matrix_vector_products_make_the_same_choice(rng, monkeypatch):
     """The leaders' distances to each new centre come from their Gram block (products when leaders join), or past
     GRAM_ROWS leaders from one matrix-vector product per pick; block products early (any share of the leaders'

@@ -18,8 +18,9 @@ the data. Here the distance work is batched into matrix-matrix products instead,
   chunks, and sorted by upper bound. Points whose bound lies below where the value will be by the next block
   product are left for later: their stale bound stays valid, and they are brought up to date only if it ever
   competes (most never do). That level is the last pick's value times the factor by which the value fell over
-  the last block, or `rho` where that is lower: a value that falls slowly (data of many dimensions) folds only
-  the points that may compete soon, one that falls fast (clusters) folds all that will.
+  the last block, or times `rho` where that is higher: a value that falls slowly (data of many dimensions) folds
+  only the points that may compete soon; one that falls fast (clusters) folds down to `rho` of it, as before,
+  and what lies below joins the leaders when it competes.
 * Between block products only the leaders are kept up to date with each new centre (their smallest distance;
   the centre's column of distances is kept for their nearest); the next points by bound join them, compared with
   the centres they have not seen as one product, whenever the best leader's lower bound val - E does not clear
@@ -487,7 +488,8 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
                 A.write_back()
             rest = np.flatnonzero(~taken)
             fell = last / before if before > 0 else 0.0  # over the last block
-            B.fold(rest[B.ub(rest) >= max(rho, fell) * last], t)  # the rest keep their (higher) bound until it competes
+            level = max(rho, fell) * last if last > -np.inf else -np.inf  # the first block: everyone (rho = 0 too)
+            B.fold(rest[B.ub(rest) >= level], t)  # the rest keep their (higher) bound until it competes
             before = last
             A = _Active(B, _ByBound(rest, B.ub(rest)), t)
             flushed = t
