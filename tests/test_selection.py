@@ -438,7 +438,8 @@ def test_farthest_points_folds_everyone_in_the_first_block_at_any_rho(rng, monke
 def test_farthest_points_leaders_by_gram_or_matrix_vector_products_make_the_same_choice(rng, monkeypatch):
     """The leaders' distances to each new centre come from their Gram block (products when leaders join), or past
     GRAM_ROWS leaders from one matrix-vector product per pick; block products early (any share of the leaders'
-    work) or never: always the definition's picks, on float pools with ties and on 8-bit pixels."""
+    work) or never; the kept columns taken into the leaders' nearest when they reach COLS_BYTES: always the
+    definition's picks, on float pools with ties and on 8-bit pixels."""
     import model_collapse.farthest as F
 
     x = rng.integers(0, 3, size=(300, 5)).astype(np.float32)
@@ -447,13 +448,16 @@ def test_farthest_points_leaders_by_gram_or_matrix_vector_products_make_the_same
     u = rng.random((400, 96), dtype=np.float32)  # near-equal values: many leaders
     for i, pool in enumerate((x, z, u)):
         want = greedy_reference(pool, len(pool) // 2, 2)
-        for gram_rows, share, floor in ((4096, 0.1, 16), (70, 0.1, 16), (4096, 0.0, 0), (4096, 1e9, 1e9),
-                                        (0, 1e9, 1e9)):
+        for gram_rows, share, floor, cols in ((4096, 0.1, 16, 32 << 20), (70, 0.1, 16, 32 << 20),
+                                              (4096, 0.0, 0, 32 << 20), (4096, 1e9, 1e9, 32 << 20),
+                                              (0, 1e9, 1e9, 32 << 20), (4096, 1e9, 1e9, 1), (0, 1e9, 1e9, 1)):
             monkeypatch.setattr(F, "GRAM_ROWS", gram_rows)
             monkeypatch.setattr(F, "FOLD_SHARE", share)
             monkeypatch.setattr(F, "FOLD_FLOOR", floor)
+            monkeypatch.setattr(F, "COLS_BYTES", cols)  # 1: the kept columns taken in every 64 picks
             got, _ = F.farthest_points(pool, len(pool) // 2, 2)
-            np.testing.assert_array_equal(got, want, err_msg=f"pool {i}, gram rows {gram_rows}, share {share}")
+            np.testing.assert_array_equal(got, want, err_msg=f"pool {i}, gram rows {gram_rows}, share {share}, "
+                                                             f"columns {cols}")
 
 
 def _bounds_of_40_centres(x, rng):

@@ -64,6 +64,7 @@ FOLD_SHARE, FOLD_FLOOR = 0.1, 16
 NEAR = 6  # smallest distances kept per point: a decision computes every centre's distance when all lie in its band
 PAD = 8  # spare rows after the centres (and the filter's accepted points and survivors): `padded_count` columns
 PREFETCH = 8  # unknown leaders next by upper bound whose exact values a decision computes too (4-16: the same)
+COLS_BYTES = 32 << 20  # the leaders' kept columns, at most (then taken into their nearest)
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
@@ -348,8 +349,8 @@ class _Active:
         self.near, self.near_at = bounds.near[:0], bounds.near_at[:0]
         self.val, self.err, self.ex = np.empty(0), np.empty(0), np.empty(0)
         self.since = np.empty(0, dtype=np.int64)  # the first column a leader has not taken into `near`
-        self.cols = np.empty((0, 0))  # cols[slot, j]: the leader's approximate distance to the j-th centre since t
-        self.picks = 0
+        self.cols = np.empty((0, 0))  # cols[slot, j]: the leader's approximate distance to centre c0 + j
+        self.picks, self.c0 = 0, t
         self.work = 0  # leaders' product pairs since the block product (a matrix-vector pair counts GRAM_RATE)
 
     @property
@@ -418,7 +419,12 @@ class _Active:
             ex[near] = np.minimum(ex[near], B.exact_pairs(self.idx[near], np.full(len(near), B.centres[t - 1])))
         np.minimum(self.val, d, out=self.val)
         if self.picks == self.cols.shape[1]:
-            self._columns(len(self.cols), 2 * self.picks)
+            if self.cols.nbytes >= COLS_BYTES:  # many leaders: take the columns into their nearest, start again
+                live = np.flatnonzero(np.isfinite(self.val))
+                self.near[live], self.near_at[live] = self.nearest(live)
+                self.since[:], self.picks, self.c0 = 0, 0, t - 1
+            else:
+                self._columns(len(self.cols), 2 * self.picks)
         self.cols[: self.n, self.picks] = d
         self.picks += 1
 
@@ -428,14 +434,14 @@ class _Active:
         v[np.arange(self.picks)[None] < self.since[i][:, None]] = np.inf  # taken in before they joined
         k = min(self.near.shape[1], self.picks)
         by = np.argsort(v, axis=1, kind="stable")[:, :k]  # equal distances: the earlier centre first
-        return merge_near(self.near[i], self.near_at[i], np.take_along_axis(v, by, 1), self.t - self.picks + by)
+        return merge_near(self.near[i], self.near_at[i], np.take_along_axis(v, by, 1), self.c0 + by)
 
     def exact(self, i: np.ndarray, t: int) -> np.ndarray:
         """Exact values of leaders i: their nearest as of joining, and the columns since within the band."""
         band = self.val[i] + 2 * self.err[i]
         j = np.arange(self.picks)
         r, j = np.nonzero((self.cols[i, : self.picks] <= band[:, None]) & (j[None] >= self.since[i][:, None]))
-        more = r, self.B.centres[self.t - self.picks + j]
+        more = r, self.B.centres[self.c0 + j]
         return self.B.exact(self.idx[i], self.near[i], self.near_at[i], self.err[i], t, self.val[i], more)
 
     def remove(self, i: int) -> None:
