@@ -460,6 +460,25 @@ def test_farthest_points_leaders_by_gram_or_matrix_vector_products_make_the_same
                                                              f"columns {cols}")
 
 
+def test_farthest_points_past_gram_rows_decide_on_exact_values_of_any_leader(rng, monkeypatch):
+    """Past GRAM_ROWS leaders (here 70) the leaders' nearest are kept current at every pick; decisions among
+    hundreds of near-equal leaders read them (and no kept columns): the definition's picks."""
+    import model_collapse.farthest as F
+
+    monkeypatch.setattr(F, "GRAM_ROWS", 70)
+    u = rng.integers(0, 4, size=(1500, 6)).astype(np.float32)  # ties everywhere: decisions on exact values
+    leaders = []
+    grow = F._Active.grow
+
+    def counted(self):
+        grow(self)
+        leaders.append(self.n)
+
+    monkeypatch.setattr(F._Active, "grow", counted)
+    np.testing.assert_array_equal(F.farthest_points(u, 200, 3)[0], greedy_reference(u, 200, 3))
+    assert max(leaders) > 300
+
+
 def _bounds_of_40_centres(x, rng):
     """A farthest-point kernel state with 40 random centres folded into every point of x; the points that are not
     centres, and their exact squared distances to the nearest centre (brute force, float64)."""

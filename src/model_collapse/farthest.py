@@ -64,7 +64,7 @@ FOLD_SHARE, FOLD_FLOOR = 0.1, 16
 NEAR = 6  # smallest distances kept per point: a decision computes every centre's distance when all lie in its band
 PAD = 8  # spare rows after the centres (and the filter's accepted points and survivors): `padded_count` columns
 PREFETCH = 8  # unknown leaders next by upper bound whose exact values a decision computes too (4-16: the same)
-COLS_BYTES = 32 << 20  # the leaders' kept columns, at most (then taken into their nearest)
+COLS_BYTES = 32 << 20  # the leaders' kept columns, at most (then taken into their nearest; GRAM_ROWS x 1,024)
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
@@ -155,6 +155,18 @@ def merge_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: np.ndar
     ats = np.concatenate([near_at, np.full((len(near), 1), -1), at], axis=1)
     # the old last (centre unknown, -1) has k - 1 values before it: never among the first k - 1
     return np.take_along_axis(vals, by, 1), np.take_along_axis(ats, by[:, : k - 1], 1)
+
+
+def insert_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray]:
+    """`merge_near` of one new distance per point, to the one centre `at`: a shift instead of a sort."""
+    pos = (near <= v[:, None]).sum(1)[:, None]  # after the equal ones
+    j = np.arange(near.shape[1])
+    shifted = np.empty_like(near)
+    shifted[:, 1:] = near[:, :-1]
+    out = np.where(j < pos, near, np.where(j == pos, v[:, None], shifted))
+    shifted_at = np.empty_like(near_at)
+    shifted_at[:, 1:] = near_at[:, :-1]
+    return out, np.where(j[:-1] < pos, near_at, np.where(j[:-1] == pos, at, shifted_at))
 
 
 class _Bounds:
@@ -371,7 +383,7 @@ class _Active:
             gram = self.gram.new_empty((min(cap, GRAM_ROWS), min(cap, GRAM_ROWS)))
             gram[: self.n, : self.n] = self.gram[: self.n, : self.n]
             self.gram = gram
-        self._columns(cap, self.cols.shape[1])
+            self._columns(cap, self.cols.shape[1])
 
     def _columns(self, rows: int, cols: int) -> None:
         out = np.empty((rows, max(cols, 64)))
@@ -385,7 +397,8 @@ class _Active:
         self.nxt += len(new)
         B.fold(new, self.t)
         a, b = self.n, self.n + len(new)
-        if b > GRAM_ROWS:
+        if b > GRAM_ROWS and self.gram is not None:  # from now one matrix-vector product per pick, no columns
+            self._take_in(self.t)
             self.gram = None
         self._reserve(b)
         nt = torch.from_numpy(new)
@@ -418,30 +431,45 @@ class _Active:
         if len(near):
             ex[near] = np.minimum(ex[near], B.exact_pairs(self.idx[near], np.full(len(near), B.centres[t - 1])))
         np.minimum(self.val, d, out=self.val)
+        if self.gram is None:  # many leaders: into their nearest now, where the centre is among them (few)
+            hit = np.flatnonzero(d < self.near[:, -1])
+            if len(hit):
+                self.near[hit], self.near_at[hit] = insert_near(self.near[hit], self.near_at[hit], d[hit], t - 1)
+            self.c0 = t
+            return
         if self.picks == self.cols.shape[1]:
-            if self.cols.nbytes >= COLS_BYTES:  # many leaders: take the columns into their nearest, start again
-                live = np.flatnonzero(np.isfinite(self.val))
-                self.near[live], self.near_at[live] = self.nearest(live)
-                self.since[:], self.picks, self.c0 = 0, 0, t - 1
+            if self.cols.nbytes >= COLS_BYTES:
+                self._take_in(t - 1)
             else:
                 self._columns(len(self.cols), 2 * self.picks)
         self.cols[: self.n, self.picks] = d
         self.picks += 1
 
+    def _take_in(self, c0: int) -> None:
+        """Take the kept columns into the leaders' nearest; the next column is centre c0's."""
+        if self.picks:
+            live = np.flatnonzero(np.isfinite(self.val))
+            self.near[live], self.near_at[live] = self.nearest(live)
+        self.since[:], self.picks, self.c0 = 0, 0, c0
+
     def nearest(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`near` and `near_at` of leaders i, up to date with every centre."""
-        v = self.cols[i, : self.picks].copy()
+        v = self.cols[i, : self.picks]  # a copy
         v[np.arange(self.picks)[None] < self.since[i][:, None]] = np.inf  # taken in before they joined
-        k = min(self.near.shape[1], self.picks)
-        by = np.argsort(v, axis=1, kind="stable")[:, :k]  # equal distances: the earlier centre first
-        return merge_near(self.near[i], self.near_at[i], np.take_along_axis(v, by, 1), self.c0 + by)
+        near, near_at = self.near[i], self.near_at[i]
+        hit = np.flatnonzero(v.min(1) < near[:, -1])  # the rest keep their nearest
+        v = v[hit]
+        by = np.argsort(v, axis=1, kind="stable")[:, : near.shape[1]]  # equal distances: the earlier centre first
+        near[hit], near_at[hit] = merge_near(near[hit], near_at[hit], np.take_along_axis(v, by, 1), self.c0 + by)
+        return near, near_at
 
     def exact(self, i: np.ndarray, t: int) -> np.ndarray:
         """Exact values of leaders i: their nearest as of joining, and the columns since within the band."""
-        band = self.val[i] + 2 * self.err[i]
-        j = np.arange(self.picks)
-        r, j = np.nonzero((self.cols[i, : self.picks] <= band[:, None]) & (j[None] >= self.since[i][:, None]))
-        more = r, self.B.centres[self.c0 + j]
+        band, more = self.val[i] + 2 * self.err[i], None
+        if self.picks:
+            j = np.arange(self.picks)
+            r, j = np.nonzero((self.cols[i, : self.picks] <= band[:, None]) & (j[None] >= self.since[i][:, None]))
+            more = r, self.B.centres[self.c0 + j]
         return self.B.exact(self.idx[i], self.near[i], self.near_at[i], self.err[i], t, self.val[i], more)
 
     def remove(self, i: int) -> None:
