@@ -227,6 +227,10 @@ def test_selection_rejects_nan_and_bad_decay(rng):
         select(rng.normal(size=(50, 3)), 5, "threshold", 0, decay=1.5)
     with pytest.raises(UserError, match="distinct"):
         select(np.zeros((50, 3)), 5, "threshold", 0)
+    huge = rng.integers(0, 3, size=(5, 1)) * 1e200  # squared distances past float64
+    for method in ("greedy", "threshold"):
+        with pytest.raises(UserError, match="overflow"):
+            select(huge, 3, method, 3, tau0=1e200)
 
 
 def test_threshold_finds_too_few_distinct_images_whatever_tau0(rng, monkeypatch):

@@ -64,7 +64,9 @@ FOLD_SHARE, FOLD_FLOOR = 0.1, 16
 NEAR = 6  # smallest distances kept per point: a decision computes every centre's distance when all lie in its band
 PAD = 8  # spare rows after the centres (and the filter's accepted points and survivors): `padded_count` columns
 PREFETCH = 8  # unknown leaders next by upper bound whose exact values a decision computes too (4-16: the same)
-COLS_BYTES = 32 << 20  # the leaders' kept columns, at most (then taken into their nearest; GRAM_ROWS x 1,024)
+# the leaders' kept columns: once they fill at this size or more, taken into the leaders' nearest and started again
+# (at most GRAM_ROWS rows: with blocks of 1,024 picks they stay under 32 MiB and are taken in only at the block's end)
+COLS_BYTES = 32 << 20
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
@@ -129,6 +131,9 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
     if exact64:  # centre in float64, a chunk at a time, and round once
         mean = x.mean(0, dtype=np.float64)
         top = max(float(np.sqrt(_row_sq(c - mean).max())) for _, c in tiles())
+        if not math.isfinite(top):  # the definition's float64 squared distances would overflow too
+            raise UserError(f"selection input too large: squared distances overflow float64 (largest value "
+                            f"{float(np.abs(x).max()):g})")
     scale = 2.0 ** -math.ceil(math.log2(top)) if top > 0 else 1.0
     if exact64:
         xc = np.concatenate([((c - mean) * scale).astype(np.float32) for _, c in tiles()])
@@ -349,8 +354,10 @@ class _Active:
     values.
 
     Per pick only each leader's smallest approximate distance (`val`) is brought up to date; the pick's column of
-    distances is kept (`cols`), and a leader's nearest (`near`, `near_at`, as of when it joined) take in the
-    columns since only where a decision needs them, and for all at the end of the block."""
+    distances is kept (`cols`, from centre c0 on). A leader's nearest (`near`, `near_at`) are as of when it joined
+    or the columns were last taken in: at the end of the block, past COLS_BYTES, and when the leaders pass
+    GRAM_ROWS; from then on no columns are kept and each centre goes into the nearest at once (`insert_near`,
+    where it is among them). A decision reads the columns within its band directly."""
 
     def __init__(self, bounds: _Bounds, order: _ByBound, t: int):
         self.B, self.order, self.nxt, self.t = bounds, order, 0, t
@@ -464,7 +471,8 @@ class _Active:
         return near, near_at
 
     def exact(self, i: np.ndarray, t: int) -> np.ndarray:
-        """Exact values of leaders i: their nearest as of joining, and the columns since within the band."""
+        """Exact values of leaders i: from their nearest (as of joining or the last take-in) and the columns since
+        that lie within the band."""
         band, more = self.val[i] + 2 * self.err[i], None
         if self.picks:
             j = np.arange(self.picks)
