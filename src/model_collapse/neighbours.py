@@ -209,7 +209,7 @@ def sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: tor
 def padded_count(n: int) -> int:
     """Columns to compute for n: the next multiple of 8 (under 8, n). This machine's float32 and int8 products take
     up to twice as long for a column count off a multiple of 8 (4,096 x 3,072 float32 rows against 31 columns:
-    11.3 ms, against 32: 6.3 ms; against 255: 41.8 ms, against 256: 33.4 ms; `bench_product_shapes.py`): callers
+    11.2 ms, against 32: 6.3 ms; against 255: 47.5 ms, against 256: 36.6 ms; `bench_product_shapes.py`): callers
     with spare rows after their columns (zeros, or rows to come) compute those too and drop them."""
     return n if n < 8 else -(-n // 8) * 8
 
