@@ -418,20 +418,28 @@ def test_farthest_points_block_settings_do_not_change_the_choice(rng):
                 assert params["start"] == want[0] and params["distances_computed"] > 0
 
 
+def _leader_counts(monkeypatch):
+    """A list that records greedy's number of leaders after every growth."""
+    import model_collapse.farthest as F
+
+    counts = []
+    grow = F._Active.grow
+
+    def counted(self):
+        grow(self)
+        counts.append(self.n)
+
+    monkeypatch.setattr(F._Active, "grow", counted)
+    return counts
+
+
 def test_farthest_points_folds_everyone_in_the_first_block_at_any_rho(rng, monkeypatch):
     """The first block product compares every point with the start (rho = 0 included: 0 x -inf was NaN and folded
     no point, so the whole pool became leaders); later ones fold by the level, and the picks stay the definition's."""
     import model_collapse.farthest as F
 
     x = rng.normal(size=(3000, 8)).astype(np.float32)
-    most = []
-    grow = F._Active.grow
-
-    def counted(self):
-        grow(self)
-        most.append(self.n)
-
-    monkeypatch.setattr(F._Active, "grow", counted)
+    most = _leader_counts(monkeypatch)
     want = greedy_reference(x, 40, 0)
     for rho in (0.0, 0.5, 0.95):
         most.clear()
@@ -471,14 +479,7 @@ def test_farthest_points_past_gram_rows_decide_on_exact_values_of_any_leader(rng
 
     monkeypatch.setattr(F, "GRAM_ROWS", 70)
     u = rng.integers(0, 4, size=(1500, 6)).astype(np.float32)  # ties everywhere: decisions on exact values
-    leaders = []
-    grow = F._Active.grow
-
-    def counted(self):
-        grow(self)
-        leaders.append(self.n)
-
-    monkeypatch.setattr(F._Active, "grow", counted)
+    leaders = _leader_counts(monkeypatch)
     np.testing.assert_array_equal(F.farthest_points(u, 200, 3)[0], greedy_reference(u, 200, 3))
     assert max(leaders) > 300
 
