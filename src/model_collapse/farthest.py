@@ -199,6 +199,7 @@ class _Bounds:
             self.scale2, self.err = 1.0, np.zeros(m)
             self.cbuf = torch.zeros((n + PAD, self.xc.shape[1]), dtype=torch.int8)  # zero rows to pad products
             self.csq = torch.zeros(n + PAD, dtype=self.dist_dtype)
+            self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()  # `add`'s views
             return
         xc, sq, norms, self.scale2 = scaled_rows(x)
         self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(np.float32))  # float32, as the products
@@ -208,6 +209,7 @@ class _Bounds:
         self.cbuf = torch.zeros((n + PAD, d))
         self.csq = torch.zeros(n + PAD)
         self.dist_dtype = torch.float32
+        self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()  # `add`'s views
 
     def dist(self, rows: torch.Tensor, sq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
@@ -222,9 +224,7 @@ class _Bounds:
 
     def add(self, t: int, p: int) -> None:
         self.centres[t] = p
-        if not hasattr(self, "_np"):  # numpy views: a tenth of torch's indexing overhead
-            self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()
-        cbuf, xc, csq, sq = self._np
+        cbuf, xc, csq, sq = self._np  # numpy's row copy: a tenth of torch's indexing overhead
         cbuf[t], csq[t] = xc[p], sq[p]
 
     def exact_pairs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
