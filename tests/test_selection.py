@@ -63,8 +63,8 @@ def test_greedy_equals_reference(rng):
 def test_padded_products_stay_within_the_spare_rows_and_drop_them(rng):
     """Products take `padded_count` columns, a multiple of 8, from at most PAD spare rows past the last real one;
     the selectors give the definition's picks for every column count around those multiples."""
-    from model_collapse.farthest import PAD, farthest_points
-    from model_collapse.neighbours import padded_count
+    from model_collapse.farthest import farthest_points
+    from model_collapse.neighbours import PAD, padded_count
 
     for n in range(2000):
         p = padded_count(n)

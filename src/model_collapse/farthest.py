@@ -51,7 +51,8 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.linalg import first_nonfinite_row
-from model_collapse.neighbours import INT32_FAR, Int8Rows, exact_int8, padded_count, rounding_gamma, sq_distances
+from model_collapse.neighbours import (INT32_FAR, PAD, Int8Rows, exact_int8, rounding_gamma, sq_distances,
+                                       sq_distances_to_rows)
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -62,7 +63,6 @@ GRAM_ROWS = 4096  # leaders whose distances to each other are kept (64 MiB of fl
 # 0.05-0.25 and 16-64 measured within the noise on the uniform and pixel pools
 FOLD_SHARE, FOLD_FLOOR = 0.1, 16
 NEAR = 6  # smallest distances kept per point: a decision computes every centre's distance when all lie in its band
-PAD = 8  # spare rows after the centres (and the filter's accepted points and survivors): `padded_count` columns
 PREFETCH = 8  # unknown leaders next by upper bound whose exact values a decision computes too (4-16: the same)
 # the leaders' kept columns: once they fill at this size or more, taken into the leaders' nearest and started again
 # (at most GRAM_ROWS rows: with blocks of 1,024 picks they stay under 32 MiB and are taken in only at the block's end)
@@ -162,18 +162,6 @@ def merge_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: np.ndar
     return np.take_along_axis(vals, by, 1), np.take_along_axis(ats, by[:, : k - 1], 1)
 
 
-def insert_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray]:
-    """`merge_near` of one new distance per point, to the one centre `at`: a shift instead of a sort."""
-    pos = (near <= v[:, None]).sum(1)[:, None]  # after the equal ones
-    j = np.arange(near.shape[1])
-    shifted = np.empty_like(near)
-    shifted[:, 1:] = near[:, :-1]
-    out = np.where(j < pos, near, np.where(j == pos, v[:, None], shifted))
-    shifted_at = np.empty_like(near_at)
-    shifted_at[:, 1:] = near_at[:, :-1]
-    return out, np.where(j[:-1] < pos, near_at, np.where(j[:-1] == pos, at, shifted_at))
-
-
 class _Bounds:
     """The pool's approximate distances to the centres: per point the NEAR smallest (`near`, ascending), the
     centres of all but the last (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
@@ -197,25 +185,22 @@ class _Bounds:
             rows = Int8Rows(x, int32=True)
             self.xc, self.sq, self.dist_dtype = rows.x, rows.sq, rows.dtype
             self.scale2, self.err = 1.0, np.zeros(m)
-            self.cbuf = torch.zeros((n + PAD, self.xc.shape[1]), dtype=torch.int8)  # zero rows to pad products
-            self.csq = torch.zeros(n + PAD, dtype=self.dist_dtype)
-            self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()  # `add`'s views
-            return
-        xc, sq, norms, self.scale2 = scaled_rows(x)
-        self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(np.float32))  # float32, as the products
-        # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the products
-        # and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
-        self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + underflow_allowance(d)
-        self.cbuf = torch.zeros((n + PAD, d))
-        self.csq = torch.zeros(n + PAD)
-        self.dist_dtype = torch.float32
+        else:
+            xc, sq, norms, self.scale2 = scaled_rows(x)
+            self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(np.float32))  # as the products
+            # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the
+            # products and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
+            self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + underflow_allowance(d)
+            self.dist_dtype = torch.float32
+        # the centres' rows, and PAD zero rows after the last (`sq_distances_to_rows`)
+        self.cbuf = torch.zeros((n + PAD, self.xc.shape[1]), dtype=self.xc.dtype)  # int8 rows may be wider than d
+        self.csq = torch.zeros(n + PAD, dtype=self.dist_dtype)
         self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()  # `add`'s views
 
     def dist(self, rows: torch.Tensor, sq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
         identity, or exact for 8-bit pixels (int32, or float64 past 33,025 values)."""
-        top = lo + padded_count(hi - lo)  # the rows after hi are zeros (or centres to come): dropped
-        return sq_distances(rows, sq, self.cbuf[lo:top], self.csq[lo:top])[:, : hi - lo]
+        return sq_distances_to_rows(rows, sq, self.cbuf, self.csq, lo, hi)
 
     @property
     def far(self) -> float:
@@ -356,8 +341,8 @@ class _Active:
     Per pick only each leader's smallest approximate distance (`val`) is brought up to date; the pick's column of
     distances is kept (`cols`, from centre c0 on). A leader's nearest (`near`, `near_at`) are as of when it joined
     or the columns were last taken in: at the end of the block, past COLS_BYTES, and when the leaders pass
-    GRAM_ROWS; from then on no columns are kept and each centre goes into the nearest at once (`insert_near`,
-    where it is among them). A decision reads the columns within its band directly."""
+    GRAM_ROWS; from then on no columns are kept and each centre goes into the nearest at once (where it is among
+    them). A decision reads the columns within its band directly."""
 
     def __init__(self, bounds: _Bounds, order: _ByBound, t: int):
         self.B, self.order, self.nxt, self.t = bounds, order, 0, t
@@ -441,7 +426,8 @@ class _Active:
         if self.gram is None:  # many leaders: into their nearest now, where the centre is among them (few)
             hit = np.flatnonzero(d < self.near[:, -1])
             if len(hit):
-                self.near[hit], self.near_at[hit] = insert_near(self.near[hit], self.near_at[hit], d[hit], t - 1)
+                self.near[hit], self.near_at[hit] = merge_near(self.near[hit], self.near_at[hit], d[hit, None],
+                                                               np.full((len(hit), 1), t - 1))
             self.c0 = t
             return
         if self.picks == self.cols.shape[1]:

@@ -206,12 +206,22 @@ def sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: tor
     return torch.addmm(sq_b.to(a.dtype)[None], a, b.T, alpha=-2.0).add_(sq_a.to(a.dtype)[:, None])
 
 
+PAD = 8  # spare rows a buffer keeps past its last real row for `sq_distances_to_rows` (padded_count(n) - n < PAD)
+
+
 def padded_count(n: int) -> int:
     """Columns to compute for n: the next multiple of 8 (under 8, n). This machine's float32 and int8 products take
     up to twice as long for a column count off a multiple of 8 (4,096 x 3,072 float32 rows against 31 columns:
-    11.2 ms, against 32: 6.3 ms; against 255: 47.5 ms, against 256: 36.6 ms; `bench_product_shapes.py`): callers
-    with spare rows after their columns (zeros, or rows to come) compute those too and drop them."""
+    11.2 ms, against 32: 6.3 ms; against 255: 47.5 ms, against 256: 36.6 ms; `bench_product_shapes.py`)."""
     return n if n < 8 else -(-n // 8) * 8
+
+
+def sq_distances_to_rows(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor, lo: int,
+                         hi: int) -> torch.Tensor:
+    """`sq_distances` of rows a against rows lo..hi-1 of b, computed against `padded_count(hi - lo)` rows of b and
+    cut back: b holds at least PAD rows (zeros, or rows to come) past hi."""
+    top = lo + padded_count(hi - lo)
+    return sq_distances(a, sq_a, b[lo:top], sq_b[lo:top])[:, : hi - lo]
 
 
 def _merge(best_v, best_i, d, cols, m, dim=1):

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
-from model_collapse.farthest import PAD, exact_sq, farthest_points, scaled_rows, underflow_allowance
+from model_collapse.farthest import exact_sq, farthest_points, scaled_rows, underflow_allowance
 from model_collapse.metrics import distinct_index, image_ids
-from model_collapse.neighbours import Int8Rows, exact_int8, knn, padded_count, rounding_gamma, sq_distances
+from model_collapse.neighbours import (PAD, Int8Rows, exact_int8, knn, rounding_gamma, sq_distances,
+                                       sq_distances_to_rows)
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
@@ -145,7 +146,7 @@ def select_threshold(
     is_acc = np.zeros(m, dtype=bool)
     # numpy allocates large arrays on huge pages (madvise): a 12 MiB buffer filled in passes costs a few page faults,
     # not thousands (with torch.empty, as much time as the product work on a 4,096 x 3,072 pool)
-    # PAD zero rows after the last: products take `padded_count` columns
+    # PAD zero rows after the last (`sq_distances_to_rows`)
     acc_buf = torch.from_numpy(np.zeros((n + PAD, X.shape[1]), dtype=X.numpy().dtype))
     acc_sq = torch.zeros(n + PAD, dtype=torch.float64)
     surv_buf = np.zeros((min(chunk, m) + PAD, X.shape[1]), dtype=X.numpy().dtype)  # a chunk's survivors
@@ -162,13 +163,12 @@ def select_threshold(
     def fold_in(q: np.ndarray, k: int, a: int = 0, b: int = 0) -> None:
         """Bring positions q (within the slice a:b, if given) up to date with the first k accepted points."""
         lo, qt = int(upto[q].min()), torch.from_numpy(q)
-        top = lo + padded_count(k - lo)  # zero rows, or points accepted after k: dropped
         # each row's smallest in the product's own dtype, then float64 (exact): no rows x accepted float64
         # temporaries, whose fresh pages cost as much as the product
         if 2 * len(q) >= b - a > 0:  # most of the slice: a product over it copies nothing
-            approx = sq_distances(X[a:b], sq[a:b], acc_buf[lo:top], acc_sq[lo:top])[:, : k - lo].min(1).values[q - a]
+            approx = sq_distances_to_rows(X[a:b], sq[a:b], acc_buf, acc_sq, lo, k).min(1).values[q - a]
         else:
-            approx = sq_distances(X[qt], sq[qt], acc_buf[lo:top], acc_sq[lo:top])[:, : k - lo].min(1).values
+            approx = sq_distances_to_rows(X[qt], sq[qt], acc_buf, acc_sq, lo, k).min(1).values
         near[qt] = torch.minimum(near[qt], approx.double())
         upto[q] = k
 
@@ -278,12 +278,6 @@ def decay_below(tau: float, decay: float, top: float, passes: int) -> tuple[floa
     return tau, passes
 
 
-def _sq_distances(a: torch.Tensor, sq_a: torch.Tensor, b: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
-    """`neighbours.sq_distances` as float64: the float32 identity (within the caller's rounding bound), or exact for
-    int8 rows."""
-    return sq_distances(a, sq_a, b, sq_b).double()
-
-
 class _Exact:
     """Exact float64 squared distances from differences of the input rows (`exact_sq`), between visiting positions
     (position i: pool row order[i]); and the bound on the working copy's approximate ones (in its units, `scale2`
@@ -302,7 +296,7 @@ class _Exact:
     def close(self, X, sq, norms, rows, acc, acc_sq, acc_norm, accepted: list, t2: float) -> torch.Tensor:
         """For each row: is some accepted point within tau (exact squared distance <= tau^2)?"""
         t2w = t2 * self.scale2
-        approx = _sq_distances(X[rows], sq[rows], acc, acc_sq)
+        approx = sq_distances(X[rows], sq[rows], acc, acc_sq).double()  # float32 (within the bound), or exact int8
         err = self.bound(norms[rows][:, None], acc_norm[None])
         close = (approx + err <= t2w).any(1)
         amb = ~(approx - err > t2w) & ~(approx + err <= t2w) & ~close[:, None]  # NaN: decided exactly
@@ -329,7 +323,7 @@ class _Conflicts:
     def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float, buf: np.ndarray):
         # the survivors' rows, gathered into `buf` (a chunk's rows and PAD more, one buffer for every chunk of the
         # call: fresh 12 MiB arrays cost thousands of page faults, as long as the filter's products on a 4,096 x 3,072
-        # pool); the rows after them, zeros or an earlier chunk's, pad the products (`padded_count`) and are dropped
+        # pool); the rows after them, zeros or an earlier chunk's, pad the products (`sq_distances_to_rows`)
         rows = buf[: len(surv) + PAD]
         np.take(X.numpy(), surv.numpy(), axis=0, out=rows[: len(surv)])
         self.X = torch.from_numpy(rows)
@@ -343,9 +337,7 @@ class _Conflicts:
         rows = torch.from_numpy(i + np.flatnonzero(live[i:])[: self.block])
         self.block = min(2 * self.block, self.MAX_BLOCK)
         X, sq, norms = self.X, self.sq, self.norms
-        later = len(self.surv) - i - 1
-        top = i + 1 + padded_count(later)
-        approx = _sq_distances(X[rows], sq[rows], X[i + 1 : top], sq[i + 1 : top])[:, :later]
+        approx = sq_distances_to_rows(X[rows], sq[rows], X, sq, i + 1, len(self.surv)).double()
         err, t2w = self.exact.bound(norms[rows][:, None], norms[None, i + 1 :]), self.t2 * self.exact.scale2
         self.sure = (approx + err <= t2w).numpy()
         self.amb = (~(approx - err > t2w).numpy() & ~self.sure) if self.exact.gamma else None  # NaN: exactly
