@@ -472,6 +472,50 @@ def test_farthest_points_leaders_by_gram_or_matrix_vector_products_make_the_same
                                                              f"columns {cols}")
 
 
+def test_farthest_points_takes_chains_of_certain_picks_at_once(rng, monkeypatch):
+    """Picks whose lower bounds, lowered by the picks before them, clear every other upper bound come in one step:
+    far fewer steps than picks on data of many dimensions, and the definition's picks (with ties: pixels)."""
+    import model_collapse.farthest as F
+
+    steps = []
+    pick = F._pick
+
+    def counted(*args):
+        out = pick(*args)
+        steps.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(F, "_pick", counted)
+    u = rng.random((2000, 64), dtype=np.float32)
+    z = rng.integers(0, 256, size=(1000, 24)).astype(np.uint8)
+    for pool in (u, z):
+        steps.clear()
+        np.testing.assert_array_equal(F.farthest_points(pool, 400, 1)[0], greedy_reference(pool, 400, 1))
+        assert sum(steps) == 399 and len(steps) < 399 / 2, len(steps)
+
+
+def test_farthest_points_leaders_joining_after_a_take_in_see_the_centres_before_it(rng, monkeypatch):
+    """Leaders that join after the kept columns were taken into the others' nearest (here every 64 picks, in one
+    long block) take the block's earlier centres into their own nearest from their Gram rows: decisions on them
+    read those centres (without, the picks differ from the definition's)."""
+    import model_collapse.farthest as F
+
+    for name, value in (("FOLD_SHARE", 1e9), ("FOLD_FLOOR", 1e9), ("COLS_BYTES", 1)):
+        monkeypatch.setattr(F, name, value)
+    late = []
+    grow = F._Active.grow
+
+    def counted(self):
+        late.append(self.c0 > self.t0)
+        grow(self)
+
+    monkeypatch.setattr(F._Active, "grow", counted)
+    for seed in range(3):
+        u = rng.random((1500, 32), dtype=np.float32)
+        np.testing.assert_array_equal(F.farthest_points(u, 500, seed)[0], greedy_reference(u, 500, seed))
+    assert any(late)
+
+
 def test_farthest_points_past_gram_rows_decide_on_exact_values_of_any_leader(rng, monkeypatch):
     """Past GRAM_ROWS leaders (here 70) the leaders' nearest are kept current at every pick; decisions among
     hundreds of near-equal leaders read them (and no kept columns): the definition's picks."""

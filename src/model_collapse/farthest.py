@@ -22,12 +22,13 @@ the data. Here the distance work is batched into matrix-matrix products instead,
   only the points that may compete soon; one that falls fast (clusters) folds down to `rho` of it, as before,
   and what lies below joins the leaders when it competes.
 * Between block products only the leaders are kept up to date with each new centre (their smallest distance;
-  the centre's column of distances is kept for their nearest); the next points by bound join them, compared with
-  the centres they have not seen as one product, whenever the best leader's lower bound val - E does not clear
-  the bound of everything behind (lazy evaluation: a bound only falls). Every centre is a leader when it is
-  picked, so the leaders' distances to each other, computed as products when they join, hold each new centre's
-  distances to all of them: a row read per pick, not a matrix-vector product (past GRAM_ROWS leaders, one
-  matrix-vector product per pick again).
+  the centre's column of distances is kept for their nearest); the next points by bound join them whenever the
+  best leader's lower bound val - E does not clear the bound of everything behind (lazy evaluation: a bound only
+  falls). Every centre is a leader when it is picked, so the leaders' distances to each other, computed as
+  products when they join, hold each new centre's distances to all of them: a row read per pick, not a
+  matrix-vector product (past GRAM_ROWS leaders, one matrix-vector product per pick again). For the same reason a
+  newcomer's Gram row holds its distances to the centres since the block product; only a point left behind at an
+  earlier one is compared with the centres before it as a product of its own.
 * 8-bit pixels take exact int8 products instead (int32 distances up to 33,025 values): no rounding bound.
 * Products take a multiple of 8 columns (`padded_count`: this machine's products run up to twice as long for
   other counts), from zero rows kept after the centres.
@@ -38,6 +39,9 @@ the data. Here the distance work is batched into matrix-matrix products instead,
   likely contenders of the next picks. A point's exact value, once known, is kept up to date with each new
   centre (a centre within the band of it gets an exact distance), so later decisions reuse it; the largest exact
   value wins, the lowest index among equal ones.
+* After a pick, the leaders next by lower bound are often certain too: each one's lower bound, lowered by its
+  Gram distances to the picks before it, above every other point's upper bound (`_Active.chain`). Such a chain
+  of picks is taken at once, with no decision or bookkeeping of its own per pick.
 * When the largest exact value is 0, every remaining point is a copy of a centre: the rest of the selection is
   the remaining points in index order, as the definition's ties give.
 """
@@ -67,6 +71,7 @@ PREFETCH = 8  # unknown leaders next by upper bound whose exact values a decisio
 # the leaders' kept columns: once they fill at this size or more, taken into the leaders' nearest and started again
 # (at most GRAM_ROWS rows: with blocks of 1,024 picks they stay under 32 MiB and are taken in only at the block's end)
 COLS_BYTES = 32 << 20
+CHAIN = 32  # leaders by lower bound a pick's chain considers (`_Active.chain`)
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
@@ -352,9 +357,9 @@ class _Active:
         self.gram = torch.empty(0, 0, dtype=bounds.dist_dtype)
         self.near, self.near_at = bounds.near[:0], bounds.near_at[:0]
         self.val, self.err, self.ex = np.empty(0), np.empty(0), np.empty(0)
-        self.since = np.empty(0, dtype=np.int64)  # the first column a leader has not taken into `near`
         self.cols = np.empty((0, 0))  # cols[slot, j]: the leader's approximate distance to centre c0 + j
-        self.picks, self.c0 = 0, t
+        self.picks, self.c0, self.t0 = 0, t, t
+        self.pick_slots = []  # the slot of each centre since t0, while the Gram is kept
         self.work = 0  # leaders' product pairs since the block product (a matrix-vector pair counts GRAM_RATE)
 
     @property
@@ -383,77 +388,121 @@ class _Active:
         self.cols = out
 
     def grow(self) -> None:
-        """Take the next leaders from behind, brought up to date with the centres they have not seen."""
+        """Take the next leaders from behind, brought up to date with the centres they have not seen. Every centre
+        since the block product was a leader when picked, so the newcomers' Gram rows hold their distances to those
+        centres (their columns); only points behind since an earlier block are compared with the centres before it
+        as a product of their own."""
         B = self.B
         new = self.order[self.nxt : self.nxt + max(64, self.n // 2)]
         self.nxt += len(new)
-        B.fold(new, self.t)
         a, b = self.n, self.n + len(new)
         if b > GRAM_ROWS and self.gram is not None:  # from now one matrix-vector product per pick, no columns
             self._take_in(self.t)
             self.gram = None
+        B.fold(new, self.t if self.gram is None else self.t0)
         self._reserve(b)
         nt = torch.from_numpy(new)
         torch.index_select(B.xc, 0, nt, out=self.rows[a:b])
         self.sq[a:b] = B.sq[nt]
+        near, near_at, err, ex = B.near[new], B.near_at[new], B.err[new], B.ex[new]
+        val = near[:, 0]
         if self.gram is not None:
             g = sq_distances(self.rows[a:b], self.sq[a:b], self.rows[:b], self.sq[:b])
             self.gram[a:b, :b] = g
             self.gram[:a, a:b] = g[:, :a].T
             self.work += g.numel()
+            d = g[:, torch.tensor(self.pick_slots, dtype=torch.int64)].double().numpy()  # centres t0 .. t - 1
+            r, c = np.nonzero(d <= (ex + err)[:, None])
+            if len(r):  # known exact values these centres may lower
+                np.minimum.at(ex, r, B.exact_pairs(new[r], B.centres[self.t0 + c]))
+            if len(self.pick_slots):
+                val = np.minimum(val, d.min(1))
+            taken = self.c0 - self.t0  # centres the leaders have taken into their nearest: these too
+            if taken:
+                by = np.argsort(d[:, :taken], axis=1, kind="stable")[:, : near.shape[1]]
+                near, near_at = merge_near(near, near_at, np.take_along_axis(d, by, 1), self.t0 + by)
+            self.cols[a:b, : self.picks] = d[:, taken:]
         self.n = b
         self.idx = np.concatenate([self.idx, new])
-        self.near = np.concatenate([self.near, B.near[new]])
-        self.near_at = np.concatenate([self.near_at, B.near_at[new]])
-        self.val = np.concatenate([self.val, B.near[new, 0]])
-        self.err, self.ex = np.concatenate([self.err, B.err[new]]), np.concatenate([self.ex, B.ex[new]])
-        self.since = np.concatenate([self.since, np.full(len(new), self.picks)])
+        self.near, self.near_at = np.concatenate([self.near, near]), np.concatenate([self.near_at, near_at])
+        self.val = np.concatenate([self.val, val])
+        self.err, self.ex = np.concatenate([self.err, err]), np.concatenate([self.ex, ex])
 
-    def add_centre(self, t: int, slot: int) -> None:
-        """Fold centre t - 1, the leader in `slot`, into every leader."""
+    def add_centres(self, t: int, slots: list[int]) -> None:
+        """Fold centres t - k .. t - 1, the leaders in `slots` (k of them; one past GRAM_ROWS), into every leader."""
         B = self.B
-        self.t = t
-        if self.gram is not None:  # symmetric: the row reads contiguous memory (numpy's: less overhead)
-            d = self.gram.numpy()[slot, : self.n].astype(np.float64)
+        self.t, k = t, len(slots)
+        if self.gram is not None:  # symmetric: the rows read contiguous memory (numpy's: less overhead)
+            d = self.gram.numpy()[slots, : self.n].astype(np.float64)
         else:
-            d = B.dist(self.rows[: self.n], self.sq[: self.n], t - 1, t)[:, 0].double().numpy()
+            d = B.dist(self.rows[: self.n], self.sq[: self.n], t - 1, t).double().numpy().T
             self.work += GRAM_RATE * self.n
         ex = self.ex
-        near = np.flatnonzero(d <= ex + self.err)  # a known exact value the centre may lower (NaN: unknown)
-        if len(near):
-            ex[near] = np.minimum(ex[near], B.exact_pairs(self.idx[near], np.full(len(near), B.centres[t - 1])))
-        np.minimum(self.val, d, out=self.val)
+        r, c = np.nonzero(d <= ex + self.err)  # a known exact value a centre may lower (NaN: unknown)
+        if len(c):  # against the values before these centres: a superset of one at a time, the same minimum
+            np.minimum.at(ex, c, B.exact_pairs(self.idx[c], B.centres[t - k + r]))
+        np.minimum(self.val, d.min(0), out=self.val)
         if self.gram is None:  # many leaders: into their nearest now, where the centre is among them (few)
+            d = d[0]
             hit = np.flatnonzero(d < self.near[:, -1])
             if len(hit):
                 self.near[hit], self.near_at[hit] = merge_near(self.near[hit], self.near_at[hit], d[hit, None],
                                                                np.full((len(hit), 1), t - 1))
             self.c0 = t
             return
-        if self.picks == self.cols.shape[1]:
+        if self.picks + k > self.cols.shape[1]:
             if self.cols.nbytes >= COLS_BYTES:
-                self._take_in(t - 1)
+                self._take_in(t - k)
             else:
-                self._columns(len(self.cols), 2 * self.picks)
-        self.cols[: self.n, self.picks] = d
-        self.picks += 1
+                self._columns(len(self.cols), max(2 * self.picks, self.picks + k))
+        self.cols[: self.n, self.picks : self.picks + k] = d.T
+        self.picks += k
+        self.pick_slots += slots
+
+    def chain(self, first: int, limit: int) -> list[int]:
+        """Leader slots certain to be the next picks after the leader in `first`, in order, at most `limit`: each
+        one's lower bound, lowered by its distances to the picks before it in the chain (the Gram rows, less its
+        rounding bound), lies above every other point's upper bound (as they are: a pick only lowers a value).
+        Few points compete closely for one pick, but the next several are often clear of the rest: those picks
+        need no decision of their own."""
+        if limit <= 0 or self.gram is None:
+            return []
+        low, up = self.bounds()
+        live = np.flatnonzero(np.isfinite(self.val))
+        if not len(live):
+            return []
+        cand = live[np.argsort(-low[live], kind="stable")[:CHAIN]]
+        tops = live[np.argsort(-up[live], kind="stable")[: len(cand) + 1]].tolist()  # one outside any chain
+        behind = self.behind
+        # the candidates' lower bounds as each pick before them lowers them (their Gram rows, less the bound)
+        lows = self.gram.numpy()[np.ix_(np.concatenate([[first], cand]), cand)] - self.err[cand]
+        lo = np.minimum(low[cand], lows[0])
+        out, picked = [], {first}
+        for c, j in enumerate(cand.tolist()[:limit]):
+            rest = next((up[o] for o in tops if o != j and o not in picked), -np.inf)
+            if not lo[c] > max(rest, behind):
+                break
+            out.append(j)
+            picked.add(j)
+            np.minimum(lo, lows[c + 1], out=lo)
+        for j in out:
+            self.remove(j)
+        return out
 
     def _take_in(self, c0: int) -> None:
         """Take the kept columns into the leaders' nearest; the next column is centre c0's."""
         if self.picks:
             live = np.flatnonzero(np.isfinite(self.val))
             self.near[live], self.near_at[live] = self.nearest(live)
-        self.since[:], self.picks, self.c0 = 0, 0, c0
+        self.picks, self.c0 = 0, c0
 
     def nearest(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`near` and `near_at` of leaders i, up to date with every centre."""
         v = self.cols[i, : self.picks]  # a copy
-        v[np.arange(self.picks)[None] < self.since[i][:, None]] = np.inf  # taken in before they joined
         near, near_at = self.near[i], self.near_at[i]
         hit = np.flatnonzero(v.min(1) < near[:, -1])  # the rest keep their nearest
-        v = v[hit]
-        by = np.argsort(v, axis=1, kind="stable")[:, : near.shape[1]]  # equal distances: the earlier centre first
-        near[hit], near_at[hit] = merge_near(near[hit], near_at[hit], np.take_along_axis(v, by, 1), self.c0 + by)
+        v, by = torch.topk(torch.from_numpy(v[hit]), min(near.shape[1], self.picks), dim=1, largest=False)
+        near[hit], near_at[hit] = merge_near(near[hit], near_at[hit], v.numpy(), self.c0 + by.numpy())
         return near, near_at
 
     def exact(self, i: np.ndarray, t: int) -> np.ndarray:
@@ -461,12 +510,13 @@ class _Active:
         that lie within the band."""
         band, more = self.val[i] + 2 * self.err[i], None
         if self.picks:
-            j = np.arange(self.picks)
-            r, j = np.nonzero((self.cols[i, : self.picks] <= band[:, None]) & (j[None] >= self.since[i][:, None]))
+            r, j = np.nonzero(self.cols[i, : self.picks] <= band[:, None])
             more = r, self.B.centres[self.c0 + j]
         return self.B.exact(self.idx[i], self.near[i], self.near_at[i], self.err[i], t, self.val[i], more)
 
     def remove(self, i: int) -> None:
+        """Leader i is picked; `last` keeps its approximate value."""
+        self.last = float(self.val[i])
         self.val[i], self.err[i], self.ex[i] = -np.inf, 0.0, np.nan
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -505,11 +555,12 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     chosen = [start]
     progress = or_silent(progress)
     progress.start(f"greedy selection, {n} of {m}", n)
-    A, flushed, last, slot, before = None, 0, -np.inf, -1, -np.inf
-    t = 1
+    A, flushed, last, slots, before = None, 0, -np.inf, [], -np.inf
+    t, reported = 1, 0
     while t < n:
-        if t % 256 == 0:
+        while t - reported >= 256:
             progress.advance(256)
+            reported += 256
         if A is None or t - flushed >= block or A.work >= FOLD_SHARE * (m - t) * (t - flushed) + FOLD_FLOOR * (m - t):
             # everyone against the centres added since: one product per row chunk
             if A is not None:
@@ -522,23 +573,25 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
             A = _Active(B, _ByBound(rest, B.ub(rest)), t)
             flushed = t
         else:
-            A.add_centre(t, slot)
-        win, slot, best, last = _pick(B, A, t)
+            A.add_centres(t, slots)
+        wins, slots, best, last = _pick(B, A, t, n)
         if best == 0.0:  # every remaining point is a copy of a centre: index order, as the ties give
             chosen.extend(np.flatnonzero(~taken)[: n - t].tolist())
             break
-        chosen.append(win)
-        taken[win] = True
-        B.add(t, win)
-        t += 1
-    progress.advance(n - (n - 1) // 256 * 256)
+        for win in wins:
+            chosen.append(win)
+            taken[win] = True
+            B.add(t, win)
+            t += 1
+    progress.advance(n - reported)
     progress.close()
     return np.asarray(chosen, dtype=np.int64), {"start": start, "distances_computed": int(B.pairs)}
 
 
-def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, int, float | None, float]:
-    """The point of largest exact value among the pool's remaining points (lowest index among equal ones), its
-    leader slot, that value when it had to be computed, and its approximate value; the point leaves the leaders."""
+def _pick(B: _Bounds, A: _Active, t: int, n: int) -> tuple[list[int], list[int], float | None, float]:
+    """The point of largest exact value among the pool's remaining points (lowest index among equal ones), and the
+    leaders certain to follow it (`_Active.chain`, up to n picks in all): their pool indices and leader slots, the
+    first one's value when it had to be computed, and the last one's approximate value; they leave the leaders."""
     while True:
         low, up = A.bounds()
         lo = low.max() if len(low) else -np.inf
@@ -559,6 +612,8 @@ def _pick(B: _Bounds, A: _Active, t: int) -> tuple[int, int, float | None, float
         ex = A.ex[near]
         best = float(ex.max())
         i = int(near[ex == best][np.argmin(A.idx[near[ex == best]])])
-    win, value = int(A.idx[i]), float(A.val[i])
+    slots = [i]
     A.remove(i)
-    return win, i, best, value
+    if best != 0.0:
+        slots += A.chain(i, n - t - 1)
+    return A.idx[slots].tolist(), slots, best, A.last
