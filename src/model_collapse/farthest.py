@@ -201,6 +201,7 @@ class _Bounds:
         self.cbuf = torch.zeros((n + PAD, self.xc.shape[1]), dtype=self.xc.dtype)  # int8 rows may be wider than d
         self.csq = torch.zeros(n + PAD, dtype=self.dist_dtype)
         self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()  # `add`'s views
+        self.gbuf = self.xc[:0]  # `_gathered`
 
     def dist(self, rows: torch.Tensor, sq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
@@ -247,7 +248,7 @@ class _Bounds:
             D = self.dist(self.xc[a:b], self.sq[a:b], lo, hi)[torch.from_numpy(r - a)]
         else:
             rt = torch.from_numpy(r)
-            D = self.dist(self.xc[rt], self.sq[rt], lo, hi)
+            D = self.dist(torch.index_select(self.xc, 0, rt, out=self._gathered(len(r))), self.sq[rt], lo, hi)
         if u.max() > lo:  # columns a row has seen already would count its nearest centre twice
             D[torch.arange(hi - lo)[None] < torch.from_numpy(u - lo)[:, None]] = self.far
         self.pairs += D.numel()
@@ -261,6 +262,13 @@ class _Bounds:
         hit = np.flatnonzero(v[:, 0] < self.near[r, -1])  # the rest keep their nearest
         r = r[hit]
         self.near[r], self.near_at[r] = merge_near(self.near[r], self.near_at[r], v[hit], i[hit])
+
+    def _gathered(self, k: int) -> torch.Tensor:
+        """A buffer of k rows for the gathered rows of a chunk, kept between chunks: fresh memory of this size costs
+        its first touch (page faults) at every chunk, four times the gather itself (20 MB: 4.9 ms against 1.1)."""
+        if len(self.gbuf) < k:
+            self.gbuf = self.xc.new_empty((max(k, 2 * len(self.gbuf)), self.xc.shape[1]))
+        return self.gbuf[:k]
 
     def as_float(self, d: torch.Tensor) -> np.ndarray:
         """Distances as float64 numpy, the int32 stand-in for a column not to count (`far`) as inf."""
