@@ -134,8 +134,9 @@ def test_threshold_decides_survivors_at_tau_exactly_and_only_when_asked(rng, mon
 
 def test_threshold_at_any_scale(rng):
     """Pools of values from 1e-30 to 1e30, float32 and float64: the working copy is scaled by a power of two (no
-    float32 underflow or overflow in its products), so the choices are the sequential definition's at any scale."""
-    for e in (-30, -22, 0, 20, 30):
+    float32 underflow or overflow in its products), or left as it is (float32 norms within [2^-20, 2^20]: either
+    side of both ends here), so the choices are the sequential definition's at any scale."""
+    for e in (-30, -22, -7, -6, 0, 5, 6, 20, 30):
         for dt in (np.float32, np.float64):
             x = (rng.normal(size=(150, 6)) * 10.0**e).astype(dt)
             x[100:120] = x[:20]
@@ -587,6 +588,8 @@ def test_farthest_points_at_any_scale_and_summation_order(rng):
     tiny = np.array([[2.4e-21], [1.75e-20], [8e-22], [1.66e-20], [5.8e-21], [1.41e-20]])
     pools = [tiny, rng.random((200, 3)) * 1e-21, rng.normal(size=(60, 3)) * 1e19,
              (rng.normal(size=(60, 3)) * 1e19).astype(np.float32)]
+    # float32 pools either side of the unscaled window's ends (largest norms 2^-20 and 2^20)
+    pools += [(rng.normal(size=(80, 4)) * 10.0**e).astype(np.float32) for e in (-7, -6, 5, 6)]
     for i, pool in enumerate(pools):
         for n in (len(pool) // 2, len(pool)):
             np.testing.assert_array_equal(farthest_points(pool, n, 0)[0], greedy_reference(pool, n, 0),

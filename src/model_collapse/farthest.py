@@ -110,12 +110,14 @@ def _row_sq(x: np.ndarray, dtype=None) -> np.ndarray:
 def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """The rows of x (in `order` if given) centred, scaled by a power of two to a largest norm of about [0.5, 1] and
     rounded once to float32; their squared norms (float64 of float32 sums, as the products' own); upper bounds of
-    their norms; the square of the scale.
+    their norms; the square of the scale. Float32 input whose largest centred norm lies within [2^-20, 2^20] is
+    left unscaled (float32's range has room for it: no pass to scale), and is centred on the mean of a sample of
+    its rows (any centre serves: a pass over the pool less).
 
-    No float32 overflow, and underflow (absolute errors of at most 2^-150 per value, 2^-90 in these units) only far
-    beneath any distance that matters: the bound gamma_(d+6) (|x| + |y|)^2 + (d + 6) 2^-80 covers the products'
-    rounding, the norms' and the centred copy's, and underflow. Distances in these units are `scale2` times the
-    input's: a power of two, so comparisons come out as they would unscaled.
+    No float32 overflow, and underflow (absolute errors of at most 2^-150 per value, at most 2^-90 of the largest
+    norm) only far beneath any distance that matters: the bound gamma_(d+6) (|x| + |y|)^2 + (d + 6) 2^-80 covers
+    the products' rounding, the norms' and the centred copy's, and underflow. Distances in these units are
+    `scale2` times the input's: a power of two, so comparisons come out as they would unscaled.
     """
     d = x.shape[1]
 
@@ -123,8 +125,8 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
         for a, b in _spans(x):
             yield a, x[a:b] if order is None else x[order[a:b]]
 
-    if x.dtype == np.float32:  # float32 input: centred in float32 (any centre serves), one rounding
-        mean = x.mean(0)
+    if x.dtype == np.float32:  # float32 input: centred in float32, one rounding
+        mean = x[:: max(1, len(x) // 256)].mean(0)
         xc = np.empty(x.shape, np.float32)
         sq = np.empty(len(x))
         for a, c in tiles():  # gathered, centred and summed while the tile is in cache
@@ -140,10 +142,12 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
             raise UserError(f"selection input too large: squared distances overflow float64 (largest value "
                             f"{float(np.abs(x).max()):g})")
     scale = 2.0 ** -math.ceil(math.log2(top)) if top > 0 else 1.0
+    if not exact64 and 2.0**-20 <= top <= 2.0**20:
+        scale = 1.0
     if exact64:
         xc = np.concatenate([((c - mean) * scale).astype(np.float32) for _, c in tiles()])
         sq = _row_sq(xc).astype(np.float64)
-    else:
+    elif scale != 1.0:
         xc *= np.float32(scale)
         sq *= scale * scale  # a power of two: the squared norms of the scaled rows, as exactly
     # a float32 sum of d squares lies within gamma_d of the true one: raised by that, the norms bound the true ones
