@@ -163,6 +163,28 @@ def test_threshold_resolves_a_chunk_of_many_survivors_in_growing_blocks(rng, mon
     assert sizes[:5] == [64, 128, 256, 512, 64]
 
 
+def test_threshold_accepts_runs_of_quiet_survivors_but_not_the_removed_among_them(rng, monkeypatch):
+    """Survivors whose rows remove nobody are accepted as one run, with no step of their own (only the 40 that
+    remove a copy ask for theirs); a survivor that an earlier one removed can sit inside such a run (here a copy
+    two places after its original, in visiting order) and stays out, as in the definition."""
+    import model_collapse.spread as S
+
+    asked = []
+    later = S._Conflicts.later
+    monkeypatch.setattr(S._Conflicts, "later", lambda self, i, live: asked.append(i) or later(self, i, live))
+    m = 300
+    order = numpy_rng(4, "threshold-order").permutation(m)
+    y = rng.normal(size=(m, 8)).astype(np.float32) * 10  # far apart at tau 1
+    y[2:120:3] = y[0:118:3]  # visiting position 3i + 2 copies position 3i
+    x = np.empty_like(y)
+    x[order] = y  # visiting position p holds y[p]
+    for n in (150, 200):
+        asked.clear()
+        got = select_threshold(x, n, seed=4, tau0=1.0, chunk=1024).indices
+        np.testing.assert_array_equal(got, threshold_reference(x, n, 4, 1.0, 0.95))
+        assert len(asked) == 40, len(asked)
+
+
 def test_threshold_chunk_size_does_not_change_result(rng):
     x = rng.integers(0, 3, size=(400, 6)).astype(np.float32)
     a = select_threshold(x, 50, seed=1, tau0=2.0, chunk=7).indices

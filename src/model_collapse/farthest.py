@@ -55,7 +55,7 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.linalg import first_nonfinite_row
-from model_collapse.neighbours import (INT32_FAR, PAD, Int8Rows, exact_int8, rounding_gamma, sq_distances,
+from model_collapse.neighbours import (INT32_FAR, PAD, Int8Rows, exact_int8, host_buffer, rounding_gamma, sq_distances,
                                        sq_distances_to_rows)
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
@@ -82,8 +82,10 @@ def greedy_start(m: int, seed: int) -> int:
 def exact_sq(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Exact float64 squared distances, from differences, between pool rows[i] and cols[i] (pairwise); each row
     summed as numpy's sum over the row sums it (pairwise), the definition's order, so equal sums stay equal."""
-    diff = x.take(rows, axis=0).astype(np.float64) - x.take(cols, axis=0)
-    return (diff * diff).sum(1)
+    diff = x.take(rows, axis=0).astype(np.float64)
+    diff -= x.take(cols, axis=0)  # in place: fresh arrays of this size cost their page faults (10x at 100 pairs)
+    diff *= diff
+    return diff.sum(1)
 
 
 TILE_BYTES = 1 << 21  # a tile of the set-up passes over the pool: stays in cache between its steps
@@ -202,8 +204,8 @@ class _Bounds:
             self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + underflow_allowance(d)
             self.dist_dtype = torch.float32
         # the centres' rows, and PAD zero rows after the last (`sq_distances_to_rows`)
-        self.cbuf = torch.zeros((n + PAD, self.xc.shape[1]), dtype=self.xc.dtype)  # int8 rows may be wider than d
-        self.csq = torch.zeros(n + PAD, dtype=self.dist_dtype)
+        self.cbuf = host_buffer((n + PAD, self.xc.shape[1]), self.xc.dtype, zeros=True)  # int8 rows: wider than d
+        self.csq = host_buffer(n + PAD, self.dist_dtype, zeros=True)
         self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()  # `add`'s views
         self.gbuf = self.xc[:0]  # `_gathered`
 
@@ -271,7 +273,7 @@ class _Bounds:
         """A buffer of k rows for the gathered rows of a chunk, kept between chunks: fresh memory of this size costs
         its first touch (page faults) at every chunk, four times the gather itself (20 MB: 4.9 ms against 1.1)."""
         if len(self.gbuf) < k:
-            self.gbuf = self.xc.new_empty((max(k, 2 * len(self.gbuf)), self.xc.shape[1]))
+            self.gbuf = host_buffer((max(k, 2 * len(self.gbuf)), self.xc.shape[1]), self.xc.dtype)
         return self.gbuf[:k]
 
     def as_float(self, d: torch.Tensor) -> np.ndarray:
@@ -383,13 +385,13 @@ class _Active:
         if n <= cap:
             return
         cap = max(n, 2 * cap, 256)
-        rows = self.rows.new_empty((cap, self.rows.shape[1]))
+        rows = host_buffer((cap, self.rows.shape[1]), self.rows.dtype)
         rows[: self.n] = self.rows[: self.n]
         sq = self.sq.new_empty(cap)
         sq[: self.n] = self.sq[: self.n]
         self.rows, self.sq = rows, sq
         if self.gram is not None:
-            gram = self.gram.new_empty((min(cap, GRAM_ROWS), min(cap, GRAM_ROWS)))
+            gram = host_buffer((min(cap, GRAM_ROWS), min(cap, GRAM_ROWS)), self.gram.dtype)
             gram[: self.n, : self.n] = self.gram[: self.n, : self.n]
             self.gram = gram
             self._columns(cap, self.cols.shape[1])

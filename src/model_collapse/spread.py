@@ -208,17 +208,8 @@ def select_threshold(
             if not surv.numel():
                 continue
             # resolve among survivors in visiting order, on exact distances
-            conflict = _Conflicts(X, exact, sq, norms, surv, t2, surv_buf)
-            live = np.ones(len(surv), dtype=bool)
-            surv_list = surv.tolist()
             before = len(accepted)
-            for i in range(len(surv_list)):
-                if not live[i]:
-                    continue
-                accepted.append(surv_list[i])
-                if len(accepted) == n:
-                    break
-                live[conflict.later(i, live)] = False
+            accepted += surv[_Conflicts(X, exact, sq, norms, surv, t2, surv_buf).resolve(n - before)].tolist()
             new = torch.as_tensor(accepted[before:])
             is_acc[new.numpy()] = True
             acc_buf[before : len(accepted)] = X[new]
@@ -324,9 +315,8 @@ class _Conflicts:
         # the survivors' rows, gathered into `buf` (a chunk's rows and PAD more, one buffer for every chunk of the
         # call: fresh 12 MiB arrays cost thousands of page faults, as long as the filter's products on a 4,096 x 3,072
         # pool); the rows after them, zeros or an earlier chunk's, pad the products (`sq_distances_to_rows`)
-        rows = buf[: len(surv) + PAD]
-        np.take(X.numpy(), surv.numpy(), axis=0, out=rows[: len(surv)])
-        self.X = torch.from_numpy(rows)
+        self.X = torch.from_numpy(buf[: len(surv) + PAD])
+        torch.index_select(X, 0, surv, out=self.X[: len(surv)])  # (numpy's take with `out`: 7x as long)
         self.sq, self.norms = torch.cat([sq[surv], sq.new_zeros(PAD)]), norms[surv]
         self.exact, self.surv, self.t2 = exact, surv.numpy(), t2
         self.at: dict[int, int] = {}
@@ -341,8 +331,38 @@ class _Conflicts:
         err, t2w = self.exact.bound(norms[rows][:, None], norms[None, i + 1 :]), self.t2 * self.exact.scale2
         self.sure = (approx + err <= t2w).numpy()
         self.amb = (~(approx - err > t2w).numpy() & ~self.sure) if self.exact.gamma else None  # NaN: exactly
-        self.at = {int(p): k for k, p in enumerate(rows)}
+        self.rows = rows.numpy()
+        self.at = {int(p): k for k, p in enumerate(self.rows)}
         self.first = i + 1  # the columns' first position
+        # rows that may remove no later survivor alive now (nor later: the live ones only become fewer)
+        may = (self.sure if self.amb is None else self.sure | self.amb) & live[None, i + 1 :]
+        self.quiet = ~(may & (np.arange(i + 1, len(self.surv))[None] > self.rows[:, None])).any(1)
+
+    def resolve(self, limit: int) -> np.ndarray:
+        """The survivors accepted, in visiting order (positions), at most `limit`: each accepted one removes the later
+        ones within tau of it. A run of block rows that remove nobody is accepted at once (those still alive):
+        where few conflict, most survivors need no step of their own."""
+        live = np.ones(len(self.surv), dtype=bool)
+        out: list[int] = []
+        i = 0
+        while i < len(live) and len(out) < limit:
+            if not live[i]:
+                i += 1
+                continue
+            if i not in self.at:
+                self._block(i, live)
+            k = self.at[i]
+            stop = k + int(np.argmin(np.append(self.quiet[k:], False)))  # the run of quiet rows from k
+            if stop > k:
+                run = self.rows[k:stop]
+                out += run[live[run]][: limit - len(out)].tolist()
+                i = int(self.rows[stop]) if stop < len(self.rows) else int(run[-1]) + 1
+                continue
+            out.append(i)
+            if len(out) < limit:
+                live[self.later(i, live)] = False
+            i += 1
+        return np.asarray(out, dtype=np.int64)
 
     def later(self, i: int, live: np.ndarray) -> np.ndarray:
         """Positions j > i of the survivors still alive within tau of survivor i (itself alive)."""
