@@ -55,8 +55,8 @@ import torch
 
 from model_collapse.errors import UserError
 from model_collapse.linalg import first_nonfinite_row
-from model_collapse.neighbours import (INT32_FAR, PAD, Int8Rows, exact_int8, host_buffer, rounding_gamma, sq_distances,
-                                       sq_distances_to_rows)
+from model_collapse.neighbours import (INT32_FAR, PAD, Int8Rows, exact_int8, host_buffer, rounding_gamma,
+                                       sq_distances, sq_distances_to_rows)
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
 
