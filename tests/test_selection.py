@@ -132,11 +132,22 @@ def test_threshold_decides_survivors_at_tau_exactly_and_only_when_asked(rng, mon
         assert askers and set(askers) <= set(got.tolist())
 
 
+def test_long_double_pools_are_chosen_on_their_float64_values():
+    """Long-double input is taken as the float64 values the definitions compute with (a difference of one float64
+    and one long-double operand gave two equal rows a positive distance)."""
+    e = np.longdouble(2) ** -60
+    x = np.array([[1 + e], [3], [1 + e], [1 + e], [3], [1 + e], [1 + e]], dtype=np.longdouble)
+    for seed in range(4):
+        np.testing.assert_array_equal(select_greedy(x, 7, seed=seed).indices, greedy_reference(x, 7, seed))
+        np.testing.assert_array_equal(select_threshold(x, 2, seed=seed, tau0=1.0).indices,
+                                      threshold_reference(x, 2, seed, 1.0, 0.95))
+
+
 def test_threshold_at_any_scale(rng):
     """Pools of values from 1e-30 to 1e30, float32 and float64: the working copy is scaled by a power of two (no
     float32 underflow or overflow in its products), or left as it is (float32 norms within [2^-20, 2^20]: either
     side of both ends here), so the choices are the sequential definition's at any scale."""
-    for e in (-30, -22, -7, -6, 0, 5, 6, 20, 30):
+    for e in (-30, -22, -7, -6, 0, 5, 6, 18, 20, 30):
         for dt in (np.float32, np.float64):
             x = (rng.normal(size=(150, 6)) * 10.0**e).astype(dt)
             x[100:120] = x[:20]
@@ -517,6 +528,21 @@ def test_farthest_points_takes_chains_of_certain_picks_at_once(rng, monkeypatch)
         assert sum(steps) == 399 and len(steps) < 399 / 2, len(steps)
 
 
+def test_farthest_points_chains_on_near_ties_and_one_candidate(rng, monkeypatch):
+    """Near-ties within the rounding bound (integer grids plus 1e-5 noise): a chain's lower bounds are the Gram
+    distances less their bound, and the largest upper bound outside the chain is taken from beyond the candidates
+    (with one candidate, the leader after it): the definition's picks either way."""
+    import model_collapse.farthest as F
+
+    for chain in (32, 1):
+        monkeypatch.setattr(F, "CHAIN", chain)
+        for seed in range(6):
+            x = (rng.integers(0, 3, (40, 2)) + rng.normal(size=(40, 2)) * 1e-5).astype(np.float32)
+            np.testing.assert_array_equal(F.farthest_points(x, 40, seed)[0], greedy_reference(x, 40, seed))
+            y = (rng.integers(0, 5, (120, 2)) + rng.normal(size=(120, 2)) * 1e-5).astype(np.float32)
+            np.testing.assert_array_equal(F.farthest_points(y, 90, seed)[0], greedy_reference(y, 90, seed))
+
+
 def test_farthest_points_leaders_joining_after_a_take_in_see_the_centres_before_it(rng, monkeypatch):
     """Leaders that join after the kept columns were taken into the others' nearest (here every 64 picks, in one
     long block) take the block's earlier centres into their own nearest from their Gram rows: decisions on them
@@ -610,12 +636,17 @@ def test_farthest_points_at_any_scale_and_summation_order(rng):
     tiny = np.array([[2.4e-21], [1.75e-20], [8e-22], [1.66e-20], [5.8e-21], [1.41e-20]])
     pools = [tiny, rng.random((200, 3)) * 1e-21, rng.normal(size=(60, 3)) * 1e19,
              (rng.normal(size=(60, 3)) * 1e19).astype(np.float32)]
-    # float32 pools either side of the unscaled window's ends (largest norms 2^-20 and 2^20)
-    pools += [(rng.normal(size=(80, 4)) * 10.0**e).astype(np.float32) for e in (-7, -6, 5, 6)]
+    # float32 pools either side of the unscaled window's ends (largest norms 2^-20 and 2^20), and far above it
+    # (squared norms within float32's range: unscaled, their products would round to nothing of the distances)
+    pools += [(rng.normal(size=(80, 4)) * 10.0**e).astype(np.float32) for e in (-7, -6, 5, 6, 18)]
     for i, pool in enumerate(pools):
         for n in (len(pool) // 2, len(pool)):
             np.testing.assert_array_equal(farthest_points(pool, n, 0)[0], greedy_reference(pool, n, 0),
                                           err_msg=f"pool {i}, n {n}")
+    # norms far above 2^20: scaled (left as they are, these picks differ from the definition's)
+    huge = (np.random.default_rng(3).normal(size=(80, 4)) * 2.0**62).astype(np.float32)
+    for seed in range(6):
+        np.testing.assert_array_equal(farthest_points(huge, 40, seed)[0], greedy_reference(huge, 40, seed))
 
 
 def test_threshold_with_a_huge_tau0_skips_its_empty_passes_exactly(rng):

@@ -8,7 +8,8 @@ The straightforward loop streams the whole pool once per pick (a matrix-vector p
 the data. Here the distance work is batched into matrix-matrix products instead, with no geometric assumption:
 
 * Every pool point p keeps its NEAR (six; three for 8-bit pixels) smallest *approximate* squared distances
-  (float32 matrix-product identity on data centred and scaled by a power of two to norms of at most 1) to the
+  (float32 matrix-product identity on centred data, scaled by a power of two where its norms lie outside
+  [2^-20, 2^20], `scaled_rows`) to the
   centres it has been compared with (the first upto[p] of them), and which centres gave all but the last. A
   rigorous bound E[p] on the identity's rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN kernel, plus
   float32 underflow) makes the smallest, val[p], plus E[p] an upper bound of p's exact value now: comparing with
@@ -464,11 +465,10 @@ class _Active:
                                                                np.full((len(hit), 1), t - 1))
             self.c0 = t
             return
-        if self.picks + k > self.cols.shape[1]:
-            if self.cols.nbytes >= COLS_BYTES:
-                self._take_in(t - k)
-            else:
-                self._columns(len(self.cols), max(2 * self.picks, self.picks + k))
+        if self.picks + k > self.cols.shape[1] and self.cols.nbytes >= COLS_BYTES:
+            self._take_in(t - k)
+        if self.picks + k > self.cols.shape[1]:  # (a chain may be wider than the columns kept)
+            self._columns(len(self.cols), max(2 * self.picks, self.picks + k))
         self.cols[: self.n, self.picks : self.picks + k] = d.T
         self.picks += k
         self.pick_slots += slots
@@ -559,6 +559,8 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     # are exact in float32
     if not exact_int8(X) and (X.dtype.kind != "f" or X.itemsize < 4):
         X = X.astype(np.float32 if X.itemsize <= 2 else np.float64)
+    elif X.dtype.kind == "f" and X.itemsize > 8:  # long double: the definition's float64 values
+        X = X.astype(np.float64)
     if X.dtype.kind == "f" and first_nonfinite_row(X) is not None:
         raise UserError("selection input contains NaN or inf")
     B = _Bounds(X, n)
@@ -605,7 +607,8 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
 def _pick(B: _Bounds, A: _Active, t: int, n: int) -> tuple[list[int], list[int], float | None, float]:
     """The point of largest exact value among the pool's remaining points (lowest index among equal ones), and the
     leaders certain to follow it (`_Active.chain`, up to n picks in all): their pool indices and leader slots, the
-    first one's value when it had to be computed, and the last one's approximate value; they leave the leaders."""
+    first one's value when it had to be computed, and the last one's approximate value (as before the chain's
+    picks: only the fold level reads it); they leave the leaders."""
     while True:
         low, up = A.bounds()
         lo = low.max() if len(low) else -np.inf

@@ -120,6 +120,8 @@ def select_threshold(
         raise UserError(f"decay_when must be every_pass or empty_pass, got {decay_when!r}")
     progress = or_silent(progress)
     x = np.ascontiguousarray(x)
+    if x.dtype.kind == "f" and x.itemsize > 8:  # long double: the definition's float64 values
+        x = x.astype(np.float64)
 
     def check_distinct() -> None:  # counted only where it can matter: it costs a pass over every row's bytes
         n_distinct = len(distinct_index(x))
