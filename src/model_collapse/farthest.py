@@ -76,6 +76,17 @@ CHAIN = 32  # leaders by lower bound a pick's chain considers (`_Active.chain`)
 GRAM_RATE = 16  # a matrix-vector product costs about as much per pair as 16 pairs of a matrix product
 
 
+def selection_input(x: np.ndarray) -> np.ndarray:
+    """x as the exact selectors compute on it: 8-bit pixels as they are (exact int8 products, `exact_int8`); half
+    floats and integers of up to 16 bits as float32 (exact); wider integers and long doubles as float64, the
+    values the definitions compare (a long-double operand against a float64 one gave equal rows a positive
+    distance)."""
+    x = np.ascontiguousarray(x)
+    if exact_int8(x) or x.dtype in (np.float32, np.float64):
+        return x
+    return x.astype(np.float32 if x.itemsize <= 2 else np.float64)
+
+
 def greedy_start(m: int, seed: int) -> int:
     return int(numpy_rng(seed, "greedy-start").integers(m))
 
@@ -174,6 +185,16 @@ def merge_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: np.ndar
     return np.take_along_axis(vals, by, 1), np.take_along_axis(ats, by[:, : k - 1], 1)
 
 
+def merge_columns(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, c0: int) -> tuple[np.ndarray, np.ndarray]:
+    """`merge_near` of distances v to centres c0, c0 + 1, ... (a column each), only for the rows where one is among
+    the nearest (their smallest few by topk: which of equal distances is kept never changes a decision)."""
+    near, near_at = near.copy(), near_at.copy()
+    hit = np.flatnonzero(v.min(1) < near[:, -1])  # the rest keep their nearest
+    v, by = torch.topk(torch.from_numpy(v[hit]), min(near.shape[1], v.shape[1]), dim=1, largest=False)
+    near[hit], near_at[hit] = merge_near(near[hit], near_at[hit], v.numpy(), c0 + by.numpy())
+    return near, near_at
+
+
 class _Bounds:
     """The pool's approximate distances to the centres: per point the NEAR smallest (`near`, ascending), the
     centres of all but the last (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
@@ -264,7 +285,7 @@ class _Bounds:
         ex = self.ex[r]
         known = np.flatnonzero(~np.isnan(ex))
         if len(known):
-            self.ex[r[known]] = self.fold_exact(r[known], ex[known], self.err[r[known]], D[known], lo)
+            self.ex[r[known]] = self.fold_exact(r[known], ex[known], self.err[r[known]], D[known].numpy(), lo)
         v, i = self.as_float(v), i.numpy() + lo
         hit = np.flatnonzero(v[:, 0] < self.near[r, -1])  # the rest keep their nearest
         r = r[hit]
@@ -287,7 +308,7 @@ class _Bounds:
     def fold_exact(self, P, ex, err, D, lo: int) -> np.ndarray:
         """Exact values ex of points P, brought up to date with centres lo, lo + 1, ... whose approximate squared
         distances are the columns of D: only a centre within err of ex can come nearer."""
-        r, c = np.nonzero((D <= torch.from_numpy(ex + err)[:, None]).numpy())
+        r, c = np.nonzero(D <= (ex + err)[:, None])
         if len(r):
             ex = ex.copy()
             np.minimum.at(ex, r, self.exact_pairs(P[r], self.centres[lo + c]))
@@ -427,15 +448,12 @@ class _Active:
             self.gram[:a, a:b] = g[:, :a].T
             self.work += g.numel()
             d = g[:, torch.tensor(self.pick_slots, dtype=torch.int64)].double().numpy()  # centres t0 .. t - 1
-            r, c = np.nonzero(d <= (ex + err)[:, None])
-            if len(r):  # known exact values these centres may lower
-                np.minimum.at(ex, r, B.exact_pairs(new[r], B.centres[self.t0 + c]))
+            ex = B.fold_exact(new, ex, err, d, self.t0)
             if len(self.pick_slots):
                 val = np.minimum(val, d.min(1))
             taken = self.c0 - self.t0  # centres the leaders have taken into their nearest: these too
             if taken:
-                by = np.argsort(d[:, :taken], axis=1, kind="stable")[:, : near.shape[1]]
-                near, near_at = merge_near(near, near_at, np.take_along_axis(d, by, 1), self.t0 + by)
+                near, near_at = merge_columns(near, near_at, d[:, :taken], self.t0)
             self.cols[a:b, : self.picks] = d[:, taken:]
         self.n = b
         self.idx = np.concatenate([self.idx, new])
@@ -452,10 +470,9 @@ class _Active:
         else:
             d = B.dist(self.rows[: self.n], self.sq[: self.n], t - 1, t).double().numpy().T
             self.work += GRAM_RATE * self.n
-        ex = self.ex
-        r, c = np.nonzero(d <= ex + self.err)  # a known exact value a centre may lower (NaN: unknown)
-        if len(c):  # against the values before these centres: a superset of one at a time, the same minimum
-            np.minimum.at(ex, c, B.exact_pairs(self.idx[c], B.centres[t - k + r]))
+        # known exact values the centres may lower (NaN: unknown), against the values before them: a superset of one
+        # centre at a time, the same minimum
+        self.ex = B.fold_exact(self.idx, self.ex, self.err, d.T, t - k)
         np.minimum(self.val, d.min(0), out=self.val)
         if self.gram is None:  # many leaders: into their nearest now, where the centre is among them (few)
             d = d[0]
@@ -512,12 +529,7 @@ class _Active:
 
     def nearest(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`near` and `near_at` of leaders i, up to date with every centre."""
-        v = self.cols[i, : self.picks]  # a copy
-        near, near_at = self.near[i], self.near_at[i]
-        hit = np.flatnonzero(v.min(1) < near[:, -1])  # the rest keep their nearest
-        v, by = torch.topk(torch.from_numpy(v[hit]), min(near.shape[1], self.picks), dim=1, largest=False)
-        near[hit], near_at[hit] = merge_near(near[hit], near_at[hit], v.numpy(), self.c0 + by.numpy())
-        return near, near_at
+        return merge_columns(self.near[i], self.near_at[i], self.cols[i, : self.picks], self.c0)
 
     def exact(self, i: np.ndarray, t: int) -> np.ndarray:
         """Exact values of leaders i: from their nearest (as of joining or the last take-in) and the columns since
@@ -554,13 +566,7 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     """Greedy farthest-point selection, exact (see the module's docstring): n pool indices in selection order and
     what decided them (the start, and the share of all pool-centre distances computed)."""
     m = len(x)
-    X = np.ascontiguousarray(x)
-    # 8-bit pixels stay as they are (exact int8 products, `_Bounds`); half floats and integers of up to 16 bits
-    # are exact in float32
-    if not exact_int8(X) and (X.dtype.kind != "f" or X.itemsize < 4):
-        X = X.astype(np.float32 if X.itemsize <= 2 else np.float64)
-    elif X.dtype.kind == "f" and X.itemsize > 8:  # long double: the definition's float64 values
-        X = X.astype(np.float64)
+    X = selection_input(x)
     if X.dtype.kind == "f" and first_nonfinite_row(X) is not None:
         raise UserError("selection input contains NaN or inf")
     B = _Bounds(X, n)

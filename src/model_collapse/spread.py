@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
-from model_collapse.farthest import exact_sq, farthest_points, scaled_rows, underflow_allowance
+from model_collapse.farthest import exact_sq, farthest_points, scaled_rows, selection_input, underflow_allowance
 from model_collapse.metrics import distinct_index, image_ids
-from model_collapse.neighbours import (PAD, Int8Rows, exact_int8, knn, rounding_gamma, sq_distances,
+from model_collapse.neighbours import (PAD, Int8Rows, exact_int8, host_buffer, knn, rounding_gamma, sq_distances,
                                        sq_distances_to_rows)
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
@@ -119,9 +119,7 @@ def select_threshold(
     if decay_when not in ("every_pass", "empty_pass"):
         raise UserError(f"decay_when must be every_pass or empty_pass, got {decay_when!r}")
     progress = or_silent(progress)
-    x = np.ascontiguousarray(x)
-    if x.dtype.kind == "f" and x.itemsize > 8:  # long double: the definition's float64 values
-        x = x.astype(np.float64)
+    x = selection_input(x)
 
     def check_distinct() -> None:  # counted only where it can matter: it costs a pass over every row's bytes
         n_distinct = len(distinct_index(x))
@@ -146,12 +144,11 @@ def select_threshold(
         exact = _Exact(x, order, rounding_gamma(d + 6, np.float32), underflow_allowance(d), scale2)
     accepted: list[int] = []  # positions
     is_acc = np.zeros(m, dtype=bool)
-    # numpy allocates large arrays on huge pages (madvise): a 12 MiB buffer filled in passes costs a few page faults,
-    # not thousands (with torch.empty, as much time as the product work on a 4,096 x 3,072 pool)
-    # PAD zero rows after the last (`sq_distances_to_rows`)
-    acc_buf = torch.from_numpy(np.zeros((n + PAD, X.shape[1]), dtype=X.numpy().dtype))
+    # buffers filled in passes (`host_buffer`: a few page faults, not thousands), with PAD zero rows after the last
+    # (`sq_distances_to_rows`)
+    acc_buf = host_buffer((n + PAD, X.shape[1]), X.dtype, zeros=True)
     acc_sq = torch.zeros(n + PAD, dtype=torch.float64)
-    surv_buf = np.zeros((min(chunk, m) + PAD, X.shape[1]), dtype=X.numpy().dtype)  # a chunk's survivors
+    surv_buf = host_buffer((min(chunk, m) + PAD, X.shape[1]), X.dtype, zeros=True)  # a chunk's survivors
     acc_norm = torch.empty(n, dtype=torch.float64)
     # per position: approximate squared distance to the nearest accepted point among the first upto[p] accepted.
     # The accepted set only grows and tau only shrinks, so this is carried from pass to pass and only the
@@ -313,11 +310,11 @@ class _Conflicts:
 
     BLOCK, MAX_BLOCK = 64, 512
 
-    def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float, buf: np.ndarray):
+    def __init__(self, X, exact: _Exact, sq, norms, surv, t2: float, buf: torch.Tensor):
         # the survivors' rows, gathered into `buf` (a chunk's rows and PAD more, one buffer for every chunk of the
         # call: fresh 12 MiB arrays cost thousands of page faults, as long as the filter's products on a 4,096 x 3,072
         # pool); the rows after them, zeros or an earlier chunk's, pad the products (`sq_distances_to_rows`)
-        self.X = torch.from_numpy(buf[: len(surv) + PAD])
+        self.X = buf[: len(surv) + PAD]
         torch.index_select(X, 0, surv, out=self.X[: len(surv)])  # (numpy's take with `out`: 7x as long)
         self.sq, self.norms = torch.cat([sq[surv], sq.new_zeros(PAD)]), norms[surv]
         self.exact, self.surv, self.t2 = exact, surv.numpy(), t2
