@@ -423,6 +423,18 @@ class _Active:
         out[: self.n, : self.picks] = self.cols[: self.n, : self.picks]
         self.cols = out
 
+    def crowded(self, more: int) -> bool:
+        """Whether the leaders' products since the block product, with `more` pairs to come, reach FOLD_SHARE of
+        the pairs the next block product will compute, plus FOLD_FLOOR pool rows' worth (the first leaders' products
+        cost the same at any pick)."""
+        left = len(self.B.x) - self.t
+        return self.work + more >= FOLD_SHARE * left * (self.t - self.t0) + FOLD_FLOOR * left
+
+    def growth(self) -> int:
+        """The product pairs of the next `grow`."""
+        new = min(max(64, self.n // 2), len(self.order) - self.nxt)
+        return new * (self.n + new) if self.gram is not None and self.n + new <= GRAM_ROWS else 0
+
     def grow(self) -> None:
         """Take the next leaders from behind, brought up to date with the centres they have not seen. Every centre
         since the block product was a leader when picked, so the newcomers' Gram rows hold their distances to those
@@ -583,8 +595,12 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
         while t - reported >= 256:
             progress.advance(256)
             reported += 256
-        if A is None or t - flushed >= block or A.work >= FOLD_SHARE * (m - t) * (t - flushed) + FOLD_FLOOR * (m - t):
-            # everyone against the centres added since: one product per row chunk
+        if A is None or t - flushed >= block or A.crowded(0):
+            A = None
+        else:
+            A.add_centres(t, slots)
+        picked = _pick(B, A, t, n) if A is not None else None
+        if picked is None:  # everyone against the centres added since: one product per row chunk
             if A is not None:
                 A.write_back()
             rest = np.flatnonzero(~taken)
@@ -594,9 +610,8 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
             before = last
             A = _Active(B, _ByBound(rest, B.ub(rest)), t)
             flushed = t
-        else:
-            A.add_centres(t, slots)
-        wins, slots, best, last = _pick(B, A, t, n)
+            picked = _pick(B, A, t, n)
+        wins, slots, best, last = picked
         if best == 0.0:  # every remaining point is a copy of a centre: index order, as the ties give
             chosen.extend(np.flatnonzero(~taken)[: n - t].tolist())
             break
@@ -620,6 +635,8 @@ def _pick(B: _Bounds, A: _Active, t: int, n: int) -> tuple[list[int], list[int],
         lo = low.max() if len(low) else -np.inf
         if lo > A.behind:
             break
+        if A.t > A.t0 and A.crowded(A.growth()):  # a block product costs less than these leaders' products
+            return None
         A.grow()
     near = np.flatnonzero(up >= lo)
     if len(near) == 1:
