@@ -252,6 +252,18 @@ def test_selection_rejects_bad_input(rng, args, msg):
         select(x, kw.pop("n"), kw.pop("method"), 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_selectors_called_directly_reject_nan_and_inf(rng, dtype):
+    """The exact selectors find NaN and inf themselves (from the set-up pass's norms, not a pass of their own), and
+    say so, whatever the float type; the threshold filter before choosing tau0 from such a pool too."""
+    for bad in (np.nan, np.inf, -np.inf):
+        x = rng.normal(size=(300, 7)).astype(dtype)
+        x[123, 4] = bad
+        for f, kw in ((select_greedy, {}), (select_threshold, {}), (select_threshold, {"tau0": 1.0})):
+            with pytest.raises(UserError, match="NaN or inf"):
+                f(x, 20, 0, **kw)
+
+
 def test_selection_rejects_nan_and_bad_decay(rng):
     x = rng.normal(size=(50, 3))
     x[3, 1] = np.nan

@@ -143,16 +143,21 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
         mean = x[:: max(1, len(x) // 256)].mean(0)
         xc = np.empty(x.shape, np.float32)
         sq = np.empty(len(x))
-        for a, c in tiles():  # gathered, centred and summed while the tile is in cache
-            out = xc[a : a + len(c)]
-            np.subtract(c, mean, out=out)
-            sq[a : a + len(c)] = np.einsum("ij,ij->i", out, out)  # float32 sums, as `_row_sq`
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN, inf and overflow: checked below
+            for a, c in tiles():  # gathered, centred and summed while the tile is in cache
+                out = xc[a : a + len(c)]
+                np.subtract(c, mean, out=out)
+                sq[a : a + len(c)] = np.einsum("ij,ij->i", out, out)  # float32 sums, as `_row_sq`
         top = float(np.sqrt(sq.max()))
+        if not math.isfinite(top):  # NaN or inf in the input, or float32 overflow
+            check_finite(x)
     exact64 = x.dtype != np.float32 or not (math.isfinite(top) and top >= 2.0**-60)  # float64, overflow, tiny
     if exact64:  # centre in float64, a chunk at a time, and round once
         mean = x.mean(0, dtype=np.float64)
-        top = max(float(np.sqrt(_row_sq(c - mean).max())) for _, c in tiles())
+        with np.errstate(invalid="ignore", over="ignore"):
+            top = float(np.max([np.sqrt(_row_sq(c - mean).max()) for _, c in tiles()]))  # NaN stays NaN
         if not math.isfinite(top):  # the definition's float64 squared distances would overflow too
+            check_finite(x)
             raise UserError(f"selection input too large: squared distances overflow float64 (largest value "
                             f"{float(np.abs(x).max()):g})")
     scale = 2.0 ** -math.ceil(math.log2(top)) if top > 0 else 1.0
@@ -167,6 +172,13 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
     # a float32 sum of d squares lies within gamma_d of the true one: raised by that, the norms bound the true ones
     norms = np.sqrt(sq * (1 + rounding_gamma(d, np.float32))) * 1.001
     return xc, sq, norms, scale * scale
+
+
+def check_finite(x: np.ndarray) -> None:
+    """The check of the selectors' input for NaN and inf: a pass over the pool, made only where the set-up pass's
+    largest norm came out non-finite (as it does for any NaN or inf, and for float32 overflow)."""
+    if first_nonfinite_row(x) is not None:
+        raise UserError("selection input contains NaN or inf")
 
 
 def underflow_allowance(d: int) -> float:
@@ -579,9 +591,7 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
     what decided them (the start, and the share of all pool-centre distances computed)."""
     m = len(x)
     X = selection_input(x)
-    if X.dtype.kind == "f" and first_nonfinite_row(X) is not None:
-        raise UserError("selection input contains NaN or inf")
-    B = _Bounds(X, n)
+    B = _Bounds(X, n)  # NaN or inf: a UserError (`scaled_rows`)
     start = greedy_start(m, seed)
     taken = np.zeros(m, dtype=bool)
     taken[start] = True

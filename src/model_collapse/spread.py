@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
-from model_collapse.farthest import exact_sq, farthest_points, scaled_rows, selection_input, underflow_allowance
+from model_collapse.farthest import check_finite, exact_sq, farthest_points, scaled_rows, selection_input, underflow_allowance
 from model_collapse.metrics import distinct_index, image_ids
 from model_collapse.neighbours import (PAD, Int8Rows, exact_int8, host_buffer, knn, rounding_gamma, sq_distances,
                                        sq_distances_to_rows)
@@ -130,6 +130,8 @@ def select_threshold(
         check_distinct()
     if tau0 is None:
         tau0 = default_tau0(x, seed, progress=progress)
+        if not math.isfinite(tau0):  # NaN or inf in the pool (the set-up pass would say so too, later)
+            check_finite(x)
     if not (math.isfinite(tau0) and tau0 > 0):
         raise UserError(f"tau0 must be a finite number > 0, got {tau0}")
     order = numpy_rng(seed, "threshold-order").permutation(m)
