@@ -518,6 +518,51 @@ def test_farthest_points_leaders_by_gram_or_matrix_vector_products_make_the_same
                                                              f"columns {cols}")
 
 
+def test_fold_chunks_are_the_cheapest_ranges(rng):
+    """`chunks` splits rows sorted by the centres they have seen into product ranges of least modelled work: equal to
+    the best of every split at group boundaries (brute force), covering every row once, in order."""
+    import itertools
+
+    import model_collapse.farthest as F
+
+    for trial in range(200):
+        g = int(rng.integers(1, 7))
+        vals = np.sort(rng.choice(60, size=g, replace=False))
+        upto = np.repeat(vals, rng.integers(1, 40, size=g))
+        hi, d = int(vals[-1]) + int(rng.integers(1, 80)), int(rng.choice([8, 384, 3072]))
+
+        def work(ranges):
+            return sum((b - a) * max(hi - int(upto[a]), F.MEMORY_COLS) + F.CHUNK_WORK / d for a, b in ranges)
+
+        got = F.chunks(upto, hi, d)
+        assert got[0][0] == 0 and got[-1][1] == len(upto) and all(x[1] == y[0] for x, y in zip(got, got[1:]))
+        starts = [int(i) for i in np.flatnonzero(np.r_[True, upto[1:] != upto[:-1]])]
+        assert all(a in starts for a, _ in got)
+        best = min(work(list(zip((0,) + cut, cut + (len(upto),))))
+                   for k in range(g) for cut in itertools.combinations(starts[1:], k))
+        assert work(got) == pytest.approx(best, rel=1e-12), trial
+
+
+def test_farthest_points_same_picks_whatever_the_fold_ranges(rng, monkeypatch):
+    """Block products in one range per group of rows that saw the same centres, in one range for all (columns a
+    row has seen masked), or split at a few rows (ROWS): the definition's picks, on float pools with ties and on
+    8-bit pixels."""
+    import model_collapse.farthest as F
+
+    x = rng.integers(0, 3, size=(300, 5)).astype(np.float32)
+    x[200:260] = x[:60]
+    z = rng.integers(0, 256, size=(250, 48)).astype(np.uint8)
+    u = rng.random((400, 96), dtype=np.float32)
+    for i, pool in enumerate((x, z, u)):
+        want = greedy_reference(pool, len(pool) // 2, 4)
+        for cols, work, rows in ((24, 1e7, 4096), (0, 0.0, 4096), (10**9, 1e18, 4096), (24, 1e7, 7)):
+            monkeypatch.setattr(F, "MEMORY_COLS", cols)
+            monkeypatch.setattr(F, "CHUNK_WORK", work)
+            monkeypatch.setattr(F, "ROWS", rows)
+            got, _ = F.farthest_points(pool, len(pool) // 2, 4, block=16)
+            np.testing.assert_array_equal(got, want, err_msg=f"pool {i}, {cols}, {work}, {rows}")
+
+
 def test_farthest_points_takes_chains_of_certain_picks_at_once(rng, monkeypatch):
     """Picks whose lower bounds, lowered by the picks before them, clear every other upper bound come in one step:
     far fewer steps than picks on data of many dimensions, and the definition's picks (with ties: pixels)."""

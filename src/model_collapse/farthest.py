@@ -207,6 +207,31 @@ def merge_columns(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, c0: int)
     return near, near_at
 
 
+MEMORY_COLS = 24  # a product against fewer columns takes as long as against this many: it streams its rows
+CHUNK_WORK = 1e7  # the fixed cost of one product and its bookkeeping, in pairs times dimensions
+
+
+def chunks(upto: np.ndarray, hi: int, d: int) -> list[tuple[int, int]]:
+    """Row ranges of `fold`'s products: rows (sorted by upto, the centres each has seen) against centres
+    [upto of the range's first row, hi). Rows that saw more centres than the first of their range compute columns
+    they do not need; a range more costs a product. Chosen by dynamic programming over the distinct upto values (few:
+    one per block product) for the least work: rows x max(columns, MEMORY_COLS), plus CHUNK_WORK / d a range."""
+    starts = np.flatnonzero(np.r_[True, upto[1:] != upto[:-1]])
+    ends = np.r_[starts[1:], len(upto)]
+    g = len(starts)
+    best, cut = np.zeros(g + 1), np.zeros(g + 1, dtype=np.int64)
+    for j in range(1, g + 1):  # best[j]: the groups before j; the last range runs from group i to j - 1
+        cost = [best[i] + (ends[j - 1] - starts[i]) * max(hi - int(upto[starts[i]]), MEMORY_COLS) + CHUNK_WORK / d
+                for i in range(j)]
+        cut[j] = int(np.argmin(cost))
+        best[j] = cost[cut[j]]
+    out, j = [], g
+    while j:
+        out.append((int(starts[cut[j]]), int(ends[j - 1])))
+        j = cut[j]
+    return out[::-1]
+
+
 class _Bounds:
     """The pool's approximate distances to the centres: per point the NEAR smallest (`near`, ascending), the
     centres of all but the last (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
@@ -266,20 +291,17 @@ class _Bounds:
         return self.near[p, 0] + self.err[p]
 
     def fold(self, rows: np.ndarray, hi: int) -> None:
-        """Compare `rows` with the centres [upto, hi) each has not seen: rows of similar upto together, one product
-        per chunk of them."""
+        """Compare `rows` with the centres [upto, hi) each has not seen: one product per range of rows `chunks`
+        chooses (at most ROWS rows)."""
         upto = self.upto[rows]
         rows, upto = rows[upto < hi], upto[upto < hi]
         if not len(rows):
             return
         by = np.argsort(upto, kind="stable")
         rows, upto = rows[by], upto[by]
-        a = 0
-        while a < len(rows):
-            lo = int(upto[a])
-            b = min(int(np.searchsorted(upto, lo + max(32, (hi - lo) // 4), side="right")), a + ROWS)
-            self._fold_chunk(rows[a:b], upto[a:b], lo, hi)
-            a = b
+        for a, b in chunks(upto, hi, self.xc.shape[1]):
+            for c in range(a, b, ROWS):
+                self._fold_chunk(rows[c : min(b, c + ROWS)], upto[c : min(b, c + ROWS)], int(upto[c]), hi)
         self.upto[rows] = hi
 
     def _fold_chunk(self, r: np.ndarray, u: np.ndarray, lo: int, hi: int) -> None:
