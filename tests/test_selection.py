@@ -174,6 +174,25 @@ def test_threshold_resolves_a_chunk_of_many_survivors_in_growing_blocks(rng, mon
     assert sizes[:5] == [64, 128, 256, 512, 64]
 
 
+def test_threshold_conflict_rows_in_sub_blocks_make_the_same_choices(rng, monkeypatch):
+    """A block's rows go in sub-blocks, each against the survivors after its first row only, with one rounding
+    bound per row (its largest against the columns): any sub-block size, down to a row each, gives the sequential
+    definition's choices on float pools with copies and near ties, float64 ones and 8-bit pixels."""
+    import model_collapse.spread as S
+
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    x[500:] = x[:100]  # copies
+    x[400:450] = x[300:350] + np.float32(1e-6)  # near ties
+    x[:50] *= 3  # norms of several sizes
+    z = rng.integers(0, 4, size=(500, 6)).astype(np.uint8)  # many equal distances
+    for pool, tau0, n in ((x, 0.8, 450), (x.astype(np.float64), 0.8, 450), (z, 2.5, 90)):
+        want = threshold_reference(pool, n, 3, tau0, 0.9)
+        for sub in (1, 5, 128, 4096):
+            monkeypatch.setattr(S._Conflicts, "SUB", sub)
+            got = select_threshold(pool, n, seed=3, tau0=tau0, decay=0.9, chunk=1024).indices
+            np.testing.assert_array_equal(got, want, err_msg=f"{pool.dtype} SUB {sub}")
+
+
 def test_threshold_accepts_runs_of_quiet_survivors_but_not_the_removed_among_them(rng, monkeypatch):
     """Survivors whose rows remove nobody are accepted as one run, with no step of their own (only the 40 that
     remove a copy ask for theirs); a survivor that an earlier one removed can sit inside such a run (here a copy
