@@ -560,6 +560,16 @@ def test_fold_chunks_are_the_cheapest_ranges(rng):
         best = min(work(list(zip((0,) + cut, cut + (len(upto),))))
                    for k in range(g) for cut in itertools.combinations(starts[1:], k))
         assert work(got) == pytest.approx(best, rel=1e-12), trial
+    # many groups (a block product after many): the least work of a plain dynamic programme over them, quickly
+    upto = np.sort(np.repeat(rng.choice(10**5, 2000, replace=False), rng.integers(1, 30, 2000)))
+    starts = [int(i) for i in np.flatnonzero(np.r_[True, upto[1:] != upto[:-1]])] + [len(upto)]
+    hi, d, best = 10**5 + 7, 384, [0.0]
+    for j in range(1, len(starts)):
+        best.append(min(best[i] + (starts[j] - starts[i]) * max(hi - int(upto[starts[i]]), F.MEMORY_COLS)
+                        + F.CHUNK_WORK / d for i in range(j)))
+    got = F.chunks(upto, hi, d)
+    assert sum((b - a) * max(hi - int(upto[a]), F.MEMORY_COLS) + F.CHUNK_WORK / d for a, b in got) == \
+        pytest.approx(best[-1], rel=1e-12)
 
 
 def test_farthest_points_same_picks_whatever_the_fold_ranges(rng, monkeypatch):
@@ -580,6 +590,37 @@ def test_farthest_points_same_picks_whatever_the_fold_ranges(rng, monkeypatch):
             monkeypatch.setattr(F, "ROWS", rows)
             got, _ = F.farthest_points(pool, len(pool) // 2, 4, block=16)
             np.testing.assert_array_equal(got, want, err_msg=f"pool {i}, {cols}, {work}, {rows}")
+
+
+def test_farthest_points_hands_the_leaders_back_before_every_block_product(rng, monkeypatch):
+    """A block product comes every `block` picks, when the leaders' products reach the threshold, or in place of a
+    growth that would cross it (`_pick` returns None): each time the leaders' state (their distances to the centres
+    since they joined, their exact values) goes back to the pool's arrays first, so the block product does not
+    compute those pairs again; and the picks are the definition's."""
+    import model_collapse.farthest as F
+
+    made, back, nones = [], [], []
+    init, write_back, pick = F._Active.__init__, F._Active.write_back, F._pick
+    monkeypatch.setattr(F._Active, "__init__", lambda self, *a: made.append(1) or init(self, *a))
+    monkeypatch.setattr(F._Active, "write_back", lambda self: back.append(1) or write_back(self))
+
+    def counted(*args):
+        out = pick(*args)
+        nones.append(out is None)
+        return out
+
+    monkeypatch.setattr(F, "_pick", counted)
+    u = rng.random((3000, 24), dtype=np.float32)
+    c = (rng.normal(size=(3000, 8)) + 6 * rng.integers(0, 12, (3000, 1))).astype(np.float32)
+    for pool, block in ((u, 1024), (u, 16), (c, 1024), (c, 16)):
+        made.clear(), back.clear(), nones.clear()
+        np.testing.assert_array_equal(F.farthest_points(pool, 600, 2, block=block)[0], greedy_reference(pool, 600, 2))
+        assert len(made) > 2 and len(back) == len(made) - 1, (len(made), len(back))
+    monkeypatch.setattr(F, "FOLD_SHARE", 0.0)  # a threshold of 2 pool rows' worth: the second growth crosses it
+    monkeypatch.setattr(F, "FOLD_FLOOR", 2.0)
+    made.clear(), back.clear(), nones.clear()
+    np.testing.assert_array_equal(F.farthest_points(u, 600, 2)[0], greedy_reference(u, 600, 2))
+    assert any(nones) and len(back) == len(made) - 1
 
 
 def test_farthest_points_takes_chains_of_certain_picks_at_once(rng, monkeypatch):

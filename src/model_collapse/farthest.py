@@ -14,9 +14,10 @@ the data. Here the distance work is batched into matrix-matrix products instead,
   rigorous bound E[p] on the identity's rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN kernel, plus
   float32 underflow) makes the smallest, val[p], plus E[p] an upper bound of p's exact value now: comparing with
   more centres only lowers it.
-* Every `block` picks (sooner when the leaders' own products since have cost FOLD_SHARE of what the block
-  product will), the remaining points are compared with the centres added since, as matrix products over row
-  chunks, and sorted by upper bound. Points whose bound lies below where the value will be by the next block
+* Every `block` picks (sooner: in place of a growth of the leaders whose products would bring theirs since the
+  last one to FOLD_SHARE of what the block product will cost), the remaining points are compared with the centres
+  added since, as matrix products over ranges of rows that saw the same centres (`chunks`), and sorted by upper
+  bound. Points whose bound lies below where the value will be by the next block
   product are left for later: their stale bound stays valid, and they are brought up to date only if it ever
   competes (most never do). That level is the last pick's value times the factor by which the value fell over
   the last block, or times `rho` where that is higher: a value that falls slowly (data of many dimensions) folds
@@ -219,10 +220,10 @@ def chunks(upto: np.ndarray, hi: int, d: int) -> list[tuple[int, int]]:
     starts = np.flatnonzero(np.r_[True, upto[1:] != upto[:-1]])
     ends = np.r_[starts[1:], len(upto)]
     g = len(starts)
+    cols = np.maximum(hi - upto[starts], MEMORY_COLS).astype(np.float64)  # a range from group i computes cols[i]
     best, cut = np.zeros(g + 1), np.zeros(g + 1, dtype=np.int64)
     for j in range(1, g + 1):  # best[j]: the groups before j; the last range runs from group i to j - 1
-        cost = [best[i] + (ends[j - 1] - starts[i]) * max(hi - int(upto[starts[i]]), MEMORY_COLS) + CHUNK_WORK / d
-                for i in range(j)]
+        cost = best[:j] + (ends[j - 1] - starts[:j]) * cols[:j] + CHUNK_WORK / d
         cut[j] = int(np.argmin(cost))
         best[j] = cost[cut[j]]
     out, j = [], g
@@ -627,9 +628,10 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
         while t - reported >= 256:
             progress.advance(256)
             reported += 256
-        if A is None or t - flushed >= block or A.crowded(0):
+        if A is not None and (t - flushed >= block or A.crowded(0)):
+            A.write_back()  # the leaders' state, up to date with the centres before the last pick's
             A = None
-        else:
+        elif A is not None:
             A.add_centres(t, slots)
         picked = _pick(B, A, t, n) if A is not None else None
         if picked is None:  # everyone against the centres added since: one product per row chunk
