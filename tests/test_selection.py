@@ -623,6 +623,45 @@ def test_farthest_points_hands_the_leaders_back_before_every_block_product(rng, 
     assert any(nones) and len(back) == len(made) - 1
 
 
+def test_farthest_points_goes_to_float64_products_where_float32_cannot_tell_the_picks_apart(rng, monkeypatch):
+    """Tight clusters far apart (on a line): the later picks' values, inside a cluster, fall to a few times the
+    float32 rounding bound of data this wide, where nearly every point shares the top's band (the float32 run took
+    16 s on 20,000 x 16 where the matrix-vector loop takes 1; 0.9 s on float64). The selection starts again on
+    float64 products: the definition's picks, progress reported once per pick. Pools whose values stay well above
+    the bound keep float32."""
+    import model_collapse.farthest as F
+
+    line = (rng.normal(size=(3000, 8)) + 10 * rng.integers(0, 40, (3000, 1))).astype(np.float32)
+    near = (rng.normal(size=(3000, 8)) + 10 * rng.integers(0, 3, (3000, 1))).astype(np.float32)
+    for pool, products in ((line, "float64"), (near, "float32")):
+        rec = Recorder()
+        got, info = F.farthest_points(pool, 400, 1, progress=rec)
+        np.testing.assert_array_equal(got, greedy_reference(pool, 400, 1))
+        assert info["products"] == products and rec.done == [400]
+    monkeypatch.setattr(F, "WIDE_BELOW", 0.0)  # float32 throughout: the same picks
+    got, info = F.farthest_points(line, 400, 1)
+    np.testing.assert_array_equal(got, greedy_reference(line, 400, 1))
+    assert info["products"] == "float32"
+
+
+def test_farthest_points_on_float64_products_makes_the_definitions_choices(rng, monkeypatch):
+    """Every float pool on float64 products (WIDE_BELOW huge: the float32 run gives way at its first pick): ties,
+    duplicates, near ties, scales far from 1, many leaders; the definition's picks."""
+    import model_collapse.farthest as F
+
+    monkeypatch.setattr(F, "WIDE_BELOW", 1e300)
+    x = rng.integers(0, 3, size=(300, 5)).astype(np.float32)
+    x[200:260] = x[:60]
+    g = rng.integers(0, 4, size=(250, 3)).astype(np.float64) + rng.normal(size=(250, 3)) * 1e-9
+    u = rng.random((400, 96), dtype=np.float32)
+    for i, pool in enumerate((x, g, u, x * np.float32(1e-25), g * 1e30, x.astype(np.float16))):
+        for block in (1024, 5):
+            want = greedy_reference(pool, len(pool) // 2, 3)
+            got, info = F.farthest_points(pool, len(pool) // 2, 3, block=block)
+            np.testing.assert_array_equal(got, want, err_msg=f"pool {i}, block {block}")
+            assert info["products"] == "float64"
+
+
 def test_farthest_points_takes_chains_of_certain_picks_at_once(rng, monkeypatch):
     """Picks whose lower bounds, lowered by the picks before them, clear every other upper bound come in one step:
     far fewer steps than picks on data of many dimensions, and the definition's picks (with ties: pixels)."""

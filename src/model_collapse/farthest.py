@@ -122,7 +122,8 @@ def _row_sq(x: np.ndarray, dtype=None) -> np.ndarray:
     return np.concatenate([np.einsum("ij,ij->i", x[a:b], x[a:b], dtype=dtype) for a, b in _spans(x)])
 
 
-def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def scaled_rows(x: np.ndarray, order: np.ndarray | None = None,
+                dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """The rows of x (in `order` if given) centred, scaled by a power of two to a largest norm of about [0.5, 1] and
     rounded once to float32; their squared norms (float64 of float32 sums, as the products' own); upper bounds of
     their norms; the square of the scale. Float32 input whose largest centred norm lies within [2^-20, 2^20] is
@@ -133,6 +134,8 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
     norm) only far beneath any distance that matters: the bound gamma_(d+6) (|x| + |y|)^2 + (d + 6) 2^-80 covers
     the products' rounding, the norms' and the centred copy's, and underflow. Distances in these units are
     `scale2` times the input's: a power of two, so comparisons come out as they would unscaled.
+
+    `dtype` float64: the same, rounded once to float64 instead (centred in float64, always scaled).
     """
     d = x.shape[1]
 
@@ -140,7 +143,7 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
         for a, b in _spans(x):
             yield a, x[a:b] if order is None else x[order[a:b]]
 
-    if x.dtype == np.float32:  # float32 input: centred in float32, one rounding
+    if x.dtype == np.float32 and dtype == np.float32:  # float32 input: centred in float32, one rounding
         mean = x[:: max(1, len(x) // 256)].mean(0)
         xc = np.empty(x.shape, np.float32)
         sq = np.empty(len(x))
@@ -152,7 +155,8 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
         top = float(np.sqrt(sq.max()))
         if not math.isfinite(top):  # NaN or inf in the input, or float32 overflow
             check_finite(x)
-    exact64 = x.dtype != np.float32 or not (math.isfinite(top) and top >= 2.0**-60)  # float64, overflow, tiny
+    exact64 = (x.dtype != np.float32 or dtype != np.float32
+               or not (math.isfinite(top) and top >= 2.0**-60))  # float64, overflow, tiny
     if exact64:  # centre in float64, a chunk at a time, and round once
         mean = x.mean(0, dtype=np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -165,13 +169,13 @@ def scaled_rows(x: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndar
     if not exact64 and 2.0**-20 <= top <= 2.0**20:
         scale = 1.0
     if exact64:
-        xc = np.concatenate([((c - mean) * scale).astype(np.float32) for _, c in tiles()])
+        xc = np.concatenate([((c - mean) * scale).astype(dtype) for _, c in tiles()])
         sq = _row_sq(xc).astype(np.float64)
     elif scale != 1.0:
         xc *= np.float32(scale)
         sq *= scale * scale  # a power of two: the squared norms of the scaled rows, as exactly
     # a float32 sum of d squares lies within gamma_d of the true one: raised by that, the norms bound the true ones
-    norms = np.sqrt(sq * (1 + rounding_gamma(d, np.float32))) * 1.001
+    norms = np.sqrt(sq * (1 + rounding_gamma(d, dtype))) * 1.001
     return xc, sq, norms, scale * scale
 
 
@@ -182,9 +186,10 @@ def check_finite(x: np.ndarray) -> None:
         raise UserError("selection input contains NaN or inf")
 
 
-def underflow_allowance(d: int) -> float:
-    """The bound's allowance for float32 underflow in `scaled_rows` units (see there)."""
-    return (d + 6) * 2.0**-80
+def underflow_allowance(d: int, dtype=np.float32) -> float:
+    """The bound's allowance for underflow in `scaled_rows` units (see there): float32, or float64 (whose centred
+    values and products lose at most 2^-1074 each)."""
+    return (d + 6) * (2.0**-80 if dtype == np.float32 else 2.0**-1000)
 
 
 def merge_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -238,8 +243,8 @@ class _Bounds:
     centres of all but the last (`near_at`, positions in `centres`), up to which centre (`upto`), the rounding bound
     (`err`) and the exact value where a decision needed it (`ex`, NaN elsewhere; up to date with `near`)."""
 
-    def __init__(self, x: np.ndarray, n: int):
-        self.x = x
+    def __init__(self, x: np.ndarray, n: int, wide: bool = False):
+        self.x, self.wide = x, wide
         d = x.shape[1]
         m = len(x)
         self.int8 = exact_int8(x)
@@ -257,17 +262,20 @@ class _Bounds:
             self.xc, self.sq, self.dist_dtype = rows.x, rows.sq, rows.dtype
             self.scale2, self.err = 1.0, np.zeros(m)
         else:
-            xc, sq, norms, self.scale2 = scaled_rows(x)
-            self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(np.float32))  # as the products
+            dtype = np.float64 if wide else np.float32
+            xc, sq, norms, self.scale2 = scaled_rows(x, dtype=dtype)
+            self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(dtype))  # as the products
             # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the
-            # products and sums (2^-149 each) and of the centred values (2^-90 here), with room to spare
-            self.err = rounding_gamma(d + 6, np.float32) * (norms + norms.max()) ** 2 + underflow_allowance(d)
-            self.dist_dtype = torch.float32
+            # products and sums (2^-149 each in float32) and of the centred values (2^-90 here), with room to spare
+            self.err = rounding_gamma(d + 6, dtype) * (norms + norms.max()) ** 2 + underflow_allowance(d, dtype)
+            self.dist_dtype = self.xc.dtype
+        self.err_max = float(self.err.max())
         # the centres' rows, and PAD zero rows after the last (`sq_distances_to_rows`)
         self.cbuf = host_buffer((n + PAD, self.xc.shape[1]), self.xc.dtype, zeros=True)  # int8 rows: wider than d
         self.csq = host_buffer(n + PAD, self.dist_dtype, zeros=True)
         self._np = self.cbuf.numpy(), self.xc.numpy(), self.csq.numpy(), self.sq.numpy()  # `add`'s views
         self.gbuf = self.xc[:0]  # `_gathered`
+        self.leader_buffers = self.xc[:0], self.sq[:0], torch.empty(0, 0, dtype=self.dist_dtype)  # `_Active`
 
     def dist(self, rows: torch.Tensor, sq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Approximate squared distances of `rows` (with squared norms `sq`) to centres lo..hi-1: the float32
@@ -424,8 +432,9 @@ class _Active:
         self.B, self.order, self.nxt, self.t = bounds, order, 0, t
         self.n = 0  # leaders (slots of rows, sq and gram; a picked leader keeps its slot, marked by val = -inf)
         self.idx = np.empty(0, dtype=np.int64)
-        self.rows, self.sq = bounds.xc[:0], bounds.sq[:0]
-        self.gram = torch.empty(0, 0, dtype=bounds.dist_dtype)
+        # the leaders' rows, norms and Gram in the buffers of the leaders before (`_reserve`): filled afresh, with no
+        # first touch of new memory at every block product (a Gram of 4,096 float64 leaders: 128 MiB)
+        self.rows, self.sq, self.gram = bounds.leader_buffers
         self.near, self.near_at = bounds.near[:0], bounds.near_at[:0]
         self.val, self.err, self.ex = np.empty(0), np.empty(0), np.empty(0)
         self.cols = np.empty((0, 0))  # cols[slot, j]: the leader's approximate distance to centre c0 + j
@@ -438,20 +447,26 @@ class _Active:
         return float(self.B.ub(self.order[self.nxt])) if self.nxt < len(self.order) else -np.inf
 
     def _reserve(self, n: int) -> None:
+        """Room for n leaders: rows, norms, Gram (while kept) and kept columns; buffers handed on to the next
+        leaders (`leader_buffers`)."""
         cap = len(self.rows)
-        if n <= cap:
-            return
-        cap = max(n, 2 * cap, 256)
-        rows = host_buffer((cap, self.rows.shape[1]), self.rows.dtype)
-        rows[: self.n] = self.rows[: self.n]
-        sq = self.sq.new_empty(cap)
-        sq[: self.n] = self.sq[: self.n]
-        self.rows, self.sq = rows, sq
+        if n > cap:
+            cap = max(n, 2 * cap, 256)
+            rows = host_buffer((cap, self.rows.shape[1]), self.rows.dtype)
+            rows[: self.n] = self.rows[: self.n]
+            sq = self.sq.new_empty(cap)
+            sq[: self.n] = self.sq[: self.n]
+            self.rows, self.sq = rows, sq
+        gram = self.B.leader_buffers[2]
         if self.gram is not None:
-            gram = host_buffer((min(cap, GRAM_ROWS), min(cap, GRAM_ROWS)), self.gram.dtype)
-            gram[: self.n, : self.n] = self.gram[: self.n, : self.n]
-            self.gram = gram
-            self._columns(cap, self.cols.shape[1])
+            if len(self.gram) < min(n, GRAM_ROWS):
+                g = min(cap, GRAM_ROWS)
+                gram = host_buffer((g, g), self.gram.dtype)
+                gram[: self.n, : self.n] = self.gram[: self.n, : self.n]
+                self.gram = gram
+            if len(self.cols) < n:
+                self._columns(cap, self.cols.shape[1])
+        self.B.leader_buffers = self.rows, self.sq, gram
 
     def _columns(self, rows: int, cols: int) -> None:
         out = np.empty((rows, max(cols, 64)))
@@ -611,23 +626,52 @@ class _Active:
 def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho: float = 0.95,
                     progress: Progress | None = None) -> tuple[np.ndarray, dict]:
     """Greedy farthest-point selection, exact (see the module's docstring): n pool indices in selection order and
-    what decided them (the start, and the share of all pool-centre distances computed)."""
+    what decided them (the start, the share of all pool-centre distances computed, the products' precision).
+
+    Float pools run on float32 products unless the picks' values fall below WIDE_BELOW times the float32 rounding
+    bound (data whose extent dwarfs the distances that decide the later picks, such as tight clusters far apart):
+    there the band of undecided points spans much of the pool, and the selection starts again on float64 products,
+    whose bound is 2^29 times smaller. The picks are the definition's either way."""
     m = len(x)
     X = selection_input(x)
-    B = _Bounds(X, n)  # NaN or inf: a UserError (`scaled_rows`)
-    start = greedy_start(m, seed)
+    progress = or_silent(progress)
+    progress.start(f"greedy selection, {n} of {m}", n)
+    done = [0]  # picks reported: a rerun in float64 reports only beyond them
+
+    def report(t: int) -> None:
+        while t - done[0] >= 256:
+            progress.advance(256)
+            done[0] += 256
+
+    pairs = 0
+    for wide in (False, True):
+        B = _Bounds(X, n, wide=wide)  # NaN or inf: a UserError (`scaled_rows`)
+        chosen = _greedy(B, n, greedy_start(m, seed), block, rho, report)
+        pairs += B.pairs
+        if chosen is not None:
+            break
+    progress.advance(n - done[0])
+    progress.close()
+    return np.asarray(chosen, dtype=np.int64), {"start": int(chosen[0]), "distances_computed": int(pairs),
+                                                "products": "int8" if B.int8 else str(B.dist_dtype)[6:]}
+
+
+WIDE_BELOW = 32  # float32 products while the picks' values lie above this many times their rounding bound
+
+
+def _greedy(B: _Bounds, n: int, start: int, block: int, rho: float, report) -> list[int] | None:
+    """The selection on B's products, from `start`; None as soon as a pick's value falls below WIDE_BELOW times the
+    float32 rounding bound (`farthest_points`)."""
+    m = len(B.x)
     taken = np.zeros(m, dtype=bool)
     taken[start] = True
     B.add(0, start)
     chosen = [start]
-    progress = or_silent(progress)
-    progress.start(f"greedy selection, {n} of {m}", n)
+    coarse = WIDE_BELOW * B.err_max if B.dist_dtype == torch.float32 else -np.inf
     A, flushed, last, slots, before = None, 0, -np.inf, [], -np.inf
-    t, reported = 1, 0
+    t = 1
     while t < n:
-        while t - reported >= 256:
-            progress.advance(256)
-            reported += 256
+        report(t)
         if A is not None and (t - flushed >= block or A.crowded(0)):
             A.write_back()  # the leaders' state, up to date with the centres before the last pick's
             A = None
@@ -649,14 +693,14 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
         if best == 0.0:  # every remaining point is a copy of a centre: index order, as the ties give
             chosen.extend(np.flatnonzero(~taken)[: n - t].tolist())
             break
+        if last < coarse:
+            return None
         for win in wins:
             chosen.append(win)
             taken[win] = True
             B.add(t, win)
             t += 1
-    progress.advance(n - reported)
-    progress.close()
-    return np.asarray(chosen, dtype=np.int64), {"start": start, "distances_computed": int(B.pairs)}
+    return chosen
 
 
 def _pick(B: _Bounds, A: _Active, t: int, n: int) -> tuple[list[int], list[int], float | None, float]:
