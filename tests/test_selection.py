@@ -193,6 +193,31 @@ def test_threshold_conflict_rows_in_sub_blocks_make_the_same_choices(rng, monkey
             np.testing.assert_array_equal(got, want, err_msg=f"{pool.dtype} SUB {sub}")
 
 
+def test_threshold_takes_float64_products_where_tau_is_near_float32s_bound(rng, monkeypatch):
+    """Tight clusters far apart: tau0 (twice the median nearest-neighbour distance) squared lies within a few times
+    the float32 rounding bound of data this wide, so most pairs near tau would be decided on exact distances
+    (0.88 s on 16,384 x 16, 0.08 s on float64 products); the filter works on float64 products there, float32
+    elsewhere, and chooses as the sequential definition does. Every float pool on float64 products too."""
+    import model_collapse.spread as S
+
+    line = (rng.normal(size=(1500, 8)) + 10 * rng.integers(0, 40, (1500, 1))).astype(np.float32)
+    near = (rng.normal(size=(1500, 8)) + 10 * rng.integers(0, 3, (1500, 1))).astype(np.float32)
+    for pool, products in ((line, "float64"), (near, "float32")):
+        tau0 = default_tau0(pool, 0)
+        sel = select_threshold(pool, 300, 2, tau0=tau0)
+        np.testing.assert_array_equal(sel.indices, threshold_reference(pool, 300, 2, tau0, 0.95))
+        assert sel.params["products"] == products
+    monkeypatch.setattr(S, "WIDE_BELOW", 1e300)
+    x = rng.integers(0, 3, size=(300, 5)).astype(np.float32)
+    x[200:260] = x[:60]
+    g = rng.integers(0, 4, size=(250, 3)).astype(np.float64) + rng.normal(size=(250, 3)) * 1e-9
+    for pool, tau0, n in ((x, 1.5, 40), (x, 2.0, 40), (x + np.float32(0.1), 2.0, 40), (g, 1.2, 40),
+                          (g * 1e-30, 1.2e-30, 40), (line, 2.0, 300)):  # tau 2 on a grid: pairs at exactly tau
+        sel = select_threshold(pool, n, 4, tau0=tau0, decay=0.9, chunk=64)
+        np.testing.assert_array_equal(sel.indices, threshold_reference(pool, n, 4, tau0, 0.9))
+        assert sel.params["products"] == "float64"
+
+
 def test_threshold_accepts_runs_of_quiet_survivors_but_not_the_removed_among_them(rng, monkeypatch):
     """Survivors whose rows remove nobody are accepted as one run, with no step of their own (only the 40 that
     remove a copy ask for theirs); a survivor that an earlier one removed can sit inside such a run (here a copy
