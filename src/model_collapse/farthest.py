@@ -13,7 +13,9 @@ the data. Here the distance work is batched into matrix-matrix products instead,
   centres it has been compared with (the first upto[p] of them), and which centres gave all but the last. A
   rigorous bound E[p] on the identity's rounding (gamma_(d+6) (|p| + max |x|)^2, as in the kNN kernel, plus
   float32 underflow) makes the smallest, val[p], plus E[p] an upper bound of p's exact value now: comparing with
-  more centres only lowers it.
+  more centres only lowers it. Where the picks' values fall to a few times E (WIDE_BELOW: tight clusters far
+  apart, whose extent dwarfs the distances that decide the later picks), float32 cannot tell the candidates apart:
+  the selection starts again on float64 products (`farthest_points`).
 * Every `block` picks (sooner: in place of a growth of the leaders whose products would bring theirs since the
   last one to FOLD_SHARE of what the block product will cost), the remaining points are compared with the centres
   added since, as matrix products over ranges of rows that saw the same centres (`chunks`), and sorted by upper

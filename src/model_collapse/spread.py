@@ -109,7 +109,8 @@ def select_threshold(
     points accepted since its last visit come from one float32 matrix product, with a rigorous rounding bound;
     only pairs within that bound of tau^2 are recomputed exactly. A point whose distance to the accepted points it
     has seen already puts it surely within tau skips that product: it is out of this pass whatever came since
-    (most rejected points, pass after pass). 8-bit pixels take int8 products instead, which
+    (most rejected points, pass after pass). Where tau0 squared lies within WIDE_BELOW times that bound (tight
+    clusters far apart), the working copy and its products are float64. 8-bit pixels take int8 products instead, which
     are exact: no pair is recomputed. Survivors are then resolved in visiting order among themselves (the first
     survivor is accepted and removes the survivors within tau of it, and so on), which is what the sequential
     loop does; a survivor's row of conflicts is computed only if it is accepted (`_Conflicts`).
