@@ -354,8 +354,8 @@ class _Conflicts:
             if lo == end:  # the last survivor: no later ones
                 break
             approx = sq_distances_to_rows(X[r], sq[r], X, sq, lo, end)
-            # a row's bound for all its pairs (the largest column norm): compared in the product's own dtype against
-            # float64 limits, with no rows x columns float64 temporaries (they took a quarter as long as the product)
+            # a row's bound for all its pairs (the largest column norm): the product's values against per-row float64
+            # limits (torch compares them in float64, exactly), with no rows x columns float64 temporaries (1.5 ms of 8)
             err = self.exact.bound(norms[r], norms[lo:].max())
             sure = self.sure[a : a + len(r), lo - i - 1 :]
             sure[:] = (approx <= (t2w - err)[:, None]).numpy()
