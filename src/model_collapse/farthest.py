@@ -650,12 +650,14 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
         B = _Bounds(X, n, wide=wide)  # NaN or inf: a UserError (`scaled_rows`)
         chosen = _greedy(B, n, greedy_start(m, seed), block, rho, report)
         pairs += B.pairs
+        products = "int8" if B.int8 else str(B.dist_dtype).removeprefix("torch.")
+        B = None  # the float32 working copy goes before a float64 one is made
         if chosen is not None:
             break
     progress.advance(n - done[0])
     progress.close()
     return np.asarray(chosen, dtype=np.int64), {"start": int(chosen[0]), "distances_computed": int(pairs),
-                                                "products": "int8" if B.int8 else str(B.dist_dtype)[6:]}
+                                                "products": products}
 
 
 WIDE_BELOW = 32  # float32 products while the picks' values lie above this many times their rounding bound

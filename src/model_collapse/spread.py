@@ -149,7 +149,7 @@ def select_threshold(
         if tau0 * tau0 * scale2 < WIDE_BELOW * _Exact.bound_of(d, dtype, norms.max(), norms.max()):
             # tau^2 within a few times float32's rounding bound (tight clusters far apart): most pairs near tau
             # would be decided on exact distances; float64 products tell them apart (greedy's WIDE_BELOW)
-            dtype = np.float64
+            dtype, xc, sq = np.float64, None, None  # the float32 copy goes before the float64 one is made
             xc, sq, norms, scale2 = scaled_rows(x, order, dtype=dtype)
         X, sq, norms = torch.from_numpy(xc), torch.from_numpy(sq), torch.from_numpy(norms)
         exact = _Exact(x, order, rounding_gamma(d + 6, dtype), underflow_allowance(d, dtype), scale2)
