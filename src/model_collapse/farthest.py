@@ -188,10 +188,12 @@ def check_finite(x: np.ndarray) -> None:
         raise UserError("selection input contains NaN or inf")
 
 
-def underflow_allowance(d: int, dtype=np.float32) -> float:
-    """The bound's allowance for underflow in `scaled_rows` units (see there): float32, or float64 (whose centred
-    values and products lose at most 2^-1074 each)."""
-    return (d + 6) * (2.0**-80 if dtype == np.float32 else 2.0**-1000)
+def product_bound(d: int, dtype=np.float32) -> tuple[float, float]:
+    """(gamma, tiny) of the rigorous bound gamma (|x| + |y|)^2 + tiny on an approximate squared distance between
+    `scaled_rows` of d columns in `dtype`: gamma_(d+6), the kNN kernel's d + 4 and the rounding of the centred
+    copy; tiny, underflow: of the products and sums (2^-149 each in float32, 2^-1074 in float64) and of the
+    centred values (2^-90 of the largest norm in float32), with room to spare."""
+    return rounding_gamma(d + 6, dtype), (d + 6) * (2.0**-80 if dtype == np.float32 else 2.0**-1000)
 
 
 def merge_near(near: np.ndarray, near_at: np.ndarray, v: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,7 +248,7 @@ class _Bounds:
     (`err`) and the exact value where a decision needed it (`ex`, NaN elsewhere; up to date with `near`)."""
 
     def __init__(self, x: np.ndarray, n: int, wide: bool = False):
-        self.x, self.wide = x, wide
+        self.x = x
         d = x.shape[1]
         m = len(x)
         self.int8 = exact_int8(x)
@@ -267,11 +269,9 @@ class _Bounds:
             dtype = np.float64 if wide else np.float32
             xc, sq, norms, self.scale2 = scaled_rows(x, dtype=dtype)
             self.xc, self.sq = torch.from_numpy(xc), torch.from_numpy(sq.astype(dtype))  # as the products
-            # gamma_(d+6): the kNN kernel's d + 4, and the rounding of the centred copy; plus underflow: of the
-            # products and sums (2^-149 each in float32) and of the centred values (2^-90 here), with room to spare
-            self.err = rounding_gamma(d + 6, dtype) * (norms + norms.max()) ** 2 + underflow_allowance(d, dtype)
+            gamma, tiny = product_bound(d, dtype)
+            self.err = gamma * (norms + norms.max()) ** 2 + tiny
             self.dist_dtype = self.xc.dtype
-        self.err_max = float(self.err.max())
         # the centres' rows, and PAD zero rows after the last (`sq_distances_to_rows`)
         self.cbuf = host_buffer((n + PAD, self.xc.shape[1]), self.xc.dtype, zeros=True)  # int8 rows: wider than d
         self.csq = host_buffer(n + PAD, self.dist_dtype, zeros=True)
@@ -650,7 +650,7 @@ def farthest_points(x: np.ndarray, n: int, seed: int, *, block: int = 1024, rho:
         B = _Bounds(X, n, wide=wide)  # NaN or inf: a UserError (`scaled_rows`)
         chosen = _greedy(B, n, greedy_start(m, seed), block, rho, report)
         pairs += B.pairs
-        products = "int8" if B.int8 else str(B.dist_dtype).removeprefix("torch.")
+        products = str(B.xc.dtype).removeprefix("torch.")  # int8, float32 or float64
         B = None  # the float32 working copy goes before a float64 one is made
         if chosen is not None:
             break
@@ -671,20 +671,18 @@ def _greedy(B: _Bounds, n: int, start: int, block: int, rho: float, report) -> l
     taken[start] = True
     B.add(0, start)
     chosen = [start]
-    coarse = WIDE_BELOW * B.err_max if B.dist_dtype == torch.float32 else -np.inf
+    coarse = WIDE_BELOW * float(B.err.max()) if B.dist_dtype == torch.float32 else -np.inf
     A, flushed, last, slots, before = None, 0, -np.inf, [], -np.inf
     t = 1
     while t < n:
         report(t)
-        if A is not None and (t - flushed >= block or A.crowded(0)):
-            A.write_back()  # the leaders' state, up to date with the centres before the last pick's
-            A = None
-        elif A is not None:
+        picked = None
+        if A is not None and not (t - flushed >= block or A.crowded(0)):
             A.add_centres(t, slots)
-        picked = _pick(B, A, t, n) if A is not None else None
+            picked = _pick(B, A, t, n)  # None: a block product first, in place of a growth of the leaders
         if picked is None:  # everyone against the centres added since: one product per row chunk
             if A is not None:
-                A.write_back()
+                A.write_back()  # the leaders' state, up to date with the centres they have seen
             rest = np.flatnonzero(~taken)
             fell = last / before if before > 0 else 0.0  # over the last block
             level = max(rho, fell) * last if last > -np.inf else -np.inf  # the first block: everyone (rho = 0 too)

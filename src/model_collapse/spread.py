@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from model_collapse.errors import UserError
-from model_collapse.farthest import (WIDE_BELOW, check_finite, exact_sq, farthest_points, scaled_rows, selection_input,
-                                    underflow_allowance)
+from model_collapse.farthest import (WIDE_BELOW, check_finite, exact_sq, farthest_points, product_bound, scaled_rows,
+                                    selection_input)
 from model_collapse.metrics import distinct_index, image_ids
-from model_collapse.neighbours import (PAD, Int8Rows, exact_int8, host_buffer, knn, rounding_gamma, sq_distances,
+from model_collapse.neighbours import (PAD, Int8Rows, exact_int8, host_buffer, knn, sq_distances,
                                        sq_distances_to_rows)
 from model_collapse.progress import Progress, or_silent
 from model_collapse.rng import numpy_rng
@@ -138,7 +138,6 @@ def select_threshold(
         raise UserError(f"tau0 must be a finite number > 0, got {tau0}")
     order = numpy_rng(seed, "threshold-order").permutation(m)
     # Everything below is in visiting order (position i holds pool row order[i]): a chunk is a slice, no gather.
-    products = "int8"
     if exact_int8(x):  # 8-bit pixels: int8 products give exact distances, nothing to decide again
         rows = Int8Rows(x, order=order)
         X, sq, norms = rows.x, rows.sq, rows.sq.sqrt()
@@ -146,14 +145,15 @@ def select_threshold(
     else:  # centred and scaled (for the approximate pass only), rounded once to float32; exact distances from x
         dtype = np.float32
         xc, sq, norms, scale2 = scaled_rows(x, order)
-        if tau0 * tau0 * scale2 < WIDE_BELOW * _Exact.bound_of(d, dtype, norms.max(), norms.max()):
+        gamma, tiny = product_bound(d, dtype)
+        if tau0 * tau0 * scale2 < WIDE_BELOW * (gamma * (2 * norms.max()) ** 2 + tiny):
             # tau^2 within a few times float32's rounding bound (tight clusters far apart): most pairs near tau
             # would be decided on exact distances; float64 products tell them apart (greedy's WIDE_BELOW)
             dtype, xc, sq = np.float64, None, None  # the float32 copy goes before the float64 one is made
             xc, sq, norms, scale2 = scaled_rows(x, order, dtype=dtype)
+            gamma, tiny = product_bound(d, dtype)
         X, sq, norms = torch.from_numpy(xc), torch.from_numpy(sq), torch.from_numpy(norms)
-        exact = _Exact(x, order, rounding_gamma(d + 6, dtype), underflow_allowance(d, dtype), scale2)
-        products = np.dtype(dtype).name
+        exact = _Exact(x, order, gamma, tiny, scale2)
     accepted: list[int] = []  # positions
     is_acc = np.zeros(m, dtype=bool)
     # buffers filled in passes (`host_buffer`: a few page faults, not thousands), with PAD zero rows after the last
@@ -255,7 +255,7 @@ def select_threshold(
     progress.close()
     return Selection(order[accepted].astype(np.int64), "threshold", seed,
                      {"tau0": float(tau0), "decay": float(decay), "decay_when": decay_when, "tau_final": tau,
-                      "passes": passes, "products": products,
+                      "passes": passes, "products": str(X.dtype).removeprefix("torch."),
                       "order": order.astype(np.int64)})
 
 
@@ -294,11 +294,6 @@ class _Exact:
     def bound(self, norm_a, norm_b):
         """|approximate - exact| squared distance of rows with norms (upper bounds) norm_a, norm_b."""
         return self.gamma * (norm_a + norm_b) ** 2 + self.tiny
-
-    @staticmethod
-    def bound_of(d: int, dtype, norm_a, norm_b) -> float:
-        """`bound` of a working copy of d columns in `dtype`."""
-        return rounding_gamma(d + 6, dtype) * (norm_a + norm_b) ** 2 + underflow_allowance(d, dtype)
 
     def close(self, X, sq, norms, rows, acc, acc_sq, acc_norm, accepted: list, t2: float) -> torch.Tensor:
         """For each row: is some accepted point within tau (exact squared distance <= tau^2)?"""
